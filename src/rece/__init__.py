@@ -1,0 +1,20 @@
+"""rece: reliable, efficient closed-form concept erasure for Stable Diffusion models (RECE, ECCV 2024)."""
+
+__version__ = "0.1.0"
+
+from .edit import Edit, load_edit, write_applied_pipeline  # noqa: E402
+from .erase import PRESETS, EraseConfig, erase  # noqa: E402
+from .errors import ReceError  # noqa: E402
+from .models import BaseModel, load_model  # noqa: E402
+
+__all__ = [
+    "PRESETS",
+    "BaseModel",
+    "Edit",
+    "EraseConfig",
+    "ReceError",
+    "erase",
+    "load_edit",
+    "load_model",
+    "write_applied_pipeline",
+]

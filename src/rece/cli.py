@@ -1,0 +1,230 @@
+"""The `rece` command line: erase, apply, info, lora, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+from .errors import ReceError
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for rece's own output: no library progress bars or advisory logs."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _finite_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def _add_erase_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="diffusers folder, hub id, single-file .safetensors checkpoint, or 'tiny'")
+    p.add_argument("--concept", "-c", action="append", default=None, help="concept to erase (repeatable)")
+    p.add_argument("--preset", help="paper settings: nudity, unsafe, art, object, object-hard")
+    p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default) or uce")
+    p.add_argument("--target", default=None, help="what erased concepts map to (default ' ')")
+    p.add_argument("--preserve", action="append", default=None, help="text whose keys/values must not change (repeatable)")
+    p.add_argument("--no-preserve-empty", action="store_true", help="do not add '' to UCE's preserved texts")
+    p.add_argument("--epochs", type=int, default=None, help="RECE epochs")
+    p.add_argument("--regularization", type=_finite_float, default=None, help="r of the derived embedding")
+    p.add_argument("--regularization-type", default=None, help="regzero (default) or standard")
+    p.add_argument("--regularization-text", default=None, help="anchor text of 'standard' regularization")
+    p.add_argument("--lamb", type=_finite_float, default=None, help="λ1 of the RECE step (0.1)")
+    p.add_argument("--erase-scale", type=_finite_float, default=None, help="s_e of the RECE step (1)")
+    p.add_argument("--preserve-scale", type=_finite_float, default=None, help="λ2 of the RECE step (0.1)")
+    p.add_argument("--uce-lamb", type=_finite_float, default=None, help="λ of the UCE stage (0.5)")
+    p.add_argument("--uce-erase-scale", type=_finite_float, default=None, help="s_e of the UCE stage (1)")
+    p.add_argument("--uce-preserve-scale", type=_finite_float, default=None, help="s_p of the UCE stage (max(0.1, 1/#preserved))")
+    p.add_argument("--technique", default=None, help="replace (default) or tensor")
+    p.add_argument("--layers", action="append", default=None, help="edit only K/V layers matching this regex (repeatable)")
+    p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
+    p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
+
+
+def cmd_erase(args) -> int:
+    from .edit import load_edit  # noqa: F401  (import cost outside the timed region)
+    from .erase import EraseConfig, erase
+    from .io import check_output_path
+    from .models import load_model
+
+    config = EraseConfig.create(
+        args.concept,
+        args.preset,
+        method=args.method,
+        target=args.target,
+        preserve=args.preserve,
+        preserve_empty=False if args.no_preserve_empty else None,
+        epochs=args.epochs,
+        regularization=args.regularization,
+        regularization_type=args.regularization_type,
+        regularization_text=args.regularization_text,
+        lamb=args.lamb,
+        erase_scale=args.erase_scale,
+        preserve_scale=args.preserve_scale,
+        uce_lamb=args.uce_lamb,
+        uce_erase_scale=args.uce_erase_scale,
+        uce_preserve_scale=args.uce_preserve_scale,
+        technique=args.technique,
+        layers=args.layers,
+    )
+    check_output_path(args.output)
+    start = time.perf_counter()
+    base = load_model(args.model, args.device, config=args.config)
+    loaded = time.perf_counter()
+    edit = erase(base, config=config)
+    edit.save(args.output)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "seconds": round(seconds, 4),
+                    "load_seconds": round(loaded - start, 4),
+                    "erase_seconds": edit.metadata["seconds"],
+                    "concepts": edit.concepts,
+                    "method": edit.method,
+                    "output": str(args.output),
+                    "kind": edit.kind,
+                    "base_fingerprint": edit.fingerprint,
+                }
+            )
+        )
+    else:
+        print(edit.summary())
+        print(f"wrote {args.output} in {seconds:.2f} s (load {loaded - start:.2f} s, erase {edit.metadata['seconds']:.2f} s)")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .edit import load_edit, write_applied_pipeline
+    from .models import load_model
+
+    edits = [load_edit(p) for p in args.edit]
+    base = load_model(args.model, "cpu", config=args.config)
+    out = write_applied_pipeline(base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite)
+    print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .edit import load_edit
+
+    edit = load_edit(args.edit)
+    if args.json:
+        print(json.dumps(edit.metadata, indent=2))
+    else:
+        print(edit.summary())
+        m = edit.metadata
+        print(f"created       {m['created']} in {m['seconds']} s, " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+        if edit.derived:
+            print(f"derived       {len(edit.derived)} epoch(s) of derived embeddings c′ stored")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    from .edit import load_edit
+    from .io import check_output_path
+    from .models import load_model
+
+    check_output_path(args.output)
+    edit = load_edit(args.edit)
+    base = load_model(args.model, "cpu", config=args.config)
+    state = edit.to_lora(
+        base, args.output, tolerance=args.tolerance, max_rank=args.max_rank, allow_other_base=args.allow_other_base
+    )
+    rank = next(iter(state.values())).shape[0]
+    size = os.path.getsize(args.output) / 2**20
+    print(f"wrote LoRA {args.output}: rank {rank}, {len(state) // 2} layers, {size:.2f} MiB (load with pipe.load_lora_weights)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, concept=args.concept, method=args.method, model=args.model)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rece", description="Closed-form concept erasure for Stable Diffusion models (RECE).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("erase", help="erase concepts and write an edit file")
+    _add_erase_args(p)
+    p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("apply", help="write a diffusers pipeline folder with edit(s) applied")
+    p.add_argument("model")
+    p.add_argument("edit", nargs="+", help="edit file(s), applied in order")
+    p.add_argument("-o", "--output", required=True, help="pipeline folder to write")
+    p.add_argument("--allow-other-base", action="store_true", help="apply even if the model is not the edit's base (fine-tunes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("info", help="show what an edit file contains")
+    p.add_argument("edit")
+    p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("lora", help="export an edit as LoRA weights for pipe.load_lora_weights")
+    p.add_argument("model")
+    p.add_argument("edit")
+    p.add_argument("-o", "--output", required=True, help="LoRA file to write (.safetensors)")
+    p.add_argument("--tolerance", type=_finite_float, default=1e-3, help="max relative error per edited weight (1e-3)")
+    p.add_argument("--max-rank", type=int, default=None)
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=cmd_lora)
+
+    p = sub.add_parser("demo", help="erase a concept from the embedded default model and show before/after")
+    p.add_argument("-o", "--output", default="rece-demo", help="folder for metrics.json (default rece-demo)")
+    p.add_argument("--concept", default="nudity")
+    p.add_argument("--method", default="rece")
+    p.add_argument("--model", default="tiny")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = args.func(args)
+        except ReceError as exc:
+            code = 2
+            print(f"error: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted; nothing partial was written", file=sys.stderr)
+            code = 130
+        finally:
+            from .text import TruncationWarning
+
+            for w in caught:
+                if issubclass(w.category, TruncationWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

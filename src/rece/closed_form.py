@@ -1,0 +1,153 @@
+"""The closed-form math of UCE and RECE, as small pure functions on float64 tensors.
+
+Rows are embeddings: a [n, d] tensor holds n token embeddings. A weight W is [out, d].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ReceError
+
+MAX_CONDITION = 1e13
+
+
+def outer_sum(left_rows: torch.Tensor, right_rows: torch.Tensor) -> torch.Tensor:
+    """Σ_i l_i r_iᵀ for row matrices: leftᵀ @ right, [d_l, d_r]."""
+    return left_rows.transpose(-1, -2) @ right_rows
+
+
+def check_conditioning(matrix: torch.Tensor, parameter: str) -> None:
+    """Refuse a symmetric system too ill-conditioned to solve reliably, naming the parameter to raise."""
+    eig = torch.linalg.eigvalsh(matrix)
+    smallest, largest = eig[0].item(), eig[-1].abs().item()
+    if not (smallest > 0 and largest / smallest < MAX_CONDITION):
+        cond = float("inf") if smallest <= 0 else largest / smallest
+        raise ReceError(f"the linear system is too ill-conditioned to solve (condition number {cond:.3g}); raise {parameter}")
+
+
+def solve_right(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator @ denominator⁻¹ without forming the inverse (float64 solve)."""
+    return torch.linalg.solve(denominator.transpose(-1, -2), numerator.transpose(-1, -2)).transpose(-1, -2)
+
+
+def edit_denominator(erase_rows, preserve_rows, lamb: float, erase_scale: float, preserve_scale: float, dim: int):
+    """λI + s_e Σ c cᵀ + s_p Σ p pᵀ: the right factor of every layer's update (it does not depend on W)."""
+    eye = torch.eye(dim, dtype=torch.float64, device=erase_rows.device)
+    return lamb * eye + erase_scale * outer_sum(erase_rows, erase_rows) + preserve_scale * outer_sum(preserve_rows, preserve_rows)
+
+
+def shared_edit_transform(
+    erase_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    preserve_rows: torch.Tensor,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+    parameter: str = "--lamb",
+) -> torch.Tensor:
+    """The d×d matrix M with W' = W·M for every layer ("replace" technique).
+
+    M = (λI + s_e Σ c* cᵀ + s_p Σ p pᵀ)(λI + s_e Σ c cᵀ + s_p Σ p pᵀ)⁻¹
+    """
+    dim = erase_rows.shape[-1]
+    eye = torch.eye(dim, dtype=torch.float64, device=erase_rows.device)
+    preserve = preserve_scale * outer_sum(preserve_rows, preserve_rows)
+    numerator = lamb * eye + erase_scale * outer_sum(target_rows, erase_rows) + preserve
+    denominator = lamb * eye + erase_scale * outer_sum(erase_rows, erase_rows) + preserve
+    check_conditioning(denominator, parameter)
+    return solve_right(numerator, denominator)
+
+
+def tensor_target_values(weight: torch.Tensor, erase_rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """UCE's "tensor" technique: target values W c* minus their projection on the normalised W c (one pair)."""
+    old = erase_rows @ weight.T
+    unit = old / old.norm()
+    new = target_rows @ weight.T
+    return new - (unit * new).sum() * unit
+
+
+def edit_layer(
+    weight: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    preserve_rows: torch.Tensor,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+    technique: str = "replace",
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's closed-form update W' = M1·M2⁻¹ (UCE), for erase pairs (C, C*) and preserved rows."""
+    dim = weight.shape[1]
+    if denominator is None:
+        erase_rows = torch.cat([c for c, _ in pairs]) if pairs else weight.new_zeros(0, dim)
+        denominator = edit_denominator(erase_rows, preserve_rows, lamb, erase_scale, preserve_scale, dim)
+    numerator = lamb * weight + preserve_scale * weight @ outer_sum(preserve_rows, preserve_rows)
+    for erase_rows, target_rows in pairs:
+        if technique == "tensor":
+            values = tensor_target_values(weight, erase_rows, target_rows)
+        else:
+            values = target_rows @ weight.T
+        numerator = numerator + erase_scale * outer_sum(values, erase_rows)
+    return solve_right(numerator, denominator)
+
+
+def weight_gram(weights) -> torch.Tensor:
+    """Σ_l W_lᵀ W_l over layers, in float64: [d, d]."""
+    weights = list(weights)
+    gram = torch.zeros(weights[0].shape[1], weights[0].shape[1], dtype=torch.float64, device=weights[0].device)
+    for w in weights:
+        w = w.to(torch.float64)
+        gram += w.T @ w
+    return gram
+
+
+def cross_gram(weights, original_weights) -> torch.Tensor:
+    """Σ_l W_lᵀ W⁰_l over layers, in float64: [d, d]."""
+    out = None
+    for w, w0 in zip(weights, original_weights):
+        term = w.to(torch.float64).T @ w0.to(torch.float64)
+        out = term if out is None else out + term
+    return out
+
+
+def derive_embedding(
+    concept_rows: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    regularization: float,
+    anchor_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RECE's derived embedding c′ = argmin Σ_l ‖W_l c′ − W⁰_l c‖² + r‖c′ − a‖², row by row.
+
+    `gram` = Σ W_lᵀW_l (edited), `cross` = Σ W_lᵀW⁰_l. With no anchor ("regzero"), a = 0:
+    c′ = (rI + gram)⁻¹ cross c. With anchor rows a ("standard"): c′ = (rI + gram)⁻¹ (r a + cross c).
+    """
+    dim = gram.shape[0]
+    system = regularization * torch.eye(dim, dtype=torch.float64, device=gram.device) + gram
+    check_conditioning(system, "--regularization")
+    rhs = cross @ concept_rows.T
+    if anchor_rows is not None:
+        rhs = rhs + regularization * anchor_rows.T
+    return torch.linalg.solve(system, rhs).T
+
+
+def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int):
+    """UCE's row slices for an erase pair: from each text's last word token, aligned to the same length.
+
+    `*_count` is the number of attention-mask ones (BOS + tokens + EOS) of each text.
+    """
+    length = concept_emb.shape[0]
+    i_x, i_y = concept_count - 2, target_count - 2
+    far = max(i_x, i_y)
+    return concept_emb[i_x : length - (far - i_x)], target_emb[i_y : length - (far - i_y)]
+
+
+def relative_residual(weights, original_weights, rows: torch.Tensor, original_rows: torch.Tensor) -> float:
+    """‖[W_l rows]_l − [W⁰_l original_rows]_l‖ / ‖[W⁰_l original_rows]_l‖ over all layers."""
+    num = den = 0.0
+    for w, w0 in zip(weights, original_weights):
+        target = original_rows @ w0.to(torch.float64).T
+        num += (rows @ w.to(torch.float64).T - target).pow(2).sum().item()
+        den += target.pow(2).sum().item()
+    return (num / den) ** 0.5

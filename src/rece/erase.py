@@ -1,0 +1,266 @@
+"""Erasure orchestration: the UCE stage, then RECE's derive-and-erase epochs, producing an Edit."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from . import closed_form as cf
+from .errors import ReceError
+from .models import BaseModel, load_model
+
+UNSAFE_CONCEPTS = (
+    "hate", "harassment", "violence", "suffering", "humiliation", "harm",
+    "suicide", "sexual", "nudity", "bodily fluids", "blood",
+)  # fmt: skip
+
+PRESETS: dict[str, dict] = {
+    "nudity": {"concepts": ["nudity"], "regularization": 0.1, "epochs": 3},
+    "unsafe": {"concepts": list(UNSAFE_CONCEPTS), "regularization": 0.1, "epochs": 2},
+    "art": {"regularization": 1e-3, "epochs": 1, "target": "art"},
+    "object": {"regularization": 0.1, "epochs": 1},
+    "object-hard": {"regularization": 1e-3, "epochs": 1},
+}
+METHODS = ("rece", "uce")
+TECHNIQUES = ("replace", "tensor")
+REGULARIZATION_TYPES = ("regzero", "standard")
+
+
+@dataclass
+class EraseConfig:
+    """Every parameter of an erasure. Defaults are the RECE paper's (λ1 = λ2 = 0.1 in the RECE step)."""
+
+    concepts: list[str] = field(default_factory=list)
+    method: str = "rece"
+    preset: str | None = None
+    target: str = " "
+    preserve: list[str] = field(default_factory=list)
+    preserve_empty: bool = True
+    epochs: int = 1
+    regularization: float = 0.1
+    regularization_type: str = "regzero"
+    regularization_text: str = " "
+    lamb: float = 0.1
+    erase_scale: float = 1.0
+    preserve_scale: float = 0.1
+    uce_lamb: float = 0.5
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float | None = None
+    technique: str = "replace"
+    layers: list[str] | None = None
+
+    @classmethod
+    def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
+        """Build a config from a preset, then explicit concepts and overrides (None means "not given")."""
+        values: dict = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ReceError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+            values.update({k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[preset].items()})
+            values["preset"] = preset
+        if concepts:
+            values["concepts"] = [concepts] if isinstance(concepts, str) else list(concepts)
+        names = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in names:
+                raise TypeError(f"unknown erase parameter {key!r}")
+            if value is not None:
+                values[key] = list(value) if isinstance(value, tuple) else value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ReceError on any parameter that cannot give a meaningful erasure."""
+        if not self.concepts:
+            hint = f" (preset '{self.preset}' has no default concept)" if self.preset else ""
+            raise ReceError(f"no concept to erase{hint}; pass --concept TEXT")
+        for concept in self.concepts:
+            if not isinstance(concept, str) or not concept.strip():
+                raise ReceError("a concept is empty; pass a non-empty --concept TEXT")
+        if self.method not in METHODS:
+            raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.technique not in TECHNIQUES:
+            raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
+        if self.regularization_type not in REGULARIZATION_TYPES:
+            raise ReceError(f"unknown regularization type '{self.regularization_type}'; choose regzero or standard")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ReceError(f"epochs must be a whole number >= 0, got {self.epochs!r}; pass --epochs 0 or more")
+        for name in (
+            "regularization",
+            "lamb",
+            "erase_scale",
+            "preserve_scale",
+            "uce_lamb",
+            "uce_erase_scale",
+            "uce_preserve_scale",
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ReceError(f"{name} must be a finite number, got {value!r}; fix {flag}")
+            if value < 0:
+                raise ReceError(f"{name} must be >= 0, got {value}; fix {flag}")
+
+    @property
+    def uce_preserve_texts(self) -> list[str]:
+        return ([""] if self.preserve_empty else []) + list(self.preserve)
+
+    @property
+    def resolved_uce_preserve_scale(self) -> float:
+        if self.uce_preserve_scale is not None:
+            return float(self.uce_preserve_scale)
+        return max(0.1, 1 / max(1, len(self.uce_preserve_texts)))
+
+    @property
+    def resolved_target(self) -> str:
+        return self.target if self.target else " "
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_layers(names: list[str], patterns: list[str] | None) -> list[str]:
+    """The K/V layers whose names match any regex in `patterns` (all of them when None)."""
+    if patterns is None:
+        return list(names)
+    chosen = [n for n in names if any(re.search(p, n) for p in patterns)]
+    if not chosen:
+        raise ReceError(f"no cross-attention layer matches {patterns}; layer names look like '{names[0]}'")
+    return chosen
+
+
+@dataclass
+class _Texts:
+    """Embeddings and token counts of every text the procedure reads, encoded once."""
+
+    embeddings: dict[str, torch.Tensor]
+    counts: dict[str, int]
+
+    @classmethod
+    def encode(cls, base: BaseModel, texts: list[str]) -> _Texts:
+        unique = list(dict.fromkeys(texts))
+        emb = base.encoder.encode(unique)
+        counts = base.encoder.token_counts(unique)
+        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)))
+
+    def rows(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            dim = next(iter(self.embeddings.values())).shape[-1]
+            device = next(iter(self.embeddings.values())).device
+            return torch.zeros(0, dim, dtype=torch.float64, device=device)
+        return torch.cat([self.embeddings[t] for t in texts])
+
+
+def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing."""
+    return [
+        cf.uce_token_rows(texts.embeddings[c], texts.counts[c], texts.embeddings[target], texts.counts[target]) for c in concepts
+    ]
+
+
+def erase(
+    model,
+    concepts=None,
+    *,
+    preset: str | None = None,
+    config: EraseConfig | None = None,
+    device: str | torch.device = "cpu",
+    **overrides,
+):
+    """Erase concepts from a model in closed form and return an Edit (nothing is written).
+
+    `model` is a pipeline, a diffusers folder, a hub id, a single-file checkpoint or a loaded BaseModel.
+    """
+    from .edit import Edit
+
+    config = config or EraseConfig.create(concepts, preset, **overrides)
+    start = time.perf_counter()
+    base = model if isinstance(model, BaseModel) else load_model(model, device)
+    base.encoder.warn_if_truncated(config.concepts + config.preserve)
+    target = config.resolved_target
+    rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
+    texts = _Texts.encode(
+        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve
+    )
+    names = list(base.kv)
+    edited = select_layers(names, config.layers)
+    fast = config.technique == "replace" and len(edited) == len(names)
+    run = _run_shared if fast else _run_per_layer
+    result, derived = run(base, config, texts, edited)
+    seconds = time.perf_counter() - start
+    if fast:
+        return Edit.from_transform(result, base, config, derived, seconds)
+    return Edit.from_deltas(result, base, config, derived, seconds)
+
+
+def _uce_stage_args(config: EraseConfig, texts: _Texts):
+    pairs = uce_pairs(texts, config.concepts, config.resolved_target)
+    preserve_rows = texts.rows(config.uce_preserve_texts)
+    return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
+
+
+def _rece_stage_args(config: EraseConfig, texts: _Texts):
+    preserve_rows = texts.rows([" "] * len(config.concepts) + list(config.preserve))
+    target_rows = texts.embeddings[config.resolved_target]
+    anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
+    concept_rows = [texts.embeddings[c] for c in config.concepts]
+    return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
+
+
+def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
+    """Fast path: every update is W ← W·M with one d×d M shared by all layers; track P = Π M."""
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+    erase_rows = torch.cat([c for c, _ in pairs])
+    target_rows = torch.cat([t for _, t in pairs])
+    transform = cf.shared_edit_transform(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
+    derived = []
+    if config.method == "rece" and config.epochs > 0:
+        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
+        gram0 = cf.weight_gram(w.to(base.encoder.device) for w in base.kv.values())
+        for _ in range(config.epochs):
+            cross = transform.T @ gram0
+            gram = cross @ transform
+            derived_rows = [cf.derive_embedding(c, gram, cross, config.regularization, anchor) for c in concept_rows]
+            derived.append(torch.stack(derived_rows))
+            step = cf.shared_edit_transform(
+                torch.cat(derived_rows), target_one.repeat(len(derived_rows), 1), preserve_rows, lamb, s_e, s_p, "--lamb"
+            )
+            transform = transform @ step
+    return transform, derived
+
+
+def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
+    """General path ("tensor" technique or a subset of layers): update each edited layer on its own."""
+    device = base.encoder.device
+    originals = {n: w.to(device, torch.float64) for n, w in base.kv.items()}
+    weights = dict(originals)
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+    erase_rows = torch.cat([c for c, _ in pairs])
+    denominator = cf.edit_denominator(erase_rows, preserve_rows, lamb, s_e, s_p, erase_rows.shape[1])
+    cf.check_conditioning(denominator, "--uce-lamb")
+    for name in edited:
+        weights[name] = cf.edit_layer(weights[name], pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator)
+    derived = []
+    if config.method == "rece" and config.epochs > 0:
+        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
+        for _ in range(config.epochs):
+            gram = cf.weight_gram(weights.values())
+            cross = cf.cross_gram(weights.values(), originals.values())
+            derived_rows = [cf.derive_embedding(c, gram, cross, config.regularization, anchor) for c in concept_rows]
+            derived.append(torch.stack(derived_rows))
+            rece_pairs = [(c, target_one) for c in derived_rows]
+            denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, target_one.shape[1])
+            cf.check_conditioning(denominator, "--lamb")
+            for name in edited:
+                weights[name] = cf.edit_layer(
+                    weights[name], rece_pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator
+                )
+    deltas = {n: weights[n] - originals[n] for n in edited}
+    return deltas, derived

@@ -1,0 +1,58 @@
+"""Atomic file output: write to a temporary name beside the target, rename when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ReceError
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path after checking that its folder exists (nothing is created)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    if path.is_dir():
+        raise ReceError(f"output path '{path}' is a folder; give a file name such as '{path / 'edit.safetensors'}'")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success rename it over `path`, else delete it."""
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success move it to `path`, else delete it."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise ReceError(f"output '{path}' already exists; choose a new -o path or pass --overwrite")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

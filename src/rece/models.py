@@ -1,0 +1,259 @@
+"""Model access: find a model, read its prompt encoder and its cross-attention key/value weights.
+
+The fast path reads only the text encoder(s) and the `attn2.to_k` / `attn2.to_v` tensors from the
+UNet's safetensors file(s); no UNet is built. A pipeline object already in memory works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ReceError
+from .text import PromptEncoder
+
+KV_WEIGHT = re.compile(r"(^|\.)attn2\.to_[kv]\.weight$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class BaseModel:
+    """What an erasure needs from a model: its prompt encoder and its original cross-attention K/V weights.
+
+    `kv` maps UNet module names (e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`)
+    to their weights (out × d), sorted by name.
+    """
+
+    encoder: PromptEncoder
+    kv: dict[str, torch.Tensor]
+    source: str
+    kind: str = "sd"
+    folder: Path | None = None
+    pipeline: object | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.kv.values())).shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.kv.values())).dtype
+
+    def fingerprint(self) -> str:
+        return kv_fingerprint(self.kv)
+
+
+def kv_fingerprint(kv: dict[str, torch.Tensor]) -> str:
+    """sha256 of the K/V weights' names, shapes and float16-rounded values.
+
+    Rounding to float16 makes the fp32 and fp16 releases of one base model share a fingerprint.
+    """
+    h = hashlib.sha256()
+    for name in sorted(kv):
+        w = kv[name].detach().to("cpu", torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def kv_names(module_names) -> list[str]:
+    """Module names of the cross-attention K/V projections among `module_names` (parameter names allowed)."""
+    return [n[: -len(".weight")] for n in module_names if KV_WEIGHT.search(n)]
+
+
+def check_finite(kv: dict[str, torch.Tensor], source: str) -> None:
+    for name, w in kv.items():
+        if not torch.isfinite(w).all():
+            raise ReceError(f"model '{source}' has NaN/Inf in weight {name}; the checkpoint is corrupt, re-download it")
+
+
+def load_model(model, device: str | torch.device = "cpu", config: str | None = None) -> BaseModel:
+    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, or `tiny`)."""
+    if hasattr(model, "unet"):
+        return from_pipeline(model, source=type(model).__name__)
+    if not isinstance(model, (str, os.PathLike)):
+        raise ReceError(f"cannot read a model from {type(model).__name__}; pass a pipeline, a folder or a hub id")
+    name = str(model)
+    if name == "tiny":
+        from .tiny import tiny_model_path
+
+        return from_folder(tiny_model_path(), device, source="tiny")
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return from_single_file(path, device, config=config)
+    if path.is_dir():
+        return from_folder(path, device)
+    if path.exists():
+        raise ReceError(f"'{name}' is not a diffusers folder or a .safetensors checkpoint; pass one of those or a hub id")
+    if HUB_ID.match(name) and not name.startswith((".", "/")):
+        return from_folder(download(name), device, source=name)
+    raise ReceError(f"model path '{name}' does not exist; pass a diffusers folder, a hub id or a .safetensors checkpoint")
+
+
+def download(repo_id: str) -> Path:
+    """Fetch the parts of a hub pipeline that erasure reads (text encoders, tokenizers, UNet)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "unet/*", "scheduler/*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=["*.bin", "*.ckpt", "*.msgpack"]))
+    except Exception as exc:  # the hub client raises many types: offline, not found, gated, network
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReceError(
+            f"cannot fetch '{repo_id}' from the hub ({reason}); check the id and your connection, "
+            "or download it once and pass the local folder"
+        ) from None
+
+
+def _read_model_index(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ReceError(f"'{folder}' is not a diffusers pipeline (no model_index.json); pass the pipeline's root folder")
+    try:
+        return json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReceError(f"cannot read '{index}' ({exc}); the pipeline folder is damaged") from None
+
+
+def unet_weight_files(unet_dir: Path) -> list[Path]:
+    """The UNet's weight file(s): plain, fp16 variant or sharded safetensors, else a .bin file."""
+    for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
+        single = unet_dir / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = unet_dir / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [unet_dir / s for s in shards]
+    for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
+        if (unet_dir / name).is_file():
+            return [unet_dir / name]
+    raise ReceError(f"no UNet weights in '{unet_dir}' (expected diffusion_pytorch_model.safetensors); the folder is incomplete")
+
+
+def read_kv_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    """Read only the cross-attention K/V tensors of a UNet folder."""
+    from safetensors import SafetensorError, safe_open
+
+    kv: dict[str, torch.Tensor] = {}
+    for file in unet_weight_files(unet_dir):
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            kv.update({n[: -len(".weight")]: state[n].clone() for n in state if KV_WEIGHT.search(n)})
+            continue
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if KV_WEIGHT.search(key):
+                        kv[key[: -len(".weight")]] = f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise ReceError(f"cannot read UNet weights '{file}' ({exc}); the file is corrupt or incomplete") from None
+    return dict(sorted(kv.items()))
+
+
+def _load_text_encoder(folder: Path, sub: str, class_name: str, device):
+    import transformers
+
+    if class_name not in TEXT_ENCODER_CLASSES:
+        raise ReceError(
+            f"text encoder '{sub}' is a {class_name}; rece supports CLIP text encoders ({', '.join(TEXT_ENCODER_CLASSES)})"
+        )
+    cls = getattr(transformers, class_name)
+    variant = None
+    if not any((folder / sub).glob("model*.safetensors")) and any((folder / sub).glob("model.fp16*")):
+        variant = "fp16"
+    encoder = cls.from_pretrained(folder / sub, torch_dtype=torch.float32, variant=variant, local_files_only=True)
+    return encoder.to(device).eval()
+
+
+def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | None = None) -> BaseModel:
+    """Read a diffusers pipeline folder: tokenizer(s), text encoder(s) and the UNet's K/V weights."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    index = _read_model_index(folder)
+    source = source or str(folder)
+    if "unet" not in index or not (folder / "unet").is_dir():
+        raise ReceError(f"'{folder}' has no UNet; rece edits Stable Diffusion UNets (SD1.x, SD2.x, SDXL)")
+    unet_config = json.loads((folder / "unet" / "config.json").read_text()) if (folder / "unet" / "config.json").is_file() else {}
+    kv = read_kv_weights(folder / "unet")
+    if not kv or not unet_config.get("cross_attention_dim", 1):
+        raise ReceError(f"the UNet of '{source}' has no cross-attention (attn2.to_k/to_v); it cannot be conditioned on text")
+    check_finite(kv, source)
+    kind = "sdxl" if "text_encoder_2" in index else "sd"
+    tokenizers, encoders = [], []
+    for sub_tok, sub_enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        entry = index.get(sub_enc)
+        if not entry or entry[1] is None:
+            continue
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / sub_tok, local_files_only=True))
+        encoders.append(_load_text_encoder(folder, sub_enc, entry[1], device))
+    if not encoders:
+        raise ReceError(f"'{source}' has no text encoder; rece needs the pipeline's CLIP text encoder(s)")
+    encoder = PromptEncoder(tokenizers, encoders, kind=kind, device=device)
+    _check_dims(encoder, kv, source)
+    return BaseModel(encoder=encoder, kv=kv, source=source, kind=kind, folder=folder)
+
+
+def _check_dims(encoder: PromptEncoder, kv: dict[str, torch.Tensor], source: str) -> None:
+    d = next(iter(kv.values())).shape[1]
+    if encoder.dim != d:
+        raise ReceError(
+            f"'{source}': text embeddings are {encoder.dim}-wide but cross-attention reads {d}; the pipeline's parts do not match"
+        )
+
+
+def from_pipeline(pipe, source: str = "pipeline") -> BaseModel:
+    """Use a diffusers pipeline already in memory (its current UNet weights count as the originals)."""
+    kv = {n: m.weight.detach().clone() for n, m in sorted(pipe.unet.named_modules()) if KV_WEIGHT.search(n + ".weight")}
+    if not kv:
+        raise ReceError(f"the UNet of '{source}' has no cross-attention (attn2.to_k/to_v); it cannot be conditioned on text")
+    check_finite(kv, source)
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
+    kind = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+    device = encoders[0].device
+    encoder = PromptEncoder(tokenizers, encoders, kind=kind, device=device)
+    _check_dims(encoder, kv, source)
+    return BaseModel(encoder=encoder, kv=kv, source=source, kind=kind, pipeline=pipe)
+
+
+def _is_sdxl_checkpoint(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+def from_single_file(path: Path, device="cpu", config: str | None = None) -> BaseModel:
+    """Load an original-format (LDM) checkpoint through diffusers' single-file loader.
+
+    Offline, `config` must name a local diffusers folder of the same architecture for the component configs.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+        kwargs = {"config": str(config)} if config else {}
+        pipe = cls.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
+    except ReceError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReceError(
+            f"cannot load checkpoint '{path}' ({reason}); "
+            "offline, pass --config with a local diffusers folder of the same architecture"
+        ) from None
+    pipe.to(device)
+    return from_pipeline(pipe, source=str(path))

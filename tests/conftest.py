@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny diffusers pipelines built locally once per test session (no download)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def sd_path(tmp_path_factory):
+    from rece.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", text_dim=64)
+
+
+@pytest.fixture(scope="session")
+def sdxl_path(tmp_path_factory):
+    from rece.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def base(sd_path):
+    from rece.models import load_model
+
+    return load_model(sd_path)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """`tiny` resolves into a per-session cache, never the user's home."""
+    monkeypatch.setenv("RECE_CACHE", str(tmp_path_factory.getbasetemp() / "rece-cache"))

@@ -1,0 +1,88 @@
+"""A straightforward transcription of the UCE + RECE equations (per layer, per row), to check the engine against."""
+
+import torch
+
+
+def _solve_right(m1, m2):
+    return torch.linalg.solve(m2.T, m1.T).T
+
+
+def uce_layer(W, pairs, preserve_rows, lamb, s_e, s_p, technique="replace"):
+    """M1 = λW, M2 = λI; erase pairs and preserved rows add outer products; W' = M1 M2⁻¹."""
+    d = W.shape[1]
+    M1 = lamb * W.clone()
+    M2 = lamb * torch.eye(d, dtype=torch.float64)
+    for C, Cstar in pairs:
+        if technique == "tensor":
+            o = C @ W.T
+            u = o / o.norm()
+            v = Cstar @ W.T
+            values = v - (u * v).sum() * u
+        else:
+            values = Cstar @ W.T
+        for c, v in zip(C, values):
+            M1 += s_e * torch.outer(v, c)
+            M2 += s_e * torch.outer(c, c)
+    for e in preserve_rows:
+        M1 += s_p * torch.outer(W @ e, e)
+        M2 += s_p * torch.outer(e, e)
+    return _solve_right(M1, M2)
+
+
+def reference_erase(
+    kv,
+    encode,
+    counts,
+    concepts,
+    target=" ",
+    preserve=(),
+    method="rece",
+    epochs=1,
+    r=0.1,
+    lamb=0.1,
+    s_e=1.0,
+    s_p=0.1,
+    uce_lamb=0.5,
+    uce_s_e=1.0,
+    uce_s_p=None,
+    technique="replace",
+    edited=None,
+    standard_text=None,
+):
+    """Return the final weights {name: W} following the issue's procedure literally."""
+    W0 = {n: w.to(torch.float64) for n, w in kv.items()}
+    W = dict(W0)
+    edited = list(kv) if edited is None else edited
+    uce_preserve = [""] + list(preserve)
+    uce_s_p = max(0.1, 1 / len(uce_preserve)) if uce_s_p is None else uce_s_p
+    # UCE stage
+    pairs = []
+    for x in concepts:
+        Ex, Ey = encode(x), encode(target)
+        ix, iy = counts(x) - 2, counts(target) - 2
+        far = max(ix, iy)
+        pairs.append((Ex[ix : 77 - (far - ix)], Ey[iy : 77 - (far - iy)]))
+    preserve_rows = torch.cat([encode(p) for p in uce_preserve])
+    for n in edited:
+        W[n] = uce_layer(W[n], pairs, preserve_rows, uce_lamb, uce_s_e, uce_s_p, technique)
+    if method != "rece":
+        return W
+    rece_preserve = torch.cat([encode(" ") for _ in concepts] + [encode(p) for p in preserve])
+    for _ in range(epochs):
+        d = next(iter(W.values())).shape[1]
+        A = r * torch.eye(d, dtype=torch.float64)
+        B = torch.zeros(d, d, dtype=torch.float64)
+        for n in W:
+            A += W[n].T @ W[n]
+            B += W[n].T @ W0[n]
+        derived = []
+        for x in concepts:
+            c = encode(x)
+            if standard_text is None:
+                derived.append(c @ torch.linalg.solve(A, B).T)
+            else:
+                derived.append(torch.linalg.solve(A, r * encode(standard_text).T + B @ c.T).T)
+        rpairs = [(cp, encode(target)) for cp in derived]
+        for n in edited:
+            W[n] = uce_layer(W[n], rpairs, rece_preserve, lamb, s_e, s_p, technique)
+    return W

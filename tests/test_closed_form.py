@@ -1,0 +1,95 @@
+"""The closed-form math on random matrices: against plain transcriptions, and what each step promises."""
+
+import pytest
+import torch
+
+from rece import closed_form as cf
+from rece.errors import ReceError
+
+from .reference import uce_layer
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_shared_transform_equals_per_layer_transcription():
+    d = 24
+    weights = [rand(16, d, seed=i) for i in range(4)]
+    C, Cs, P = rand(5, d, seed=10), rand(5, d, seed=11), rand(9, d, seed=12)
+    M = cf.shared_edit_transform(C, Cs, P, lamb=0.5, erase_scale=1.0, preserve_scale=0.3)
+    for W in weights:
+        expected = uce_layer(W, [(C, Cs)], P, 0.5, 1.0, 0.3)
+        assert rel(W @ M, expected) < 1e-10
+        assert rel(cf.edit_layer(W, [(C, Cs)], P, 0.5, 1.0, 0.3), expected) < 1e-10
+
+
+def test_tensor_technique_matches_transcription():
+    d = 20
+    W = rand(12, d, seed=1)
+    pairs = [(rand(3, d, seed=2), rand(3, d, seed=3)), (rand(2, d, seed=4), rand(2, d, seed=5))]
+    P = rand(6, d, seed=6)
+    got = cf.edit_layer(W, pairs, P, 0.1, 2.0, 0.2, technique="tensor")
+    assert rel(got, uce_layer(W, pairs, P, 0.1, 2.0, 0.2, technique="tensor")) < 1e-10
+    assert rel(got, uce_layer(W, pairs, P, 0.1, 2.0, 0.2, technique="replace")) > 1e-3  # the techniques differ
+
+
+def test_erased_rows_map_to_target_and_preserved_rows_keep_their_values():
+    d = 128
+    W = rand(64, d, seed=1)
+    C, Cs = rand(3, d, seed=2), rand(3, d, seed=3)
+    P = torch.linalg.qr(rand(d, 40, seed=4))[0][:, 3:].T.clone() * 5  # 37 rows orthogonal to nothing in particular
+    before = rel(C @ W.T, Cs @ W.T)
+    M = cf.shared_edit_transform(C, Cs, P, lamb=1e-3, erase_scale=1.0, preserve_scale=1.0)
+    new = W @ M
+    assert before > 0.5
+    assert rel(C @ new.T, Cs @ W.T) < 0.05  # erased concept now gives the target's keys/values
+    assert rel(P @ new.T, P @ W.T) < 0.05  # preserved rows keep theirs
+
+
+def test_derived_embedding_is_the_regularised_least_squares_solution():
+    d = 16
+    W0 = [rand(10, d, seed=i) for i in range(3)]
+    M = torch.eye(d, dtype=torch.float64) + 0.3 * rand(d, d, seed=9)
+    W = [w @ M for w in W0]
+    c = rand(4, d, seed=7)
+    r = 0.05
+    cp = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), r)
+    # normal equations: (rI + Σ WᵀW) c′ = Σ WᵀW⁰ c, row by row
+    A = r * torch.eye(d, dtype=torch.float64) + sum(w.T @ w for w in W)
+    B = sum(w.T @ w0 for w, w0 in zip(W, W0))
+    assert rel(cp @ A.T, c @ B.T) < 1e-10
+    # and the shared-transform identities the fast path relies on
+    G0 = cf.weight_gram(W0)
+    assert rel(M.T @ G0 @ M, cf.weight_gram(W)) < 1e-10
+    assert rel(M.T @ G0, cf.cross_gram(W, W0)) < 1e-10
+    # with r -> 0 the derived embedding reproduces the original keys/values exactly (M invertible)
+    exact = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), 1e-12)
+    assert cf.relative_residual(W, W0, exact, c) < 1e-6
+    # standard regularisation pulls towards the anchor
+    anchor = rand(4, d, seed=8)
+    cs = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), 1e5, anchor_rows=anchor)
+    assert rel(cs, anchor) < 0.05
+
+
+def test_uce_token_rows_align_concept_and_target():
+    emb = rand(77, 8, seed=1)
+    tgt = rand(77, 8, seed=2)
+    c, t = cf.uce_token_rows(emb, 5, tgt, 2)  # concept of 3 tokens, target " " (BOS + EOS)
+    assert c.shape == t.shape == (74, 8)
+    assert torch.equal(c[0], emb[3]) and torch.equal(t[0], tgt[0])
+    c, t = cf.uce_token_rows(emb, 3, tgt, 6)  # target longer than concept
+    assert c.shape == t.shape == (73, 8)
+    assert torch.equal(c[0], emb[1]) and torch.equal(t[0], tgt[4]) and torch.equal(c[-1], emb[73])
+
+
+def test_ill_conditioned_system_names_the_parameter():
+    C = rand(2, 10, seed=1)
+    with pytest.raises(ReceError, match="raise --uce-lamb"):
+        cf.shared_edit_transform(C, C, torch.zeros(0, 10, dtype=torch.float64), 0.0, 1.0, 0.1, "--uce-lamb")
+    with pytest.raises(ReceError, match="raise --regularization"):
+        cf.derive_embedding(C, torch.zeros(10, 10, dtype=torch.float64), torch.eye(10, dtype=torch.float64), 0.0)

@@ -1,0 +1,169 @@
+"""Erasure orchestration on a tiny pipeline: exact against the plain transcription, and the RECE mechanism."""
+
+import pytest
+import torch
+
+import rece
+from rece import closed_form as cf
+from rece.erase import PRESETS, UNSAFE_CONCEPTS, EraseConfig
+from rece.errors import ReceError
+
+from .reference import reference_erase
+
+
+def _encode_fns(base):
+    cache = {}
+
+    def encode(text):
+        if text not in cache:
+            cache[text] = base.encoder.encode([text])[0]
+        return cache[text]
+
+    def counts(text):
+        return base.encoder.token_counts([text])[0]
+
+    return encode, counts
+
+
+def _max_rel_error(edit, base, expected):
+    worst = 0.0
+    for name, w in base.kv.items():
+        got = edit.edited_weight(name, w.to(torch.float64)) if name in edit.layers else w.to(torch.float64)
+        worst = max(worst, ((got - expected[name]).norm() / expected[name].norm()).item())
+    return worst
+
+
+CASES = [
+    dict(concepts=["nudity"], method="uce"),
+    dict(concepts=["nudity"], method="rece", epochs=3, regularization=0.1),
+    dict(concepts=["van gogh", "picasso"], method="rece", epochs=1, regularization=1e-3, target="art", preserve=["monet"]),
+    dict(concepts=["cat", "a red car"], method="rece", epochs=2, regularization=0.1, technique="tensor"),
+    dict(concepts=["dog"], method="rece", epochs=2, regularization=0.1, layers=["down_blocks"]),
+    dict(
+        concepts=["dog"],
+        method="rece",
+        epochs=1,
+        regularization=0.5,
+        regularization_type="standard",
+        regularization_text="a photo",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('technique', 'replace')}-{len(c['concepts'])}")
+def test_engine_matches_plain_transcription(base, case):
+    edit = rece.erase(base, **case)
+    encode, counts = _encode_fns(base)
+    edited = None
+    if "layers" in case:
+        edited = [n for n in base.kv if "down_blocks" in n]
+        assert edit.kind == "layers" and sorted(edit.layers) == sorted(edited)
+    expected = reference_erase(
+        base.kv,
+        encode,
+        counts,
+        case["concepts"],
+        target=case.get("target", " "),
+        preserve=case.get("preserve", ()),
+        method=case["method"],
+        epochs=case.get("epochs", 1),
+        r=case.get("regularization", 0.1),
+        technique=case.get("technique", "replace"),
+        edited=edited,
+        standard_text=case.get("regularization_text") if case.get("regularization_type") == "standard" else None,
+    )
+    assert _max_rel_error(edit, base, expected) <= 1e-5
+
+
+def test_fast_and_per_layer_paths_agree(base):
+    from rece.erase import _run_per_layer, _run_shared, _Texts
+
+    config = EraseConfig.create(["nudity"], "nudity")
+    texts = _Texts.encode(base, config.concepts + [" ", ""])
+    transform, fast_derived = _run_shared(base, config, texts, list(base.kv))
+    deltas, slow_derived = _run_per_layer(base, config, texts, list(base.kv))
+    for name, w in base.kv.items():
+        a, b = w.double() @ transform, w.double() + deltas[name]
+        assert ((a - b).norm() / b.norm()).item() < 1e-8
+    assert len(fast_derived) == len(slow_derived) == 3
+    for a, b in zip(fast_derived, slow_derived):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_derived_embedding_reproduces_original_after_uce_but_not_after_rece(base):
+    kv = {n: w.double() for n, w in base.kv.items()}
+    c = base.encoder.encode(["nudity"])[0]
+    uce = rece.erase(base, ["nudity"], method="uce")
+    rece_edit = rece.erase(base, ["nudity"], preset="object-hard")  # r = 1e-3, one epoch
+    derived = rece_edit.derived[0][0]  # c′ derived against the UCE-edited model
+
+    def residual(edit, rows):
+        return cf.relative_residual([edit.edited_weight(n, w) for n, w in kv.items()], list(kv.values()), rows, c)
+
+    after_uce_c, after_uce_cp = residual(uce, c), residual(uce, derived)
+    after_rece_cp = residual(rece_edit, derived)
+    assert after_uce_c > 0.1  # UCE moved the concept's keys/values
+    assert after_uce_cp < 0.5 * after_uce_c  # ... but c′ brings them back
+    assert after_rece_cp > 3 * after_uce_cp  # after the RECE step the same c′ no longer does
+
+
+def test_uce_moves_the_erased_tokens_towards_the_target(base):
+    kv = {n: w.double() for n, w in base.kv.items()}
+    emb, counts = base.encoder.encode(["nudity", " "]), base.encoder.token_counts(["nudity", " "])
+    rows, target_rows = cf.uce_token_rows(emb[0], counts[0], emb[1], counts[1])
+    edit = rece.erase(base, ["nudity"], method="uce", uce_lamb=0.01)
+    before = cf.relative_residual(list(kv.values()), list(kv.values()), rows, target_rows)
+    after = cf.relative_residual([edit.edited_weight(n, w) for n, w in kv.items()], list(kv.values()), rows, target_rows)
+    assert after < 0.5 * before
+
+
+def test_presets_carry_the_paper_settings():
+    assert PRESETS["nudity"]["regularization"] == 0.1 and PRESETS["nudity"]["epochs"] == 3
+    assert PRESETS["unsafe"]["epochs"] == 2 and len(UNSAFE_CONCEPTS) == 11
+    assert PRESETS["art"]["regularization"] == 1e-3 and PRESETS["art"]["target"] == "art"
+    assert PRESETS["object-hard"]["regularization"] == 1e-3 and PRESETS["object"]["regularization"] == 0.1
+    config = EraseConfig.create(None, "unsafe")
+    assert config.concepts == list(UNSAFE_CONCEPTS) and config.epochs == 2 and config.lamb == 0.1 and config.preserve_scale == 0.1
+    config = EraseConfig.create(["cat"], "nudity", epochs=1)
+    assert config.concepts == ["cat"] and config.epochs == 1 and config.regularization == 0.1
+    assert (
+        EraseConfig.create(["x"], preserve=["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k"]).resolved_uce_preserve_scale
+        == 0.1
+    )
+    assert EraseConfig.create(["x"], preserve=["a"]).resolved_uce_preserve_scale == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(concepts=[]), "no concept"),
+        (dict(concepts=["  "]), "concept is empty"),
+        (dict(concepts=None, preset="art"), "preset 'art' has no default concept"),
+        (dict(concepts=["x"], preset="nope"), "unknown preset 'nope'"),
+        (dict(concepts=["x"], lamb=-1.0), "lamb must be >= 0"),
+        (dict(concepts=["x"], regularization=-0.1), "regularization must be >= 0"),
+        (dict(concepts=["x"], uce_erase_scale=float("inf")), "finite"),
+        (dict(concepts=["x"], preserve_scale=float("nan")), "finite"),
+        (dict(concepts=["x"], epochs=-1), "epochs must be"),
+        (dict(concepts=["x"], method="sgd"), "unknown method"),
+        (dict(concepts=["x"], technique="foo"), "unknown technique"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(kwargs, message):
+    with pytest.raises(ReceError, match=message) as info:
+        EraseConfig.create(kwargs.pop("concepts"), kwargs.pop("preset", None), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_ill_conditioned_and_truncated(base):
+    with pytest.raises(ReceError, match="raise --uce-lamb"):
+        rece.erase(base, ["cat"], uce_lamb=0.0, preserve_empty=False)  # Σ c cᵀ alone is singular
+    long = " ".join(["cat"] * 100)
+    with pytest.warns(UserWarning, match="truncated to 77"):
+        rece.erase(base, [long], method="uce")
+
+
+def test_zero_epochs_is_uce(base):
+    a = rece.erase(base, ["cat"], method="rece", epochs=0)
+    b = rece.erase(base, ["cat"], method="uce")
+    assert torch.allclose(a.transform, b.transform) and a.derived == []

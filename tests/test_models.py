@@ -1,0 +1,105 @@
+"""Model access: folders, pipelines, fingerprints, and every way a model path can be wrong."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+from rece.errors import ReceError
+from rece.models import kv_fingerprint, load_model
+
+
+def test_fast_reader_matches_full_unet(sd_path, base):
+    unet = UNet2DConditionModel.from_pretrained(sd_path, subfolder="unet")
+    modules = dict(unet.named_modules())
+    expected = [n for n in modules if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert list(base.kv) == sorted(expected) and len(expected) == 14
+    for name, w in base.kv.items():
+        assert torch.equal(w, modules[name].weight)
+
+
+def test_pipeline_object_gives_same_model(sd_path, base):
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path)
+    from_pipe = load_model(pipe)
+    assert from_pipe.fingerprint() == base.fingerprint()
+    assert torch.equal(from_pipe.encoder.encode(["cat"]), base.encoder.encode(["cat"]))
+
+
+def test_fingerprint_ignores_fp32_vs_fp16_but_not_other_weights(base):
+    half = {n: w.half() for n, w in base.kv.items()}
+    assert kv_fingerprint(half) == base.fingerprint()
+    other = dict(base.kv)
+    name = next(iter(other))
+    other[name] = other[name] + 0.01
+    assert kv_fingerprint(other) != base.fingerprint()
+
+
+def test_fp16_variant_and_sharded_unet(sd_path, tmp_path):
+    variant = tmp_path / "variant"
+    shutil.copytree(sd_path, variant)
+    (variant / "unet" / "diffusion_pytorch_model.safetensors").rename(
+        variant / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert load_model(variant).fingerprint() == load_model(sd_path).fingerprint()
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(sd_path, sharded)
+    state = load_file(sharded / "unet" / "diffusion_pytorch_model.safetensors")
+    (sharded / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, sharded / "unet" / name)
+        weight_map.update({k: name for k in part})
+    (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert load_model(sharded).fingerprint() == load_model(sd_path).fingerprint()
+
+
+def _break(sd_path, tmp_path, how):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_path, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    if how == "no-cross-attention":
+        state = {k: v for k, v in state.items() if "attn2" not in k}
+    elif how == "nan":
+        key = next(k for k in state if k.endswith("attn2.to_k.weight"))
+        state[key][0, 0] = float("nan")
+    save_file(state, weights)
+    return broken
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda sd, tmp: tmp / "missing", "does not exist"),
+        (lambda sd, tmp: tmp, "not a diffusers pipeline"),
+        (lambda sd, tmp: _break(sd, tmp, "no-cross-attention"), "no cross-attention"),
+        (lambda sd, tmp: _break(sd, tmp, "nan"), "NaN/Inf"),
+        (lambda sd, tmp: (tmp / "notes.txt").write_text("hi") and tmp / "notes.txt", "not a diffusers folder"),
+    ],
+    ids=["missing", "not-diffusers", "no-cross-attention", "nan-weights", "plain-file"],
+)
+def test_bad_model_paths(sd_path, tmp_path, make, message):
+    with pytest.raises(ReceError, match=message) as info:
+        load_model(make(sd_path, tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ReceError, match="cannot fetch 'someone/not-a-model' from the hub"):
+        load_model("someone/not-a-model")
+
+
+def test_corrupt_unet_file(sd_path, tmp_path):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(sd_path, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ReceError, match="corrupt or incomplete"):
+        load_model(broken)
