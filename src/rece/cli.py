@@ -57,7 +57,9 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_erase(args) -> int:
-    from .edit import load_edit  # noqa: F401  (import cost outside the timed region)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
+
+    from .edit import load_edit  # noqa: F401
     from .erase import EraseConfig, erase
     from .io import check_output_path
     from .models import load_model
@@ -156,7 +158,15 @@ def cmd_lora(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, concept=args.concept, method=args.method, model=args.model)
+    run_demo(
+        args.output,
+        concept=args.concept,
+        method=args.method,
+        model=args.model,
+        per_combo=args.per_combo,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
     return 0
 
 
@@ -195,10 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lora)
 
     p = sub.add_parser("demo", help="erase a concept from the embedded default model and show before/after")
-    p.add_argument("-o", "--output", default="rece-demo", help="folder for metrics.json (default rece-demo)")
-    p.add_argument("--concept", default="nudity")
-    p.add_argument("--method", default="rece")
-    p.add_argument("--model", default="tiny")
+    p.add_argument(
+        "-o", "--output", default="rece-demo", help="folder for report.html, grid.png, metrics.json (default rece-demo)"
+    )
+    p.add_argument(
+        "--concept", default="triangle", help="a shape (circle, square, triangle, cross) or colour (red, green, blue, yellow)"
+    )
+    p.add_argument("--method", default="rece", help="rece or uce")
+    p.add_argument("--model", default="shapes", help="the shapes model (default) or a folder of one")
+    p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -52,8 +52,6 @@ class Edit:
     @classmethod
     def from_transform(cls, transform, base: BaseModel, config, derived, seconds: float) -> Edit:
         meta = cls._metadata("transform", base, config, list(base.kv), seconds)
-        eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
-        meta["rank"] = int(torch.linalg.matrix_rank(transform - eye).item())
         return cls(meta, transform=transform.cpu(), derived=[d.cpu() for d in derived])
 
     @classmethod
@@ -204,11 +202,12 @@ class Edit:
                 f"λ1 {c['lamb']:g}, λ2 {c['preserve_scale']:g}"
             )
         lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
-        kind = (
-            f"one {m['base']['dim']}×{m['base']['dim']} transform, rank {m.get('rank', '?')}"
-            if m["kind"] == "transform"
-            else "per-layer deltas"
-        )
+        if m["kind"] == "transform":
+            eye = torch.eye(self.transform.shape[0], dtype=torch.float64)
+            rank = int(torch.linalg.matrix_rank(self.transform - eye).item())
+            kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank {rank}"
+        else:
+            kind = "per-layer deltas"
         lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
         lines.append(f"base          {m['base']['source']} (fingerprint {m['base']['fingerprint']}, {m['base']['pipeline']})")
         return "\n".join(lines)

@@ -244,7 +244,7 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
     pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
     erase_rows = torch.cat([c for c, _ in pairs])
     denominator = cf.edit_denominator(erase_rows, preserve_rows, lamb, s_e, s_p, erase_rows.shape[1])
-    cf.check_conditioning(denominator, "--uce-lamb")
+    cf.check_conditioning(denominator, "--uce-lamb", shift=lamb)
     for name in edited:
         weights[name] = cf.edit_layer(weights[name], pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator)
     derived = []
@@ -257,7 +257,7 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
             derived.append(torch.stack(derived_rows))
             rece_pairs = [(c, target_one) for c in derived_rows]
             denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, target_one.shape[1])
-            cf.check_conditioning(denominator, "--lamb")
+            cf.check_conditioning(denominator, "--lamb", shift=lamb)
             for name in edited:
                 weights[name] = cf.edit_layer(
                     weights[name], rece_pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator

@@ -83,10 +83,8 @@ def load_model(model, device: str | torch.device = "cpu", config: str | None = N
     if not isinstance(model, (str, os.PathLike)):
         raise ReceError(f"cannot read a model from {type(model).__name__}; pass a pipeline, a folder or a hub id")
     name = str(model)
-    if name == "tiny":
-        from .tiny import tiny_model_path
-
-        return from_folder(tiny_model_path(), device, source="tiny")
+    if name in NAMED_MODELS:
+        return from_folder(named_model_path(name), device, source=name)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
         return from_single_file(path, device, config=config)
@@ -97,6 +95,21 @@ def load_model(model, device: str | torch.device = "cpu", config: str | None = N
     if HUB_ID.match(name) and not name.startswith((".", "/")):
         return from_folder(download(name), device, source=name)
     raise ReceError(f"model path '{name}' does not exist; pass a diffusers folder, a hub id or a .safetensors checkpoint")
+
+
+NAMED_MODELS = ("shapes", "tiny")
+
+
+def named_model_path(name: str) -> Path:
+    """Folder of a model rece knows by name: `shapes` (trained, shipped in the package) or `tiny` (built locally)."""
+    if name == "tiny":
+        from .tiny import tiny_model_path
+
+        return tiny_model_path()
+    path = Path(__file__).parent / "toy" / "shapes"
+    if not (path / "model_index.json").is_file():
+        raise ReceError(f"the shapes model is missing from '{path}'; reinstall rece or train it with python -m rece.toy.train")
+    return path
 
 
 def download(repo_id: str) -> Path:
@@ -251,9 +264,11 @@ def from_single_file(path: Path, device="cpu", config: str | None = None) -> Bas
         raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ReceError(
-            f"cannot load checkpoint '{path}' ({reason}); "
-            "offline, pass --config with a local diffusers folder of the same architecture"
-        ) from None
+        hint = (
+            "check that it is a Stable Diffusion checkpoint of the same architecture as --config"
+            if config
+            else "offline, pass --config with a local diffusers folder of the same architecture"
+        )
+        raise ReceError(f"cannot load checkpoint '{path}' ({reason}); {hint}") from None
     pipe.to(device)
     return from_pipeline(pipe, source=str(path))

@@ -57,11 +57,22 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """Return float64 embeddings of shape [len(texts), 77, dim] on this encoder's device."""
+        """Return float64 embeddings of shape [len(texts), 77, dim] on this encoder's device.
+
+        Texts with identical token ids in every tokenizer (e.g. "" and " ") are encoded once.
+        """
+        if not texts:
+            return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device)
+        ids = [self._tokenize(t, texts).input_ids.tolist() for t in self.tokenizers]
+        keys = [tuple(tuple(per_tokenizer[i]) for per_tokenizer in ids) for i in range(len(texts))]
+        unique = list(dict.fromkeys(keys))
+        representative = {key: texts[keys.index(key)] for key in unique}
         out = []
-        for start in range(0, len(texts), batch_size):
-            out.append(self._encode_batch(texts[start : start + batch_size]).to(torch.float64))
-        return torch.cat(out) if out else torch.zeros(0, self.max_length, self.dim, dtype=torch.float64)
+        for start in range(0, len(unique), batch_size):
+            chunk = [representative[k] for k in unique[start : start + batch_size]]
+            out.append(self._encode_batch(chunk).to(torch.float64))
+        position = {k: i for i, k in enumerate(unique)}
+        return torch.cat(out)[[position[k] for k in keys]]
 
     def _encode_batch(self, texts: Sequence[str]) -> torch.Tensor:
         if self.kind == "sd":

@@ -1,0 +1,111 @@
+"""Quality bars of the shapes model, measured with the analytic detector (issue: shapes world).
+
+Prints: prompt following (25 steps); erasing shapes and colours with UCE and RECE (erased rate,
+other-shape accuracy relative to baseline, colour accuracy); and the RECE mechanism: images generated
+from the derived embedding c′ after UCE, after RECE, and from a fresh c′ derived against the RECE model.
+
+    HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--per-combo 6] [--steps 25] [--concepts triangle cross red]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+import rece
+from rece import closed_form as cf
+from rece.demo import _load_pipeline
+from rece.models import from_pipeline
+from rece.toy.detector import detect
+from rece.toy.evaluate import GUIDANCE, accuracy, erasure_metrics, generate, grid_prompts
+from rece.toy.world import SHAPES
+
+
+def fresh_derived(base, edit, concept: str, r: float) -> torch.Tensor:
+    """c′ derived in closed form against the edited model (the RECE step's derivation, applied once more)."""
+    kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
+    edited = [edit.edited_weight(n, w) for n, w in kv.items()]
+    c = base.encoder.encode([concept])[0]
+    return cf.derive_embedding(c, cf.weight_gram(edited), cf.cross_gram(edited, kv.values()), r)
+
+
+def shows(images: np.ndarray, concept: str) -> float:
+    attr = "shape" if concept in SHAPES else "color"
+    return float(np.mean([getattr(detect(img), attr) == concept for img in images]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-combo", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
+    parser.add_argument("--concepts", nargs="+", default=["triangle", "cross", "red"])
+    parser.add_argument("--probe-images", type=int, default=24)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict = {}
+    pipe = _load_pipeline("shapes")
+    base = from_pipeline(pipe, "shapes")
+    prompts, seeds, shapes, colors = grid_prompts(args.per_combo)
+    t = time.time()
+    baseline = generate(pipe, prompts, seeds, args.steps, args.guidance)
+    acc = accuracy(baseline, shapes, colors)
+    acc.pop("detected")
+    results["prompt_following"] = acc
+    print(
+        f"prompt following ({len(seeds)} images, {args.steps} steps, {time.time() - t:.0f} s): "
+        f"colour {acc['color']:.3f}, shape {acc['shape']:.3f}, per shape {json.dumps(acc['per_shape'])}"
+    )
+    print(f"{'concept':10s} {'method':6s} {'erased':>7s} {'others/base':>11s} {'colours':>8s} {'seconds':>8s}")
+    for concept in args.concepts:
+        before = erasure_metrics(baseline, shapes, colors, concept)
+        for method in ("uce", "rece"):
+            edit = rece.erase(base, [concept], method=method)
+            edit.apply(pipe)
+            images = generate(pipe, prompts, seeds, args.steps, args.guidance)
+            edit.revert(pipe)
+            after = erasure_metrics(images, shapes, colors, concept)
+            kept = after["other_shape_accuracy"] / max(before["other_shape_accuracy"], 1e-9)
+            results[f"{concept}/{method}"] = {**after, "other_shape_kept": kept, "seconds": edit.metadata["seconds"]}
+            print(
+                f"{concept:10s} {method:6s} {after['erased_rate']:7.3f} {kept:11.3f} {after['color_accuracy']:8.3f} "
+                f"{edit.metadata['seconds']:8.3f}"
+            )
+    # The RECE mechanism, on the first concept
+    concept = args.concepts[0]
+    probe_seeds = list(range(args.probe_images))
+    uce = rece.erase(base, [concept], method="uce")
+    for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):
+        rece_edit = rece.erase(base, [concept], method="rece", regularization=r)
+        derived = rece_edit.derived[0][0].float()  # c′ derived against the UCE model
+        fresh = fresh_derived(base, rece_edit, concept, r).float()
+        row = {}
+        for name, edit, emb in (
+            ("c′ on UCE", uce, derived),
+            ("same c′ on RECE", rece_edit, derived),
+            ("fresh c′ on RECE", rece_edit, fresh),
+        ):
+            edit.apply(pipe)
+            images = generate(
+                pipe,
+                seeds=probe_seeds,
+                prompt_embeds=emb.expand(len(probe_seeds), -1, -1),
+                steps=args.steps,
+                guidance=args.guidance,
+            )
+            edit.revert(pipe)
+            row[name] = shows(images, concept)
+        results[f"derived/{label}"] = row
+        print(f"derived embedding, {label}: '{concept}' shown in " + ", ".join(f"{k}: {v:.2f}" for k, v in row.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
