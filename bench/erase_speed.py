@@ -240,9 +240,17 @@ def ensure_model(cache: Path) -> float | None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     print(f"building random-weight SD1.4 pipeline in {cache} (once) ...", flush=True)
     start = time.perf_counter()
+    # In a child process: a forked child inherits its parent's peak RSS, which would inflate every later measurement.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        build_random_sd14(cache)
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=build_random_sd14, args=(cache,))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"building the benchmark model failed (exit {proc.exitcode})")
     return time.perf_counter() - start
 
 

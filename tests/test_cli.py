@@ -60,16 +60,6 @@ def test_erase_summary_and_uce_method(capsys, sd_path, tmp_path):
     assert "cat, dog" in out and "method        uce" in out and "wrote" in out
 
 
-def test_demo_runs_on_embedded_default(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "-o", tmp_path / "demo")
-    assert code == 0, err
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert metrics["concept"] == "nudity" and metrics["method"] == "rece"
-    assert metrics["after"]["concept_to_target"] < metrics["before"]["concept_to_target"]
-    d = metrics["derived_embedding"]
-    assert d["residual_after_uce"] < d["concept_residual_after_uce"] < d["residual_after_rece"]
-
-
 def _no_cross_attention(sd_path, tmp_path):
     folder = tmp_path / "nocross"
     shutil.copytree(sd_path, folder)

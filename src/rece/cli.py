@@ -170,6 +170,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_toy_train(args) -> int:
+    from .toy.train import main as train_main
+
+    return train_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rece", description="Closed-form concept erasure for Stable Diffusion models (RECE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m rece.toy.train (see rece toy train --help)")
+    p.set_defaults(func=cmd_toy_train)
     return parser
 
 

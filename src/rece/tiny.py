@@ -248,8 +248,8 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0, words: Iterable[str]
 def build_random_sd14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """Write a full-size SD1.4-architecture pipeline (CLIP ViT-L/14 text encoder, SD1.x UNet) with random weights.
 
-    Used by benchmarks: real sizes and layer counts, no download. The tokenizer keeps the small vocabulary
-    (the embedding table is sized to it), which does not change the cost of anything rece does.
+    Used by benchmarks: real sizes and layer counts, no download. The tokenizer keeps the small vocabulary,
+    while the text encoder's embedding table has CLIP's full 49,408 rows, so memory is measured at real size.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -260,6 +260,7 @@ def build_random_sd14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype
         tokenizer = save_clip_tokenizer(tmp / "_tok")
         config = _text_config(tokenizer, 768, layers=12, heads=12)
         config.intermediate_size = 3072
+        config.vocab_size = 49408  # CLIP's: the embedding table has its real size (token ids stay small)
         text_encoder = CLIPTextModel(config)
         _init_clip_like(text_encoder, seed)
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
