@@ -103,3 +103,33 @@ def test_corrupt_unet_file(sd_path, tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(ReceError, match="corrupt or incomplete"):
         load_model(broken)
+
+
+def test_hub_id_path_with_a_local_stand_in_for_the_hub(sd_path, tmp_path, monkeypatch):
+    """The hub code path (partial download for erase, full snapshot for apply), served from a local folder."""
+    import fnmatch
+
+    import huggingface_hub
+
+    import rece
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        target = tmp_path / "hub" / repo_id.replace("/", "--") / ("partial" if allow_patterns else "full")
+        for file in sd_path.rglob("*"):
+            rel = str(file.relative_to(sd_path))
+            if file.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns)):
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                (target / rel).write_bytes(file.read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    base = load_model("someone/tiny-sd")
+    assert base.source == "someone/tiny-sd" and base.fingerprint() == load_model(sd_path).fingerprint()
+    assert not (base.folder / "vae").exists()  # erase reads only what it needs
+    edit = rece.erase(base, ["cat"])
+    out = rece.write_applied_pipeline(base, [edit], tmp_path / "applied")
+    assert (out / "vae" / "config.json").is_file() and calls[-1][1] is None  # apply fetched the whole pipeline
+    StableDiffusionPipeline.from_pretrained(out)

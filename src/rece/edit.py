@@ -26,17 +26,18 @@ METADATA_KEY = "rece"
 
 
 def library_versions() -> dict[str, str]:
-    import diffusers
-    import transformers
+    """Versions of rece and the libraries whose numerics an edit depends on (read without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from . import __version__
 
-    return {
-        "rece": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-    }
+    versions = {"rece": __version__, "torch": torch.__version__}
+    for name in ("diffusers", "transformers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 @dataclass
