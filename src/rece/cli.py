@@ -1,4 +1,4 @@
-"""The `rece` command line: erase, apply, info, lora, demo."""
+"""The `rece` command line: erase, apply, info, lora, demo, generate."""
 
 from __future__ import annotations
 
@@ -170,6 +170,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .generate import IMAGES, expected_images, finished_images, generate_run, load_prompt_set
+
+    start = time.perf_counter()
+    secondary = os.environ.get("RANK", "0") not in ("", "0")  # under accelerate launch / torchrun, rank 0 reports
+    try:
+        out = generate_run(
+            args.model,
+            args.prompts,
+            args.output,
+            edits=args.edit,
+            steps=args.steps,
+            guidance=args.guidance,
+            images_per_prompt=args.images_per_prompt,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
+            scheduler=args.scheduler,
+            limit=args.limit,
+            device=args.device,
+            num_processes=args.num_processes,
+            allow_other_base=args.allow_other_base,
+            overwrite=args.overwrite,
+            config=args.config,
+        )
+    except ReceError:
+        if secondary:  # every rank gets the same error; one line from rank 0 is enough
+            raise SystemExit(2) from None
+        raise
+    if not secondary:
+        names = set(expected_images(load_prompt_set(args.prompts, args.limit), args.images_per_prompt))
+        done = len(names & finished_images(out / IMAGES))
+        seconds = time.perf_counter() - start
+        print(f"{done} of {len(names)} images in {out / IMAGES}; manifest.json and prompts.csv in {out} ({seconds:.1f} s)")
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from .toy.train import main as train_main
 
@@ -223,6 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=_finite_float, default=None, help="classifier-free guidance scale")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate the images of a prompt set into a run folder (resumable, multi-process)")
+    p.add_argument("model", help="diffusers folder, hub id, single-file checkpoint, 'shapes' or 'tiny'")
+    p.add_argument("--edit", action="append", default=[], help="edit file to apply first (repeatable, applied in order)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt set CSV (I2P, COCO-30k, Imagenette, artists formats) or a known name "
+        "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS",
+    )
+    p.add_argument("-o", "--output", required=True, help="run folder: images/, manifest.json, prompts.csv")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (50)")
+    p.add_argument("--guidance", type=_finite_float, default=7.5, help="guidance scale (7.5); a row's evaluation_guidance wins")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per row; image k uses seed + k (1)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call; does not change the images (4)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm, heun, ddpm, unipc (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the set")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--num-processes", type=int, default=1, help="local processes, one device each (rows split i %% N)")
+    p.add_argument("--allow-other-base", action="store_true", help="apply edits even if the model is not their base")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
     p.add_argument("action", choices=["train"])

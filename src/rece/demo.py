@@ -54,6 +54,8 @@ def run_demo(
         )
     if per_combo < 1 or steps < 1:
         raise ReceError("--per-combo and --steps must be at least 1")
+    if guidance is not None and not (0 <= guidance < float("inf")):
+        raise ReceError(f"--guidance must be a finite number >= 0, got {guidance}")
     guidance = GUIDANCE if guidance is None else guidance
     output = Path(output)
     pipe = _load_pipeline(model)

@@ -259,7 +259,7 @@ def from_single_file(path: Path, device="cpu", config: str | None = None) -> Bas
     try:
         cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
         kwargs = {"config": str(config)} if config else {}
-        pipe = cls.from_single_file(str(path), torch_dtype=torch.float32, **kwargs)
+        pipe = cls.from_single_file(str(path), dtype=torch.float32, **kwargs)
     except ReceError:
         raise
     except Exception as exc:

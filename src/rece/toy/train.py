@@ -48,8 +48,15 @@ def train_vae(vae, rng: np.random.Generator, steps: int, log) -> None:
         vae.encoder.conv_out.bias[3:] = -30.0
 
 
-def learning_rate(step: int, peak: float, warmup: int = 200) -> float:
-    """Linear warm-up, then constant (EMA weights are what ships), so a run stopped at step N equals --steps N."""
+def learning_rate(step: int, steps: int, peak: float, cooldown: float = 0.2, warmup: int = 200) -> float:
+    """Linear warm-up, constant, then a linear cool-down to zero over the last `cooldown` share of the steps.
+
+    Before the cool-down the schedule does not depend on `steps`, so a run can be extended by resuming
+    with a larger --steps as long as its cool-down has not started.
+    """
+    start = int(steps * (1 - cooldown))
+    if step >= start:
+        return peak * (steps - step) / max(1, steps - start)
     return peak * min(1.0, (step + 1) / warmup)
 
 
@@ -91,6 +98,8 @@ def train(
     save_every: int = 250,
     work: Path | None = None,
     snapshot_every: int = 0,
+    cooldown: float = 0.2,
+    ship: str = "ema",
     log=print,
 ) -> Path:
     """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work)."""
@@ -122,7 +131,7 @@ def train(
     t0, losses = time.time(), []
     for step in range(start, steps):
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, lr)
+            group["lr"] = learning_rate(step, steps, lr, cooldown)
         x0, texts = batch(rng, batch_size)
         ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
@@ -158,9 +167,13 @@ def train(
         "lr": lr,
         "vae_steps": vae_steps,
         "threads": threads,
+        "cooldown": cooldown,
+        "ship": ship,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
     }
-    return _export(output, vae, ema_text, tokenizer, ema_unet, work, meta)
+    if ship == "ema":
+        return _export(output, vae, ema_text, tokenizer, ema_unet, work, meta)
+    return _export(output, vae, text_encoder, tokenizer, unet, work, meta)
 
 
 def _export(output: Path, vae, text_encoder, tokenizer, unet, work: Path, meta: dict) -> Path:
@@ -197,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size on 2 cores)")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA pipeline every N steps")
+    parser.add_argument("--cooldown", type=float, default=0.2, help="share of the steps over which the lr decays to 0")
+    parser.add_argument("--ship", choices=["ema", "live"], default="ema", help="which weights the output pipeline gets")
     args = parser.parse_args(argv)
     train(
         Path(args.output),
@@ -208,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         args.threads,
         args.save_every,
         snapshot_every=args.snapshot_every,
+        cooldown=args.cooldown,
+        ship=args.ship,
         log=lambda m: print(m, flush=True),
     )
     return 0
