@@ -1,4 +1,4 @@
-"""The `rece` command line: erase, apply, info, lora, demo, generate."""
+"""The `rece` command line: erase, apply, info, lora, demo, generate, evaluate."""
 
 from __future__ import annotations
 
@@ -207,6 +207,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .metrics import check_metrics, evaluate, results_table
+
+    metrics = check_metrics(args.metric) if args.metric else None
+    options = dict(
+        threshold=args.threshold,
+        clip_model=args.clip_model,
+        reference=args.reference,
+        fid_features=args.fid_features,
+        fid_weights=args.fid_weights,
+        against=args.against,
+        lpips_weights=args.lpips_weights,
+        classifier_weights=args.classifier_weights,
+        class_names=args.class_names,
+        resize=args.classifier_resize,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    results = {run: evaluate(run, metrics, **options) for run in args.runs}
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        print(results_table(results))
+        print(f"results in {', '.join(os.path.join(r, 'metrics.json') for r in args.runs)}")
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from .toy.train import main as train_main
 
@@ -285,6 +312,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="measure run folders: nudenet, clip-score, fid, lpips, classify (the paper's metrics)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one table row each")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="nudenet, clip-score, fid, lpips, classify (repeatable or comma-separated; "
+        "default: classify for a `class` column, nudenet for I2P `categories`)",
+    )
+    p.add_argument("--threshold", type=_finite_float, default=None, help="nudenet: detection score threshold (0.6)")
+    p.add_argument(
+        "--clip-model", default=None, help="clip-score / fid clip features: CLIP folder or hub id (openai/clip-vit-large-patch14)"
+    )
+    p.add_argument("--reference", default=None, help="fid: folder of reference images")
+    p.add_argument("--fid-features", default=None, help="fid: inception (needs --fid-weights) or clip")
+    p.add_argument("--fid-weights", default=None, help="fid: pt_inception-2015-12-05 weights file")
+    p.add_argument("--against", default=None, help="lpips: the run folder to compare with, images matched by file name")
+    p.add_argument("--lpips-weights", default=None, help="lpips: file with LPIPS(net='alex').state_dict()")
+    p.add_argument("--classifier-weights", default=None, help="classify: torchvision ResNet-50 state dict file")
+    p.add_argument(
+        "--class-names", default=None, help="classify: text file of the 1000 ImageNet names (default: Imagenette's ten)"
+    )
+    p.add_argument(
+        "--classifier-resize",
+        type=int,
+        default=None,
+        help="classify: shorter side before the 224 crop (232: IMAGENET1K_V2; 256: V1)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (16)")
+    p.add_argument("--device", default=None, help="torch device for the models (cpu)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
     p.add_argument("action", choices=["train"])
