@@ -1,4 +1,4 @@
-"""The `rece` command line: erase, apply, info, lora, demo, generate, evaluate."""
+"""The `rece` command line: erase, apply, info, lora, demo, generate, evaluate, report."""
 
 from __future__ import annotations
 
@@ -234,6 +234,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    out = write_report(args.runs, args.output, max_images=args.max_images)
+    print(f"wrote {out} ({len(args.runs)} run(s))")
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from .toy.train import main as train_main
 
@@ -345,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device for the models (cpu)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="one self-contained HTML page comparing run folders: metrics, edits, images side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one column of images each")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write (e.g. report.html)")
+    p.add_argument("--max-images", type=int, default=16, help="images (same prompt and seed) shown per run (16)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
     p.add_argument("action", choices=["train"])

@@ -5,10 +5,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .errors import ReceError
+from .io import atomic_file, check_output_path
 
 
 def image_grid(images: np.ndarray, rows: int, cols: int, scale: int = 3, pad: int = 2) -> Image.Image:
@@ -55,12 +62,14 @@ def labelled_panels(
 
 
 def png_data_uri(image: Image.Image) -> str:
+    """A PNG data URI of an image, for self-contained pages."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def html_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    """An HTML table of escaped cells (floats with 3 decimals)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -82,9 +91,236 @@ code, pre { background: #f4f4f4; padding: 2px 4px; }
 """
 
 
-def html_page(title: str, sections: Sequence[str]) -> str:
-    """A self-contained page (inline CSS, images as data URIs)."""
+def html_page(title: str, sections: Sequence[str], style: str = "") -> str:
+    """A self-contained page (inline CSS, images as data URIs); `style` adds CSS rules."""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{PAGE_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
+        f"<style>{PAGE_STYLE}{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>"
     )
+
+
+# -- `rece report`: runs side by side -------------------------------------------------------------
+REPORT_MAX_IMAGES = 16
+PROMPT_CHARS = 80
+THUMBNAIL = 384  # largest side of an image in the page (twice its displayed width)
+EDIT_KEYS = ("preset", "target", "preserve", "epochs", "regularization", "regularization_type", "lamb", "uce_lamb", "technique")
+REPORT_STYLE = """
+.runs td, .runs th { vertical-align: top; text-align: left; }
+.runs td:first-child, .runs td:nth-child(2) { white-space: nowrap; }
+.compare th, .compare td { text-align: center; }
+.compare td:first-child { text-align: left; max-width: 260px; font-size: 0.9em; }
+.compare img { width: 192px; height: auto; display: block; margin: auto; }
+.compare .file { color: #777; font-size: 0.85em; }
+details { margin: 0.5em 0; }
+summary { cursor: pointer; }
+pre { overflow-x: auto; font-size: 0.85em; }
+"""
+
+
+@dataclass(frozen=True)
+class ReportRun:
+    """One run folder of a report: its name in the page, manifest, metrics.json entries, images and prompts.csv rows."""
+
+    name: str
+    path: Path
+    manifest: dict
+    metrics: dict
+    images: list[str]
+    prompts: dict[str, dict[str, str]]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; a ReceError naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ReceError(f"cannot read {what} '{path}' ({str(exc).splitlines()[0]}); rerun the command that wrote it") from None
+    if not isinstance(data, dict):
+        raise ReceError(f"{what} '{path}' is not a JSON object; rerun the command that wrote it")
+    return data
+
+
+def _read_metrics(path: Path) -> dict:
+    """The entries of a run's metrics.json ({} when there is none), each checked to have a summary."""
+    if not path.is_file():
+        return {}
+    data = _read_json(path, "metrics file")
+    bad = [k for k, v in data.items() if not isinstance(v, dict) or not isinstance(v.get("summary"), dict)]
+    if bad:
+        raise ReceError(f"metrics file '{path}' has no summary for '{bad[0]}'; rerun `rece evaluate` on that run")
+    return data
+
+
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """Short distinct names of run folders: the folder name, with as many parent folders as it takes to tell them apart."""
+    parts = [p.resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # the same folder given twice
+
+
+def load_report_run(path: str | os.PathLike, name: str) -> ReportRun:
+    """A `rece generate` run folder with its manifest, metrics (if evaluated), images and prompts."""
+    from .generate import IMAGES, MANIFEST, PROMPTS
+    from .metrics import METRICS_JSON, image_files, read_prompts
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ReceError(f"run folder '{path}' does not exist or is not a folder; pass `rece generate` output folders")
+    if not (path / MANIFEST).is_file():
+        raise ReceError(f"'{path}' has no {MANIFEST}, so it is not a `rece generate` run; pass the folder given to -o")
+    images = image_files(path / IMAGES) if (path / IMAGES).is_dir() else []
+    prompts = read_prompts(path / PROMPTS) if (path / PROMPTS).is_file() else {}
+    manifest = _read_json(path / MANIFEST, "manifest")
+    return ReportRun(name, path, manifest, _read_metrics(path / METRICS_JSON), images, prompts)
+
+
+def common_images(runs: Sequence[ReportRun]) -> list[str]:
+    """Image file names every run has (same prompt and seed), in the first run's natural order."""
+    shared = set.intersection(*(set(r.images) for r in runs))
+    if not shared:
+        counts = ", ".join(f"'{r.path}' {len(r.images)}" for r in runs)
+        raise ReceError(
+            f"the runs have no image file names in common (images: {counts}); report runs of the same prompt set and seeds"
+        )
+    return [n for n in runs[0].images if n in shared]
+
+
+def _truncate(text: str, limit: int = PROMPT_CHARS) -> str:
+    """`text` cut to `limit` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def metrics_section(runs: Sequence[ReportRun]) -> str:
+    """The metrics table: one row per run, one column per summary value of each metric (as the paper's tables read)."""
+    from .metrics import results_rows
+
+    if not any(r.metrics for r in runs):
+        return "<h2>Metrics</h2><p>No run has a metrics.json yet; measure them with <code>rece evaluate RUN_DIR ...</code>.</p>"
+    header, rows = results_rows({r.name: r.metrics for r in runs})
+    rows = [[("-" if v is None else v) for v in row] for row in rows]
+    return "<h2>Metrics</h2>" + html_table(rows, header)
+
+
+def _edit_config(entry: dict) -> dict:
+    """The erase parameters of a manifest's edit entry: its own `config`, else the edit file's metadata when unchanged."""
+    if isinstance(entry.get("config"), dict):
+        return entry["config"]
+    path = Path(str(entry.get("path") or ""))
+    if not path.is_file():
+        return {}
+    try:
+        from safetensors import safe_open
+
+        from .edit import METADATA_KEY
+        from .generate import file_sha256
+
+        if entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}")).get("config", {})
+    except Exception:  # an unreadable edit file only costs the report its parameters
+        return {}
+
+
+def _param(value) -> str:
+    """A parameter value as the page shows it: strings quoted (the target ' ' stays visible)."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def describe_edits(manifest: dict) -> str:
+    """One line per applied edit: method, concepts and the key erase parameters; 'none' for the original model."""
+    edits = manifest.get("edits") or []
+    if not edits:
+        return "none (original model)"
+    lines = []
+    for entry in edits:
+        config = _edit_config(entry)
+        params = ", ".join(f"{k} {_param(config[k])}" for k in EDIT_KEYS if k in config)
+        concepts = ", ".join(entry.get("concepts") or []) or "?"
+        lines.append(f"{entry.get('method', '?')}: {concepts}" + (f" ({params})" if params else ""))
+    return "\n".join(lines)
+
+
+def describe_sampling(manifest: dict) -> str:
+    """Steps, guidance, scheduler and image size of a run, from its manifest settings."""
+    s = manifest.get("settings") or {}
+    size = f"{s.get('width')}×{s.get('height')}" if s.get("width") else "?"
+    return f"{s.get('scheduler', '?')}, {s.get('steps', '?')} steps, guidance {s.get('guidance', '?')}, {size}"
+
+
+def edits_section(runs: Sequence[ReportRun]) -> str:
+    """A table of each run's model, edits and sampling settings."""
+    rows = [
+        (r.name, (r.manifest.get("model") or {}).get("source", "?"), describe_edits(r.manifest), describe_sampling(r.manifest))
+        for r in runs
+    ]
+    table = html_table(rows, ["run", "model", "edits", "sampling"]).replace("<table>", "<table class='runs'>", 1)
+    return "<h2>Edits and settings</h2>" + table.replace("\n", "<br>")
+
+
+def _image_cell(run: ReportRun, name: str) -> str:
+    """One <img> of a run's image as a data URI, labelled with the run and file name."""
+    from .generate import IMAGES
+
+    with Image.open(run.path / IMAGES / name) as img:
+        img = img.convert("RGB")
+    img.thumbnail((THUMBNAIL, THUMBNAIL), Image.LANCZOS)  # only ever shrinks: a 512² image need not weigh 400 kB here
+    uri = png_data_uri(img)
+    label = html.escape(f"{run.name}: {name}", quote=True)
+    return f"<td><img src='{uri}' alt='{label}' title='{label}'></td>"
+
+
+def _row_label(runs: Sequence[ReportRun], name: str) -> str:
+    """The prompt (truncated; full text on hover), seed and file name of an image, from the first run that knows it."""
+    row = next((r.prompts[name] for r in runs if name in r.prompts), {})
+    prompt = row.get("prompt", "")
+    seed = f", seed {row['seed']}" if row.get("seed") else ""
+    return (
+        f"<td title='{html.escape(prompt, quote=True)}'>{html.escape(_truncate(prompt)) or '<i>no prompt</i>'}"
+        f"<div class='file'>{html.escape(name)}{html.escape(seed)}</div></td>"
+    )
+
+
+def images_section(runs: Sequence[ReportRun], names: Sequence[str], max_images: int) -> str:
+    """Same prompt and seed side by side: one row per image file name, one column per run."""
+    shown = names[:max_images]
+    head = "<tr><th>prompt / image</th>" + "".join(f"<th>{html.escape(r.name)}</th>" for r in runs) + "</tr>"
+    body = "".join("<tr>" + _row_label(runs, n) + "".join(_image_cell(r, n) for r in runs) + "</tr>" for n in shown)
+    note = f"{len(shown)} of the {len(names)} images the runs have in common (same file name: same prompt and seed)."
+    return f"<h2>Images</h2><p>{note}</p><table class='compare'><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
+def manifests_section(runs: Sequence[ReportRun]) -> str:
+    """Each run's manifest.json, pretty-printed inside a collapsed <details>."""
+    blocks = [
+        f"<details><summary>{html.escape(r.name)}: {html.escape(str(r.path / 'manifest.json'))}</summary>"
+        f"<pre>{html.escape(json.dumps(r.manifest, indent=2, ensure_ascii=False))}</pre></details>"
+        for r in runs
+    ]
+    return "<h2>Manifests</h2>" + "".join(blocks)
+
+
+def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT_MAX_IMAGES) -> str:
+    """The HTML page comparing run folders: metrics, edits and settings, images side by side, manifests."""
+    if not run_dirs:
+        raise ReceError("give at least one run folder; `rece report RUN_DIR [RUN_DIR ...] -o report.html`")
+    if max_images < 1:
+        raise ReceError(f"--max-images must be at least 1 (got {max_images})")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_report_run(p, n) for p, n in zip(paths, run_labels(paths))]
+    names = common_images(runs)
+    title = "rece report: " + " vs ".join(r.name for r in runs)
+    sections = [metrics_section(runs), edits_section(runs), images_section(runs, names, max_images), manifests_section(runs)]
+    return html_page(title, sections, style=REPORT_STYLE)
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike, max_images: int = REPORT_MAX_IMAGES) -> Path:
+    """Build the report of `run_dirs` and write it atomically to `output`; return its path."""
+    output = check_output_path(output)
+    page = build_report(run_dirs, max_images)
+    with atomic_file(output) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return output
