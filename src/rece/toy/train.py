@@ -89,11 +89,11 @@ def _load_state(path: Path, modules: dict, opt, rng: np.random.Generator) -> int
 
 def train(
     output: Path,
-    steps: int = 6000,
+    steps: int = 3200,
     seed: int = 0,
     batch_size: int = 32,
     lr: float = 1e-3,
-    vae_steps: int = 600,
+    vae_steps: int = 500,
     threads: int = 1,
     save_every: int = 250,
     work: Path | None = None,
@@ -202,11 +202,11 @@ def _export(output: Path, vae, text_encoder, tokenizer, unet, work: Path, meta: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rece.toy.train", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="pipeline folder to write")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=3200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size on 2 cores)")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA pipeline every N steps")
