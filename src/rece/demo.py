@@ -15,16 +15,10 @@ DEMO_SEED = 0
 
 
 def _load_pipeline(model: str):
-    from diffusers import StableDiffusionPipeline
+    """The demo's pipeline: `shapes` (default) or a folder of a shapes-world model."""
+    from .generate import load_pipeline
 
-    from .models import NAMED_MODELS, named_model_path
-
-    folder = named_model_path(model) if model in NAMED_MODELS else Path(model)
-    if not (Path(folder) / "model_index.json").is_file():
-        raise ReceError(f"'{model}' is not a diffusers pipeline folder; the demo runs on 'shapes' or a folder of a shapes model")
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(model)
 
 
 def run_demo(

@@ -378,22 +378,12 @@ def load_pipeline(model, config: str | None = None):
     """A full StableDiffusionPipeline / StableDiffusionXLPipeline (float32, no safety checker) for MODEL."""
     import diffusers
 
-    from .models import SINGLE_FILE_SUFFIXES, _is_sdxl_checkpoint, _read_model_index
+    from .models import SINGLE_FILE_SUFFIXES, _read_model_index, load_single_file_pipeline
 
     if hasattr(model, "unet"):
         pipe = model
     elif Path(str(model)).expanduser().is_file() and Path(str(model)).suffix in SINGLE_FILE_SUFFIXES:
-        path = Path(str(model)).expanduser()
-        sdxl = _is_sdxl_checkpoint(path)
-        cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-        kwargs = {"config": str(config)} if config else {}
-        if not sdxl:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        try:
-            pipe = cls.from_single_file(str(path), dtype=torch.float32, **kwargs)
-        except Exception as exc:  # diffusers raises many types for unreadable or mismatched checkpoints
-            hint = "check --config" if config else "offline, pass --config with a local diffusers folder of the same architecture"
-            raise _load_failed(str(model), exc, hint) from None
+        pipe = load_single_file_pipeline(Path(str(model)).expanduser(), config)
     else:
         folder = _model_folder(str(model))
         class_name = _read_model_index(folder).get("_class_name")

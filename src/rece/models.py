@@ -249,17 +249,20 @@ def _is_sdxl_checkpoint(path: Path) -> bool:
         return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
 
 
-def from_single_file(path: Path, device="cpu", config: str | None = None) -> BaseModel:
-    """Load an original-format (LDM) checkpoint through diffusers' single-file loader.
+def load_single_file_pipeline(path: Path, config: str | None = None):
+    """A float32 SD / SDXL pipeline from an original-format (LDM) checkpoint, via diffusers' single-file loader.
 
     Offline, `config` must name a local diffusers folder of the same architecture for the component configs.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     try:
-        cls = StableDiffusionXLPipeline if _is_sdxl_checkpoint(path) else StableDiffusionPipeline
+        sdxl = _is_sdxl_checkpoint(path)
+        cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         kwargs = {"config": str(config)} if config else {}
-        pipe = cls.from_single_file(str(path), dtype=torch.float32, **kwargs)
+        if not sdxl:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        return cls.from_single_file(str(path), dtype=torch.float32, **kwargs)
     except ReceError:
         raise
     except Exception as exc:
@@ -270,5 +273,9 @@ def from_single_file(path: Path, device="cpu", config: str | None = None) -> Bas
             else "offline, pass --config with a local diffusers folder of the same architecture"
         )
         raise ReceError(f"cannot load checkpoint '{path}' ({reason}); {hint}") from None
-    pipe.to(device)
+
+
+def from_single_file(path: Path, device="cpu", config: str | None = None) -> BaseModel:
+    """Read a single-file checkpoint (see `load_single_file_pipeline`)."""
+    pipe = load_single_file_pipeline(path, config).to(device)
     return from_pipeline(pipe, source=str(path))
