@@ -133,3 +133,53 @@ def test_hub_id_path_with_a_local_stand_in_for_the_hub(sd_path, tmp_path, monkey
     out = rece.write_applied_pipeline(base, [edit], tmp_path / "applied")
     assert (out / "vae" / "config.json").is_file() and calls[-1][1] is None  # apply fetched the whole pipeline
     StableDiffusionPipeline.from_pretrained(out)
+
+
+def _encoder_state(encoder):
+    return {**encoder.state_dict(), **{n: b for n, b in encoder.named_buffers()}}
+
+
+@pytest.mark.parametrize("layout", ["plain", "prefixed-fp16", "sharded"])
+def test_streamed_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
+    """The low-memory tensor-by-tensor loader builds exactly the float32 model from_pretrained builds."""
+    from transformers import CLIPTextModel
+
+    from rece.models import _stream_text_encoder
+
+    folder = tmp_path / "text_encoder"
+    reference = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder", torch_dtype=torch.float32)
+    variant = None
+    if layout == "plain":
+        shutil.copytree(sd_path / "text_encoder", folder)
+    elif layout == "sharded":
+        reference.save_pretrained(folder, max_shard_size="100KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+    else:  # the layout of the SD1.x releases: keys under `text_model.`, weights in half precision
+        variant = "fp16"
+        folder.mkdir()
+        shutil.copy(sd_path / "text_encoder" / "config.json", folder)
+        state = {f"text_model.{k}": v.half().contiguous() for k, v in reference.state_dict().items()}
+        save_file(state, folder / "model.fp16.safetensors")
+        reference = CLIPTextModel.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
+    streamed = _stream_text_encoder(folder, CLIPTextModel, variant, window_bytes=1000)
+    assert streamed is not None
+    want, got = _encoder_state(reference), _encoder_state(streamed)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    ids = torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(streamed.eval()(ids)[0], reference.eval()(ids)[0])
+
+
+def test_streamed_text_encoder_falls_back_when_tensors_are_missing(sd_path, tmp_path):
+    from transformers import CLIPTextModel
+
+    from rece.models import _stream_text_encoder
+
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(sd_path / "text_encoder", folder)
+    state = load_file(folder / "model.safetensors")
+    state.pop(next(k for k in state if "final_layer_norm" in k))
+    save_file(state, folder / "model.safetensors")
+    assert _stream_text_encoder(folder, CLIPTextModel, None) is None

@@ -57,14 +57,15 @@ def shared_edit_transform(
     """The d×d matrix M with W' = W·M for every layer ("replace" technique).
 
     M = (λI + s_e Σ c* cᵀ + s_p Σ p pᵀ)(λI + s_e Σ c cᵀ + s_p Σ p pᵀ)⁻¹
+
+    The numerator minus the denominator is s_e Σ (c* − c) cᵀ, so M = I + s_e (C* − C)ᵀ (D⁻¹ Cᵀ)ᵀ with D the
+    (symmetric) denominator: one solve with as many right-hand sides as erased rows instead of d.
     """
-    dim = erase_rows.shape[-1]
-    eye = torch.eye(dim, dtype=torch.float64, device=erase_rows.device)
-    preserve = preserve_scale * outer_sum(preserve_rows, preserve_rows)
-    numerator = lamb * eye + erase_scale * outer_sum(target_rows, erase_rows) + preserve
-    denominator = lamb * eye + erase_scale * outer_sum(erase_rows, erase_rows) + preserve
+    denominator = edit_denominator(erase_rows, preserve_rows, lamb, erase_scale, preserve_scale, erase_rows.shape[-1])
     check_conditioning(denominator, parameter, shift=lamb)
-    return solve_right(numerator, denominator)
+    solved = torch.linalg.solve(denominator, erase_rows.T)  # D⁻¹ Cᵀ, [d, n]
+    eye = torch.eye(erase_rows.shape[-1], dtype=torch.float64, device=erase_rows.device)
+    return eye + erase_scale * (target_rows - erase_rows).T @ solved.T
 
 
 def tensor_target_values(weight: torch.Tensor, erase_rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
@@ -100,14 +101,20 @@ def edit_layer(
     return solve_right(numerator, denominator)
 
 
-def weight_gram(weights) -> torch.Tensor:
-    """Σ_l W_lᵀ W_l over layers, in float64: [d, d]."""
+def weight_gram(weights, blocks: int = 4) -> torch.Tensor:
+    """Σ_l W_lᵀ W_l over layers, in float64: [d, d].
+
+    The gram is symmetric, so only its upper block triangle is multiplied out (10 of 16 blocks) and mirrored.
+    """
     weights = list(weights)
-    gram = torch.zeros(weights[0].shape[1], weights[0].shape[1], dtype=torch.float64, device=weights[0].device)
+    dim = weights[0].shape[1]
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=weights[0].device)
+    edges = [dim * i // blocks for i in range(blocks + 1)]
     for w in weights:
         w = w.to(torch.float64)
-        gram += w.T @ w
-    return gram
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            gram[lo:hi, lo:] += w[:, lo:hi].T @ w[:, lo:]
+    return gram.triu() + gram.triu(1).T
 
 
 def cross_gram(weights, original_weights) -> torch.Tensor:

@@ -184,8 +184,77 @@ def _load_text_encoder(folder: Path, sub: str, class_name: str, device):
     variant = None
     if not any((folder / sub).glob("model*.safetensors")) and any((folder / sub).glob("model.fp16*")):
         variant = "fp16"
-    encoder = cls.from_pretrained(folder / sub, torch_dtype=torch.float32, variant=variant, local_files_only=True)
+    encoder = _stream_text_encoder(folder / sub, cls, variant)
+    if encoder is None:
+        encoder = cls.from_pretrained(folder / sub, torch_dtype=torch.float32, variant=variant, local_files_only=True)
     return encoder.to(device).eval()
+
+
+def _text_encoder_files(folder: Path, variant: str | None) -> list[Path]:
+    """The text encoder's safetensors file(s), single or sharded; [] when it has none."""
+    stem = "model.fp16" if variant else "model"
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        return [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return []
+
+
+def _stream_text_encoder(folder: Path, cls, variant: str | None, window_bytes: int = 16 * 2**20):
+    """Build a CLIP text encoder in float32 tensor by tensor, never holding more than `window_bytes` of the
+    file mapped; None when the folder is not plain safetensors that fill the model (then from_pretrained runs).
+
+    from_pretrained maps the whole file while it converts, so its peak memory is the float32 model plus the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    files = _text_encoder_files(folder, variant)
+    if not files:
+        return None
+    config = cls.config_class.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = cls(config)
+    wanted = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                keys = list(f.keys())
+            mapped, handle = 0, None
+            for key in keys:
+                name = _model_key(key, wanted)
+                if name is None:
+                    continue
+                if handle is None or mapped > window_bytes:
+                    handle = safe_open(file, framework="pt")  # a fresh mapping; the old one is released with its handle
+                    mapped = 0
+                tensor = handle.get_tensor(key)
+                mapped += tensor.numel() * tensor.element_size()
+                state[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.clone()
+            handle = None
+    except (SafetensorError, OSError) as exc:
+        raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
+    buffers = {n for n, _ in model.named_buffers()}
+    if wanted - buffers - set(state):
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                return None
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+    return model
+
+
+def _model_key(key: str, wanted: set[str]) -> str | None:
+    """The model's name for a checkpoint key (checkpoints differ by a `text_model.` prefix); None if unused."""
+    for name in (key, key.removeprefix("text_model."), "text_model." + key):
+        if name in wanted:
+            return name
+    return None
 
 
 def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | None = None) -> BaseModel:
