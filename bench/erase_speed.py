@@ -270,9 +270,7 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def report(
-    ours: list[dict], reference: list[dict], rel_error: float, change: float, threads: int | None, imports: int
-) -> None:
+def report(ours: list[dict], reference: list[dict], rel_error: float, change: float, threads: int | None, imports: int) -> None:
     """Print the comparison table, the breakdowns and the targets."""
     o_sec = statistics.median(r["seconds"] for r in ours)
     o_rss = statistics.median(r["peak_rss"] for r in ours)

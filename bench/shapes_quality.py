@@ -18,11 +18,11 @@ import torch
 
 import rece
 from rece import closed_form as cf
-from rece.demo import _load_pipeline
+from rece.generate import load_pipeline
 from rece.models import from_pipeline
 from rece.toy.detector import detect
-from rece.toy.evaluate import GUIDANCE, accuracy, erasure_metrics, generate, grid_prompts
-from rece.toy.world import SHAPES
+from rece.toy.evaluate import GUIDANCE, accuracy, erasure_arguments, erasure_metrics, generate, grid_prompts
+from rece.toy.world import FULL_TEMPLATES, SHAPES
 
 
 def fresh_derived(base, edit, concept: str, r: float) -> torch.Tensor:
@@ -43,13 +43,14 @@ def main() -> None:
     parser.add_argument("--per-combo", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--concepts", nargs="+", default=["triangle", "cross", "red"])
+    parser.add_argument("--concepts", nargs="+", default=["triangle", "cross", "red", "blue"])
+    parser.add_argument("--word-only", action="store_true", help="also erase the bare word with the paper's defaults")
     parser.add_argument("--probe-images", type=int, default=24)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
-    pipe = _load_pipeline("shapes")
+    pipe = load_pipeline("shapes")
     base = from_pipeline(pipe, "shapes")
     prompts, seeds, shapes, colors = grid_prompts(args.per_combo)
     t = time.time()
@@ -61,28 +62,54 @@ def main() -> None:
         f"prompt following ({len(seeds)} images, {args.steps} steps, {time.time() - t:.0f} s): "
         f"colour {acc['color']:.3f}, shape {acc['shape']:.3f}, per shape {json.dumps(acc['per_shape'])}"
     )
-    print(f"{'concept':10s} {'method':6s} {'erased':>7s} {'others/base':>11s} {'colours':>8s} {'seconds':>8s}")
+    # Erasure: each concept with UCE and RECE, measured on the trained template and on held-out ones
+    held_out = [t for t in FULL_TEMPLATES if t != "a {color} {shape}"]
+    grids = {"a {color} {shape}": (prompts, seeds, shapes, colors, baseline)}
+    for k, template in enumerate(held_out, start=1):
+        p, s, sh, co = grid_prompts(args.per_combo, seed=10_000 * k, template=template)
+        grids[template] = (p, s, sh, co, generate(pipe, p, s, args.steps, args.guidance))
+    print(
+        f"{'concept':9s} {'method':6s} {'recipe':7s} {'prompts':9s} {'erased':>7s} {'others/base':>11s} {'colours':>8s} "
+        f"{'seconds':>8s}"
+    )
     for concept in args.concepts:
-        before = erasure_metrics(baseline, shapes, colors, concept)
+        recipes = {"family": erasure_arguments(concept), "word": {"concepts": [concept]}}
         for method in ("uce", "rece"):
-            edit = rece.erase(base, [concept], method=method)
-            edit.apply(pipe)
-            images = generate(pipe, prompts, seeds, args.steps, args.guidance)
-            edit.revert(pipe)
-            after = erasure_metrics(images, shapes, colors, concept)
-            kept = after["other_shape_accuracy"] / max(before["other_shape_accuracy"], 1e-9)
-            results[f"{concept}/{method}"] = {**after, "other_shape_kept": kept, "seconds": edit.metadata["seconds"]}
-            print(
-                f"{concept:10s} {method:6s} {after['erased_rate']:7.3f} {kept:11.3f} {after['color_accuracy']:8.3f} "
-                f"{edit.metadata['seconds']:8.3f}"
-            )
-    # The RECE mechanism, on the first concept
+            for recipe, settings in recipes.items():
+                if recipe == "word" and not args.word_only:
+                    continue
+                edit = rece.erase(base, method=method, **settings)
+                edit.apply(pipe)
+                rows = {}
+                for template, (p, s, sh, co, base_images) in grids.items():
+                    images = generate(pipe, p, s, args.steps, args.guidance)
+                    before = erasure_metrics(base_images, sh, co, concept)
+                    after = erasure_metrics(images, sh, co, concept)
+                    rows[template] = (after, after["other_shape_accuracy"] / max(before["other_shape_accuracy"], 1e-9))
+                edit.revert(pipe)
+                for label, keys in (("trained", [list(grids)[0]]), ("held-out", held_out)):
+                    erased = float(np.mean([rows[t][0]["erased_rate"] for t in keys]))
+                    kept = float(np.mean([rows[t][1] for t in keys]))
+                    colours = float(np.mean([rows[t][0]["color_accuracy"] for t in keys]))
+                    results[f"{concept}/{method}/{recipe}/{label}"] = {
+                        "erased_rate": erased,
+                        "other_shape_kept": kept,
+                        "color_accuracy": colours,
+                        "seconds": edit.metadata["seconds"],
+                    }
+                    print(
+                        f"{concept:9s} {method:6s} {recipe:7s} {label:9s} {erased:7.3f} {kept:11.3f} {colours:8.3f} "
+                        f"{edit.metadata['seconds']:8.3f}",
+                        flush=True,
+                    )
+    # The RECE mechanism, on the first concept (its word is the first erased text)
     concept = args.concepts[0]
     probe_seeds = list(range(args.probe_images))
-    uce = rece.erase(base, [concept], method="uce")
+    settings = erasure_arguments(concept)
+    uce = rece.erase(base, method="uce", **settings)
     for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):
-        rece_edit = rece.erase(base, [concept], method="rece", regularization=r)
-        derived = rece_edit.derived[0][0].float()  # c′ derived against the UCE model
+        rece_edit = rece.erase(base, method="rece", **{**settings, "regularization": r})
+        derived = rece_edit.derived[0][0].float()  # c′ of the concept word, derived against the UCE model
         fresh = fresh_derived(base, rece_edit, concept, r).float()
         row = {}
         for name, edit, emb in (

@@ -148,3 +148,32 @@ def test_apply_bad_inputs(capsys, sd_path, tmp_path, edit_file):
     assert not any(p.name.startswith(("out", ".out", "l.", ".l.")) for p in tmp_path.iterdir())
     code, out, err = run(capsys, "apply", other, edit_file, "-o", tmp_path / "out5", "--allow-other-base")
     assert code == 0, err
+
+
+def test_erase_reads_concept_and_preserve_prompt_files(capsys, sd_path, tmp_path):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("# the concept's prompt family\na cat\n\na photo of a cat\n")
+    preserve = tmp_path / "preserve.csv"
+    preserve.write_text("case_number,prompt\n0,a dog\n1,a bird\n")
+    edit = tmp_path / "cat.safetensors"
+    code, out, err = run(
+        capsys, "erase", sd_path, "-c", "cat", "--concept-prompts", concepts, "--preserve-prompts", preserve, "-o", edit, "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["concepts"] == ["cat", "a cat", "a photo of a cat"]
+    code, out, _ = run(capsys, "info", edit, "--json")
+    assert json.loads(out)["config"]["preserve"] == ["a dog", "a bird"]
+
+    for bad, message in (
+        (tmp_path / "missing.txt", "does not exist"),
+        (tmp_path / "empty.txt", "holds no prompt"),
+        (tmp_path / "noprompt.csv", "has no 'prompt' column"),
+    ):
+        if bad.name == "empty.txt":
+            bad.write_text("# nothing\n\n")
+        if bad.name == "noprompt.csv":
+            bad.write_text("text\na cat\n")
+        out_path = tmp_path / "bad.safetensors"
+        code, _, err = run(capsys, "erase", sd_path, "--concept-prompts", bad, "-o", out_path)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not out_path.exists()

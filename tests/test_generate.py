@@ -107,13 +107,99 @@ def test_known_names_resolve_from_env(tmp_path, monkeypatch):
         assert gen.resolve_prompt_set(name) == (tmp_path / file).resolve()
         assert gen.load_prompt_set(name)[0].prompt == file
     (tmp_path / "coco_30k.csv").unlink()
-    with pytest.raises(ReceError, match="has no coco_30k.csv"):
+    with pytest.raises(ReceError, match="has no coco_30k.csv, and it has no public hub source; set RECE_BENCHMARKS"):
         gen.load_prompt_set("coco-30k")
     monkeypatch.delenv("RECE_BENCHMARKS")
-    with pytest.raises(ReceError, match="RECE_BENCHMARKS is not set; set RECE_BENCHMARKS to the folder holding i2p.csv"):
-        gen.load_prompt_set("i2p")
+    with pytest.raises(ReceError, match="RECE_BENCHMARKS is not set, .*no public hub source; .*holding the published coco_30k"):
+        gen.load_prompt_set("coco-30k")
     with pytest.raises(ReceError, match="neither a CSV file nor a known name .*i2p-nudity"):
         gen.load_prompt_set("i2p-violence")
+
+
+def hub_i2p_csv(path: Path, n: int = 6) -> tuple[Path, list[dict]]:
+    """An I2P file in the hub's layout (sd_seed, sd_guidance_scale, no case_number) and the published rows it holds.
+
+    The rows are the first ones of the published i2p.csv, plus its first two 'sexual' rows, when that file is here;
+    else a few made-up rows in the same layout.
+    """
+    if (BENCHMARKS / "i2p.csv").is_file():
+        with open(BENCHMARKS / "i2p.csv", newline="", encoding="utf-8-sig") as f:
+            published = list(csv.DictReader(f))
+        rows = published[:n] + [r for r in published[n:] if "sexual" in r["categories"]][:2]
+    else:
+        rows = [
+            {"prompt": f"prompt {i}", "categories": c, "hard": "0", "evaluation_seed": str(1000 + i), "evaluation_guidance": g}
+            for i, (c, g) in enumerate([("violence", "7"), ("sexual", "13"), ("hate, sexual", "9"), ("sexual harassment", "7")])
+        ]
+    hub = {"evaluation_seed": "sd_seed", "evaluation_guidance": "sd_guidance_scale"}
+    header = [hub.get(c, c) for c in rows[0] if c not in ("", "case_number")]
+    body = [[r[c] for c in rows[0] if c not in ("", "case_number")] for r in rows]
+    return write_csv(path, header, body), rows
+
+
+def test_known_names_from_the_hub(tmp_path, monkeypatch):
+    source, published = hub_i2p_csv(tmp_path / "i2p_benchmark.csv")
+    calls = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return str(source)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("RECE_BENCHMARKS", str(tmp_path / "empty"))  # set, but without the file: the hub is asked
+    monkeypatch.setenv("RECE_CACHE", str(tmp_path / "cache"))
+    path = gen.resolve_prompt_set("i2p")
+    assert calls == [("AIML-TUDA/i2p", "i2p_benchmark.csv", {"repo_type": "dataset", "local_files_only": False})]
+    assert path.parent == tmp_path / "cache" / "benchmarks" and path.name.startswith("i2p.AIML-TUDA--i2p.")
+    rows = gen.load_prompt_set("i2p")
+    assert [r.prompt for r in rows] == [r["prompt"] for r in published]  # the published format: same seeds and guidance
+    assert [r.seed for r in rows] == [int(r["evaluation_seed"]) for r in published]
+    assert [r.guidance for r in rows] == [float(r["evaluation_guidance"]) for r in published]
+    assert [r.case_number for r in rows] == list(range(len(published))) and "categories" in rows[0].labels
+    nudity = gen.load_prompt_set("i2p-nudity")  # the I2P rows whose categories include 'sexual', with their case numbers
+    expected = [i for i, r in enumerate(published) if "sexual" in [c.strip() for c in r["categories"].split(",")]]
+    assert [r.case_number for r in nudity] == expected and len(expected) >= 2
+    assert [r.seed for r in nudity] == [rows[i].seed for i in expected]
+    made = gen.resolve_prompt_set("i2p-nudity")
+    stamp = made.stat().st_mtime_ns
+    assert gen.resolve_prompt_set("i2p-nudity") == made and made.stat().st_mtime_ns == stamp  # made once per hub file
+    assert not [p for p in made.parent.iterdir() if p.name.endswith(".tmp")]
+    (tmp_path / "empty").mkdir()
+    write_csv(tmp_path / "empty" / "i2p.csv", ["prompt"], [["local"]])
+    calls.clear()
+    assert gen.load_prompt_set("i2p")[0].prompt == "local" and not calls  # a local copy wins
+
+    def no_network(repo_id, filename, **kwargs):
+        raise ConnectionError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
+    with pytest.raises(ReceError, match="cannot fetch i2p_benchmark.csv of the hub dataset AIML-TUDA/i2p for prompt set") as info:
+        gen.resolve_prompt_set("i2p-nudity")
+    assert "Name or service not known" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_known_names_offline(tmp_path, monkeypatch):
+    source, _ = hub_i2p_csv(tmp_path / "i2p_benchmark.csv")
+    cached = {"present": False}
+
+    def cache_only(repo_id, filename, **kwargs):
+        assert kwargs["local_files_only"] is True  # offline: the Hugging Face cache only
+        if not cached["present"]:
+            raise FileNotFoundError("not in the local cache")
+        return str(source)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", cache_only)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RECE_BENCHMARKS", raising=False)
+    for name in ("i2p", "i2p-nudity"):
+        with pytest.raises(ReceError) as info:
+            gen.load_prompt_set(name)
+        message = str(info.value)
+        assert "RECE_BENCHMARKS is not set" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
+        assert "hub dataset AIML-TUDA/i2p" in message and "i2p_benchmark.csv" in message
+    cached["present"] = True
+    assert len(gen.load_prompt_set("i2p")) == len(gen.load_prompt_set(source))
 
 
 def test_row_defaults_and_duplicates(tmp_path):
@@ -299,7 +385,7 @@ def test_bad_inputs(capsys, sd_path, tmp_path, monkeypatch):
     cases = [
         (["--prompts", tmp_path / "missing.csv", "-o", tmp_path / "r1"], "missing.csv' does not exist"),
         (["--prompts", no_prompt, "-o", tmp_path / "r2"], "has no 'prompt' column (columns: 'case_number', 'caption')"),
-        (["--prompts", "i2p", "-o", tmp_path / "r3"], "RECE_BENCHMARKS is not set"),
+        (["--prompts", "coco-30k", "-o", tmp_path / "r3"], "RECE_BENCHMARKS is not set"),
         (["--prompts", good, "-o", tmp_path / "absent" / "r4"], "output folder"),
         (["--prompts", good, "-o", tmp_path / "r5", "--steps", "0"], "--steps must be at least 1"),
         (["--prompts", good, "-o", tmp_path / "r6", "--height", "12"], "--height must be a positive multiple of 8"),
@@ -309,3 +395,17 @@ def test_bad_inputs(capsys, sd_path, tmp_path, monkeypatch):
         code, _, err = run(capsys, "generate", sd_path, *argv, "--device", "cpu")
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.csv", "good.csv"]
+
+
+def test_lms_scheduler_of_the_paper(capsys, sd_path, tmp_path):
+    """`--scheduler lms` (the RECE/UCE evaluation scripts' sampler) runs when scipy is installed, else says to install it."""
+    import importlib.util
+
+    good = write_csv(tmp_path / "good.csv", ["prompt", "evaluation_seed"], [["a cat", 3]])
+    code, _, err = run(capsys, "generate", sd_path, "--prompts", good, "-o", tmp_path / "lms", "--scheduler", "lms", *FAST_ARGS)
+    if importlib.util.find_spec("scipy") is None:
+        assert code == 2 and "--scheduler lms needs scipy" in err and err.count("\n") == 1
+        assert not (tmp_path / "lms").exists()
+    else:
+        assert code == 0, err
+        assert json.loads((tmp_path / "lms" / "manifest.json").read_text())["settings"]["scheduler"] == "LMSDiscreteScheduler"

@@ -44,6 +44,12 @@ def solid(rgb, size: int = 64) -> np.ndarray:
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 
 
+@pytest.fixture(autouse=True)
+def _torch_cache(tmp_path, monkeypatch):
+    """torch's hub cache in a fresh folder: no test reads or fills the user's (~/.cache/torch/hub)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
 @pytest.fixture
 def run_a(tmp_path):
     return make_run(tmp_path / "a", {f"{i}_0.png": (pattern(i), p) for i, p in enumerate(PROMPTS)})
@@ -197,8 +203,8 @@ def test_fid_clip_features_and_errors(run_a, tiny_clip, tmp_path):
         m.evaluate(run_a, ["fid"], **opts)
     with pytest.raises(ReceError, match="reference folder .* does not exist"):
         m.evaluate(run_a, ["fid"], reference=tmp_path / "nope", **opts)
-    with pytest.raises(ReceError, match="FID Inception weights not given: pass --fid-weights .*--fid-features clip"):
-        m.evaluate(run_a, ["fid"], reference=ref, progress=False)
+    with pytest.raises(ReceError, match=r"pt_inception-2015-12-05-6726825d.pth is not in torch's cache .*--fid-features clip"):
+        m.evaluate(run_a, ["fid"], reference=ref, progress=False)  # offline, nothing cached
 
 
 def test_fid_inception_architecture_and_weights_file(run_a, tmp_path):
@@ -318,6 +324,150 @@ def test_resnet50_matches_torchvision_layout():
     assert len([k for k in state if k.endswith("num_batches_tracked")]) == 53
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == 25_557_032
     assert "layer4.2.bn3.weight" in state and "layer1.0.downsample.0.weight" in state
+
+
+# -- weights downloaded when online (torch's hub cache), a one-line error offline ---------------------
+FID_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"
+RESNET50_URL = "https://download.pytorch.org/models/resnet50-11ad3fa6.pth"
+
+
+def fake_torch_hub(monkeypatch, files: dict) -> list[dict]:
+    """Replace torch.hub.load_state_dict_from_url by a lookup in `files` (URL → state dict); return the calls it gets."""
+    calls = []
+
+    def load(url, model_dir=None, map_location=None, progress=True, check_hash=False, file_name=None, weights_only=False):
+        calls.append(dict(url=url, file_name=file_name, map_location=map_location, weights_only=weights_only, hash=check_hash))
+        if url not in files:
+            raise OSError(f"<urlopen error [Errno -3] Temporary failure in name resolution> ({url})")
+        return dict(files[url])
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load)
+    return calls
+
+
+def torchvision_alexnet() -> tuple[torch.nn.Sequential, dict]:
+    """torchvision's AlexNet.features (randomly initialised) and the state dict of the whole model as its file holds it."""
+    nn = torch.nn
+    features = nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+    )
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    # the classifier head (Linear 9216→4096→4096→1000) is in the file but LPIPS never reads it: small stand-ins
+    state.update({f"classifier.{i}.{p}": torch.zeros(2) for i in (1, 4, 6) for p in ("weight", "bias")})
+    return features, state
+
+
+def reference_lpips(features: torch.nn.Sequential, lins: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """LPIPS as the lpips package computes it: scaling layer, relu1..relu5 of AlexNet.features, unit-normalised, lin, mean."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    taps = (1, 4, 7, 9, 11)  # lpips' slice1..slice5 end after these modules of torchvision's AlexNet.features
+    hx, hy, total = (x - shift) / scale, (y - shift) / scale, 0.0
+    for i, layer in enumerate(features[: taps[-1] + 1]):
+        hx, hy = layer(hx), layer(hy)
+        if i in taps:
+            nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += float(torch.nn.functional.conv2d((nx - ny) ** 2, lins[taps.index(i)]).mean())
+    return total
+
+
+def test_lpips_weights_downloaded_when_online(monkeypatch, run_a, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    torch.manual_seed(0)
+    features, alexnet = torchvision_alexnet()
+    lins = [torch.rand(1, c, 1, 1) for c in (64, 192, 384, 256, 256)]
+    calls = fake_torch_hub(
+        monkeypatch, {ALEXNET_URL: alexnet, LPIPS_URL: {f"lin{i}.model.1.weight": w for i, w in enumerate(lins)}}
+    )
+    model = m.load_lpips()
+    assert [(c["url"], c["file_name"], c["hash"]) for c in calls] == [
+        (ALEXNET_URL, "alexnet-owt-7be5be79.pth", True),
+        (LPIPS_URL, "lpips-v0.1-alex.pth", False),
+    ]
+    assert all(c["map_location"] == "cpu" and c["weights_only"] for c in calls)
+    a, b = m.to_lpips_tensor(Image.fromarray(pattern(1))), m.to_lpips_tensor(Image.fromarray(pattern(2)))
+    with torch.no_grad():
+        assert model(a, b).item() == pytest.approx(reference_lpips(features, lins, a, b), rel=1e-5)
+    run_b = make_run(tmp_path / "b", {f"{i}_0.png": (pattern(10 + i), p) for i, p in enumerate(PROMPTS)})
+    out = m.evaluate(run_a, ["lpips"], against=run_b, progress=False)["lpips"]
+    assert out["summary"]["lpips"] > 0 and out["params"]["weights"] == f"{ALEXNET_URL} + {LPIPS_URL}"
+
+
+def test_fid_and_classifier_weights_downloaded_when_online(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    torch.manual_seed(0)
+    inception = {k: v for k, v in m.FIDInception().state_dict().items() if not k.endswith("num_batches_tracked")}
+    resnet = m.resnet50()
+    with torch.no_grad():  # always predict ImageNet index 497, 'church'
+        resnet.fc.weight.zero_()
+        resnet.fc.bias.zero_()
+        resnet.fc.bias[497] = 1
+    calls = fake_torch_hub(monkeypatch, {FID_URL: inception, RESNET50_URL: resnet.state_dict()})
+    net = m.load_fid_inception()
+    assert [(c["url"], c["file_name"], c["hash"]) for c in calls] == [(FID_URL, "pt_inception-2015-12-05-6726825d.pth", False)]
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in inception.items())
+    run = make_run(
+        tmp_path / "objects", {f"{i}_0.png": (pattern(i, 48), "a church") for i in range(2)}, {"class": ["church"] * 2}
+    )
+    code, out, err = run_cli(capsys, "evaluate", run)  # `class` column → classify, ResNet-50 downloaded
+    assert code == 0, err
+    assert calls[-1]["url"] == RESNET50_URL and calls[-1]["file_name"] == "resnet50-11ad3fa6.pth" and calls[-1]["hash"]
+    saved = json.loads((run / "metrics.json").read_text())["classify"]
+    assert saved["summary"]["accuracy %"] == 100 and saved["params"]["weights"] == RESNET50_URL
+
+
+def test_weights_offline_or_unreachable_are_one_line_errors(capsys, monkeypatch, run_a):
+    calls = fake_torch_hub(monkeypatch, {})
+    cases = [
+        (m.load_fid_inception, "pt_inception-2015-12-05-6726825d.pth", FID_URL, "--fid-weights FILE (or --fid-features clip)"),
+        (m.load_lpips, "alexnet-owt-7be5be79.pth", ALEXNET_URL, "--lpips-weights FILE"),
+        (m.load_classifier, "resnet50-11ad3fa6.pth", RESNET50_URL, "--classifier-weights FILE"),
+    ]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    assert str(cache).startswith(os.environ["TORCH_HOME"])
+    for load, file, url, flag in cases:
+        with pytest.raises(ReceError) as info:  # offline (conftest sets HF_HUB_OFFLINE=1), nothing in torch's cache
+            load()
+        message = str(info.value)
+        assert f"weights file {file} is not in torch's cache and HF_HUB_OFFLINE=1 stops its download" in message
+        assert f"download {url} to {cache / file}, or pass {flag}" in message and "\n" not in message
+    assert calls == []
+    code, _, err = run_cli(capsys, "evaluate", run_a, "--metric", "fid", "--reference", run_a)
+    assert code == 2 and err.count("\n") == 1 and FID_URL in err and "--fid-weights" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, but the download fails
+    for load, file, url, flag in cases:
+        with pytest.raises(ReceError) as info:
+            load()
+        message = str(info.value)
+        assert f"cannot download weights file {file} (<urlopen error" in message and url in message and flag in message
+    cache.mkdir(parents=True)  # offline with the files already in torch's cache: they are used
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("alexnet-owt-7be5be79.pth", "lpips-v0.1-alex.pth"):
+        (cache / name).touch()
+    _, alexnet = torchvision_alexnet()
+    fake_torch_hub(
+        monkeypatch,
+        {
+            ALEXNET_URL: alexnet,
+            LPIPS_URL: {f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(m.ALEX_CHANNELS)},
+        },
+    )
+    assert isinstance(m.load_lpips(), m.LPIPS)
 
 
 # -- command line: tables, merging, bad inputs -----------------------------------------------------

@@ -13,8 +13,8 @@ import rece
 from rece.demo import _load_pipeline
 from rece.models import from_pipeline, load_model, named_model_path
 from rece.toy.detector import detect
-from rece.toy.evaluate import accuracy, erasure_metrics, generate, grid_prompts
-from rece.toy.world import COLORS, SHAPES, Scene, caption, random_scenes, render
+from rece.toy.evaluate import accuracy, erasure_arguments, erasure_metrics, generate, grid_prompts
+from rece.toy.world import COLORS, SHAPES, Scene, caption, concept_prompts, random_scenes, render
 
 STEPS = 15
 
@@ -73,34 +73,47 @@ def test_prompt_following(baseline, grid):
     assert min(acc["per_shape"].values()) >= 0.6
 
 
-# (concept, method, max erased rate after, min other-shape accuracy relative to baseline).
-# Measured on this batch: triangle erased 0 % by UCE and RECE, other shapes kept at 0.42-0.58 of baseline;
-# red erased to 0.5. The issue's bars (erased <= 5 %, others >= 90 % of baseline) are NOT reached yet for
-# preservation and for colours: these bounds guard today's behaviour, see docs/shapes.md.
-ERASURES = [("triangle", "uce", 0.15, 0.3), ("triangle", "rece", 0.15, 0.25), ("red", "rece", 0.75, 0.5)]
+# (concept, method). The issue's bars: erased <= 5 %, other shapes >= 90 % of baseline, colours >= 95 %;
+# asserted with a margin of one image out of the 8 that name the concept (erased <= 0.13), others >= 0.8 of
+# baseline, colours >= 0.9. The recipe (rece.toy.evaluate.erasure_arguments) erases the concept's short prompt
+# family and preserves the other concepts' families; bench/shapes_quality.py measures it on held-out templates too.
+ERASURES = [("triangle", "uce"), ("triangle", "rece"), ("cross", "rece"), ("red", "uce"), ("red", "rece")]
 
 
-@pytest.mark.parametrize("concept, method, max_erased, min_kept", ERASURES, ids=[f"{c}-{m}" for c, m, _, _ in ERASURES])
-def test_erasure_removes_concept_and_keeps_colours(pipe, grid, baseline, concept, method, max_erased, min_kept):
+@pytest.mark.parametrize("concept, method", ERASURES, ids=[f"{c}-{m}" for c, m in ERASURES])
+def test_erasure_removes_concept_and_keeps_the_rest(pipe, grid, baseline, concept, method):
     prompts, seeds, shapes, colors = grid
     before = erasure_metrics(baseline, shapes, colors, concept)
-    edit = rece.erase(pipe, [concept], method=method)
+    edit = rece.erase(pipe, method=method, **erasure_arguments(concept))
     edit.apply(pipe)
     try:
         after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, concept)
     finally:
         edit.revert(pipe)
-    assert before["erased_rate"] >= 0.9
-    assert after["erased_rate"] <= max_erased
-    assert after["other_shape_accuracy"] >= min_kept * before["other_shape_accuracy"]
-    assert after["color_accuracy"] >= 0.85
+    assert before["erased_rate"] >= 0.85
+    assert after["erased_rate"] <= 0.13
+    assert after["other_shape_accuracy"] >= 0.8 * before["other_shape_accuracy"]
+    assert after["color_accuracy"] >= 0.9
+
+
+def test_the_word_alone_is_not_enough_on_this_model(pipe, grid, baseline):
+    """Why the recipe names the prompt family: erasing only 'cross' (paper defaults) leaves 'a red cross' drawn."""
+    prompts, seeds, shapes, colors = grid
+    edit = rece.erase(pipe, ["cross"], method="uce")
+    edit.apply(pipe)
+    try:
+        after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, "cross")
+    finally:
+        edit.revert(pipe)
+    assert after["erased_rate"] >= 0.3
 
 
 def test_derived_embedding_brings_concept_back_after_uce_not_after_rece(pipe):
     base = from_pipeline(pipe, "shapes")
-    uce = rece.erase(base, ["triangle"], method="uce")
-    rece_edit = rece.erase(base, ["triangle"], method="rece")
-    derived = rece_edit.derived[0][0].float()
+    settings = erasure_arguments("triangle")
+    uce = rece.erase(base, method="uce", **settings)
+    rece_edit = rece.erase(base, method="rece", **settings)
+    derived = rece_edit.derived[0][0].float()  # c′ of the word "triangle", derived against the UCE model
     seeds = list(range(12))
 
     def shown(edit):
@@ -132,7 +145,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     grid_image = Image.open(out / "grid.png")
     assert grid_image.width > 2 * len(COLORS) * 32 and grid_image.height > len(SHAPES) * 32
     assert "data:image/png;base64" in (out / "report.html").read_text()
-    assert rece.load_edit(out / "edit.safetensors").concepts == ["triangle"]
+    assert rece.load_edit(out / "edit.safetensors").concepts == concept_prompts("triangle")
+    assert metrics["after"]["erased_rate"] <= 0.25 and metrics["after"]["color_accuracy"] >= 0.9
     assert "erased_rate" in capsys.readouterr().out
 
 
@@ -150,3 +164,13 @@ def test_generation_is_per_image_deterministic(pipe):
     b = generate(pipe, ["a red circle", "a blue cross"], [1, 2], steps=4, batch_size=2)
     assert np.array_equal(a, b)
     torch.manual_seed(0)
+
+
+def test_concept_prompt_families():
+    assert concept_prompts("triangle") == ["triangle", "a triangle"] + [f"a {c} triangle" for c in COLORS]
+    assert "a red cross" in concept_prompts("red") and "a red shape" in concept_prompts("red")
+    others = erasure_arguments("red")["preserve"]
+    assert "a blue circle" in others and not any("red" in p for p in others)
+    assert erasure_arguments("red")["target"] == "a shape" and erasure_arguments("cross")["target"] == " "
+    with pytest.raises(ValueError, match="neither a shape"):
+        concept_prompts("hexagon")

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .attacks import run_attack  # noqa: E402
 from .edit import Edit, load_edit, write_applied_pipeline  # noqa: E402
 from .erase import PRESETS, EraseConfig, erase  # noqa: E402
 from .errors import ReceError  # noqa: E402
@@ -16,5 +17,6 @@ __all__ = [
     "erase",
     "load_edit",
     "load_model",
+    "run_attack",
     "write_applied_pipeline",
 ]

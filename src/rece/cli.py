@@ -1,4 +1,4 @@
-"""The `rece` command line: erase, apply, info, lora, demo, generate, evaluate, report."""
+"""The `rece` command line: erase, apply, info, lora, demo, generate, attack, evaluate, report."""
 
 from __future__ import annotations
 
@@ -35,10 +35,12 @@ def _finite_float(text: str) -> float:
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="diffusers folder, hub id, single-file .safetensors checkpoint, or 'tiny'")
     p.add_argument("--concept", "-c", action="append", default=None, help="concept to erase (repeatable)")
+    p.add_argument("--concept-prompts", help="file of more texts to erase: one per line, or a CSV with a 'prompt' column")
     p.add_argument("--preset", help="paper settings: nudity, unsafe, art, object, object-hard")
     p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default) or uce")
     p.add_argument("--target", default=None, help="what erased concepts map to (default ' ')")
     p.add_argument("--preserve", action="append", default=None, help="text whose keys/values must not change (repeatable)")
+    p.add_argument("--preserve-prompts", help="file of more texts to preserve: one per line, or a CSV with a 'prompt' column")
     p.add_argument("--no-preserve-empty", action="store_true", help="do not add '' to UCE's preserved texts")
     p.add_argument("--epochs", type=int, default=None, help="RECE epochs")
     p.add_argument("--regularization", type=_finite_float, default=None, help="r of the derived embedding")
@@ -61,15 +63,20 @@ def cmd_erase(args) -> int:
 
     from .edit import load_edit  # noqa: F401
     from .erase import EraseConfig, erase
-    from .io import check_output_path
+    from .io import check_output_path, read_prompt_file
     from .models import load_model
 
+    concepts, preserve = args.concept, args.preserve
+    if args.concept_prompts:
+        concepts = (concepts or []) + read_prompt_file(args.concept_prompts, "--concept-prompts")
+    if args.preserve_prompts:
+        preserve = (preserve or []) + read_prompt_file(args.preserve_prompts, "--preserve-prompts")
     config = EraseConfig.create(
-        args.concept,
+        concepts,
         args.preset,
         method=args.method,
         target=args.target,
-        preserve=args.preserve,
+        preserve=preserve,
         preserve_empty=False if args.no_preserve_empty else None,
         epochs=args.epochs,
         regularization=args.regularization,
@@ -224,6 +231,8 @@ def cmd_evaluate(args) -> int:
         resize=args.classifier_resize,
         batch_size=args.batch_size,
         device=args.device,
+        concept=args.concept,
+        detector_kind=args.detector,
     )
     results = {run: evaluate(run, metrics, **options) for run in args.runs}
     if args.json:
@@ -239,6 +248,87 @@ def cmd_report(args) -> int:
 
     out = write_report(args.runs, args.output, max_images=args.max_images)
     print(f"wrote {out} ({len(args.runs)} run(s))")
+    return 0
+
+
+ATTACK_OPTIONS = {
+    "derived": (
+        ("--regularization", _finite_float, "r of the derivation (default: the edit's own, 0.1 for RECE presets)"),
+        ("--derive-from", str, "derive c′ against: self (the attacked model, default), base, or another edit file"),
+    ),
+    "ring-a-bell": (
+        ("--eta", _finite_float, "strength η of the concept vector (3; the paper uses 3 for nudity, 5.5 for violence)"),
+        ("--length", int, "K, tokens of the hard prompt (16; the paper also uses 38 and 77)"),
+        ("--population", int, "genetic algorithm population (200)"),
+        ("--generations", int, "genetic algorithm generations (3000)"),
+        ("--mutation-rate", _finite_float, "chance that a prompt gets one random token (0.25)"),
+        ("--crossover-rate", _finite_float, "chance that a parent has two children (0.5)"),
+        ("--pairs", str, "CSV of 'sensitive prompt','normal prompt' pairs for the concept vector (shapes: built in)"),
+    ),
+    "unlearndiff": (
+        ("--iterations", int, "optimisation steps per sampled timestep (40)"),
+        ("--lr", _finite_float, "learning rate (unlearndiff 0.01; textual-inversion 5e-3, scaled by batch × accumulation)"),
+        ("--weight-decay", _finite_float, "Adam weight decay (0.1)"),
+        ("--adv-tokens", int, "adversarial tokens prepended to each prompt (5)"),
+        ("--timesteps", int, "evenly spaced timesteps visited in turn (50)"),
+        ("--target-run", str, "a `rece generate` run of the original model whose images are the targets (default: drawn here)"),
+    ),
+    "textual-inversion": (
+        ("--train-steps", int, "optimisation steps (5000)"),
+        ("--train-batch-size", int, "images per step (4)"),
+        ("--gradient-accumulation", int, "batches per step (4)"),
+        ("--no-scale-lr", None, "use --lr as is (default: lr × batch × accumulation, as CCE's --scale_lr)"),
+        ("--train-images", int, "training images drawn by the original model from the prompt set (25)"),
+        ("--images", str, "folder of images of the concept to train on instead"),
+        ("--initializer", str, "word the new embedding starts from (default: the concept)"),
+        ("--placeholder", str, "the new word (default: <concept>)"),
+    ),
+}
+
+
+def _attack_parameters(args) -> dict:
+    """The attack parameters given on the command line (None: the attack's default)."""
+    values = {}
+    for options in ATTACK_OPTIONS.values():
+        for flag, _, _ in options:
+            dest = flag[2:].replace("-", "_")
+            if dest == "no_scale_lr":
+                values["scale_lr"] = False if args.no_scale_lr else None
+            else:
+                values[dest] = getattr(args, dest)
+    return values
+
+
+def cmd_attack(args) -> int:
+    from .attacks import residual_table, run_attack
+    from .generate import IMAGES, finished_images
+
+    start = time.perf_counter()
+    out = run_attack(
+        args.model,
+        args.edit,
+        args.attack,
+        args.output,
+        prompts=args.prompts,
+        concepts=args.concept,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        device=args.device,
+        detector=args.detector,
+        allow_other_base=args.allow_other_base,
+        overwrite=args.overwrite,
+        **_attack_parameters(args),
+    )
+    for concept, name, value in residual_table(out):
+        print(f"{concept}: ‖W′x − W⁰c‖/‖W⁰c‖ = {value:.4f} for {name}")
+    done = len(finished_images(out / IMAGES))
+    seconds = time.perf_counter() - start
+    print(f"{done} images in {out / IMAGES}; adversarial.safetensors, prompts.csv, manifest.json in {out} ({seconds:.1f} s)")
+    print(f"score it with: rece evaluate {out}")
     return 0
 
 
@@ -303,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         required=True,
         help="prompt set CSV (I2P, COCO-30k, Imagenette, artists formats) or a known name "
-        "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS",
+        "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS (i2p, i2p-nudity: else from the hub)",
     )
     p.add_argument("-o", "--output", required=True, help="run folder: images/, manifest.json, prompts.csv")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (50)")
@@ -312,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call; does not change the images (4)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm, heun, ddpm, unipc (default: the model's)")
+    p.add_argument(
+        "--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm, heun, ddpm, unipc, lms (default: the model's)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of the set")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--num-processes", type=int, default=1, help="local processes, one device each (rows split i %% N)")
@@ -321,25 +413,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("attack", help="red-team an edited model: derived, ring-a-bell, unlearndiff, textual-inversion")
+    p.add_argument("model", help="diffusers folder, hub id, single-file checkpoint, 'shapes' or 'tiny'")
+    p.add_argument("--edit", default=None, help="edit file under attack (leave out to attack the original model)")
+    p.add_argument("--attack", required=True, help="derived, ring-a-bell, unlearndiff or textual-inversion")
+    p.add_argument("--prompts", default=None, help="prompt set CSV or known name (all attacks but derived)")
+    p.add_argument(
+        "-o", "--output", required=True, help="run folder: adversarial.safetensors, prompts.csv, images/, manifest.json"
+    )
+    p.add_argument("--concept", action="append", default=None, help="concept to attack (default: the edit's concepts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack (and of derived's images: seed + k) (0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (shapes 25, else 50)")
+    p.add_argument("--guidance", type=_finite_float, default=None, help="guidance scale (shapes 4, else 7.5)")
+    p.add_argument("--images-per-prompt", type=int, default=None, help="images per case (derived 10, others 1)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the prompt set")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--detector", default=None, help="shapes, nudenet or classify (default: what the model and concept imply)")
+    p.add_argument("--allow-other-base", action="store_true", help="apply the edit even if the model is not its base")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    for attack, options in ATTACK_OPTIONS.items():
+        group = p.add_argument_group(f"{attack} parameters (defaults: the paper's)")
+        for flag, kind, text in options:
+            if kind is None:
+                group.add_argument(flag, action="store_true", help=text)
+            else:
+                group.add_argument(flag, type=kind, default=None, help=text)
+    p.set_defaults(func=cmd_attack)
+
     p = sub.add_parser("evaluate", help="measure run folders: nudenet, clip-score, fid, lpips, classify (the paper's metrics)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one table row each")
     p.add_argument(
         "--metric",
         action="append",
         default=None,
-        help="nudenet, clip-score, fid, lpips, classify (repeatable or comma-separated; "
-        "default: classify for a `class` column, nudenet for I2P `categories`)",
+        help="nudenet, clip-score, fid, lpips, classify, shapes, asr (repeatable or comma-separated; default: asr for "
+        "`rece attack` runs, classify for a `class` column, nudenet for I2P `categories`, shapes for the shapes model)",
     )
+    p.add_argument("--concept", action="append", default=None, help="shapes / asr: the concept to look for (default: the run's)")
+    p.add_argument("--detector", default=None, help="asr: shapes, nudenet or classify (default: the attack's)")
     p.add_argument("--threshold", type=_finite_float, default=None, help="nudenet: detection score threshold (0.6)")
     p.add_argument(
         "--clip-model", default=None, help="clip-score / fid clip features: CLIP folder or hub id (openai/clip-vit-large-patch14)"
     )
     p.add_argument("--reference", default=None, help="fid: folder of reference images")
-    p.add_argument("--fid-features", default=None, help="fid: inception (needs --fid-weights) or clip")
-    p.add_argument("--fid-weights", default=None, help="fid: pt_inception-2015-12-05 weights file")
+    p.add_argument("--fid-features", default=None, help="fid: inception (pytorch-fid's weights) or clip")
+    p.add_argument("--fid-weights", default=None, help="fid: local pt_inception-2015-12-05 weights file (default: downloaded)")
     p.add_argument("--against", default=None, help="lpips: the run folder to compare with, images matched by file name")
-    p.add_argument("--lpips-weights", default=None, help="lpips: file with LPIPS(net='alex').state_dict()")
-    p.add_argument("--classifier-weights", default=None, help="classify: torchvision ResNet-50 state dict file")
+    p.add_argument("--lpips-weights", default=None, help="lpips: LPIPS(net='alex').state_dict() file (default: downloaded)")
+    p.add_argument("--classifier-weights", default=None, help="classify: torchvision ResNet-50 state dict (default: downloaded)")
     p.add_argument(
         "--class-names", default=None, help="classify: text file of the 1000 ImageNet names (default: Imagenette's ten)"
     )

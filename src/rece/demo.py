@@ -39,7 +39,7 @@ def run_demo(
 
     from .erase import erase
     from .report import html_page, html_table, image_grid, labelled_panels, png_data_uri
-    from .toy.evaluate import GUIDANCE, erasure_metrics, generate, grid_prompts
+    from .toy.evaluate import GUIDANCE, erasure_arguments, erasure_metrics, generate, grid_prompts
     from .toy.world import COLORS, SHAPES
 
     if concept not in SHAPES and concept not in COLORS:
@@ -57,7 +57,8 @@ def run_demo(
     with tqdm(total=2 * len(seeds), desc="generating", unit="img", disable=quiet) as bar:
         before = generate(pipe, prompts, seeds, steps, guidance, progress=bar)
         start = time.perf_counter()
-        edit = erase(pipe, [concept], method=method)
+        settings = erasure_arguments(concept)
+        edit = erase(pipe, method=method, **settings)
         erase_seconds = time.perf_counter() - start
         edit.apply(pipe)
         after = generate(pipe, prompts, seeds, steps, guidance, progress=bar)
@@ -65,6 +66,10 @@ def run_demo(
         "model": model,
         "concept": concept,
         "method": method,
+        "erased_prompts": settings["concepts"],
+        "preserved_prompts": settings["preserve"],
+        "target": settings["target"],
+        "regularization": settings["regularization"],
         "erase_seconds": round(erase_seconds, 4),
         "sampling": {"steps": steps, "guidance": guidance, "images_per_prompt": per_combo, "seed": DEMO_SEED},
         "before": erasure_metrics(before, shapes, colors, concept),
@@ -81,7 +86,11 @@ def run_demo(
     page = html_page(
         f"rece demo: erasing '{concept}' from the shapes model",
         [
-            f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s. {len(seeds)} images per panel "
+            f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts "
+            + ", ".join(f"'{c}'" for c in settings["concepts"])
+            + f" map to '{settings['target']}' while {len(settings['preserve'])} prompts of the other "
+            + ("shapes" if concept in SHAPES else "colours")
+            + f" are preserved (r = {settings['regularization']:g}). {len(seeds)} images per panel "
             f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} DDIM steps, guidance {guidance}, '
             "same seeds before and after. Measured by the analytic shape / colour detector.</p>",
             html_table(rows, ["metric", "before", "after"]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from .errors import ReceError
 from .io import atomic_file
 
 BENCHMARKS_ENV = "RECE_BENCHMARKS"
+CACHE_ENV = "RECE_CACHE"
 KNOWN_SETS = {
     "i2p": "i2p.csv",
     "i2p-nudity": "nudity.csv",
@@ -42,6 +44,10 @@ KNOWN_SETS = {
     "imagenette": "imagenette.csv",
     "artists": "big_artist_prompts.csv",
 }
+I2P_DATASET = ("AIML-TUDA/i2p", "i2p_benchmark.csv")  # the I2P authors' hub dataset (4703 prompts)
+HUB_SETS = {"i2p": I2P_DATASET, "i2p-nudity": I2P_DATASET}  # known names with a public hub source
+HUB_COLUMNS = {"sd_seed": "evaluation_seed", "sd_guidance_scale": "evaluation_guidance"}  # hub I2P → ESD/UCE/RECE names
+NUDITY_CATEGORY = "sexual"  # i2p-nudity from the hub: the I2P rows whose categories include it
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
@@ -51,6 +57,7 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
     "ddpm": "DDPMScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",  # the RECE/UCE evaluation scripts' sampler; needs scipy
 }
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 INDEX_COLUMNS = ("", "Unnamed: 0")  # the unnamed index column pandas writes
@@ -78,9 +85,14 @@ class PromptRow:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-# -- prompt sets ----------------------------------------------------------------------------------
+# -- prompt sets ---------------------------------------------------------------------------------
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no downloads (1, true, yes or on, as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_prompt_set(name_or_path: str | os.PathLike) -> Path:
-    """The CSV file of a prompt set: a path, or a known name looked up in $RECE_BENCHMARKS."""
+    """The CSV file of a prompt set: a path, or a known name from $RECE_BENCHMARKS, else (i2p, i2p-nudity) from the hub."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.is_file():
@@ -88,23 +100,81 @@ def resolve_prompt_set(name_or_path: str | os.PathLike) -> Path:
     if text in KNOWN_SETS:
         file = KNOWN_SETS[text]
         folder = os.environ.get(BENCHMARKS_ENV)
-        if not folder:
+        if folder and (Path(folder).expanduser() / file).is_file():
+            return (Path(folder).expanduser() / file).resolve()
+        local = f"{BENCHMARKS_ENV} is '{folder}' but it has no {file}" if folder else f"{BENCHMARKS_ENV} is not set"
+        if text not in HUB_SETS:
             raise ReceError(
-                f"prompt set '{text}' is a known name but {BENCHMARKS_ENV} is not set; "
-                f"set {BENCHMARKS_ENV} to the folder holding {file} (and the other benchmark CSVs), or pass the CSV's path"
+                f"prompt set '{text}' is a known name but {local}, and it has no public hub source; "
+                f"set {BENCHMARKS_ENV} to the folder holding the published {file} (and the other benchmark CSVs), "
+                "or pass the CSV's path"
             )
-        candidate = Path(folder).expanduser() / file
-        if not candidate.is_file():
-            raise ReceError(f"{BENCHMARKS_ENV} is '{folder}' but it has no {file}; put the published {file} there or pass a path")
-        return candidate.resolve()
+        return hub_prompt_set(text, local)
     if path.is_dir():
         raise ReceError(f"prompt set '{text}' is a folder; pass a CSV file")
     if path.suffix or os.sep in text:
         raise ReceError(f"prompt set '{text}' does not exist; check the path of the CSV file")
     raise ReceError(
         f"prompt set '{text}' is neither a CSV file nor a known name ({', '.join(KNOWN_SETS)}); "
-        f"pass a CSV path, or a known name with {BENCHMARKS_ENV} set"
+        f"pass a CSV path, or a known name with {BENCHMARKS_ENV} set (i2p and i2p-nudity also load from the hub)"
     )
+
+
+def benchmarks_cache() -> Path:
+    """Where prompt sets made from hub files are kept: $RECE_CACHE/benchmarks (default ~/.cache/rece/benchmarks)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "rece").expanduser() / "benchmarks"
+
+
+def hub_prompt_set(name: str, local: str = f"{BENCHMARKS_ENV} is not set") -> Path:
+    """A known set made from its hub file, in the published format, kept in the benchmarks cache (once per hub version).
+
+    The hub's I2P names its columns sd_seed / sd_guidance_scale and has no case_number; the published i2p.csv
+    (ESD, UCE, RECE) calls them evaluation_seed / evaluation_guidance and numbers the rows from 0. i2p-nudity
+    is the rows whose categories include 'sexual', with their I2P case numbers. Offline (HF_HUB_OFFLINE=1) only
+    the Hugging Face cache is read. `local` says why no local copy was used (for the error messages).
+    """
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = HUB_SETS[name]
+    offline = hub_offline()
+    try:
+        source = Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_files_only=offline))
+    except Exception as exc:  # the hub client raises many types: offline, not found, network
+        if offline:
+            raise ReceError(
+                f"prompt set '{name}' is a known name but {local}, and HF_HUB_OFFLINE=1 stops the download of {filename} "
+                f"from the hub dataset {repo_id}; set {BENCHMARKS_ENV} to the folder holding {KNOWN_SETS[name]}, "
+                "pass the CSV's path, or unset HF_HUB_OFFLINE"
+            ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReceError(
+            f"cannot fetch {filename} of the hub dataset {repo_id} for prompt set '{name}' ({reason}); check your "
+            f"connection, or set {BENCHMARKS_ENV} to a folder holding {KNOWN_SETS[name]}, or pass the CSV's path"
+        ) from None
+    target = benchmarks_cache() / f"{name}.{repo_id.replace('/', '--')}.{file_sha256(source)[:16]}.csv"
+    if not target.is_file():
+        _write_published_format(name, source, target)
+    return target
+
+
+def _write_published_format(name: str, source: Path, target: Path) -> None:
+    """Write the hub file `source` as the published CSV of set `name` (renamed columns, case numbers, rows kept)."""
+    header, records = _read_csv(source)
+    if "prompt" not in header:
+        raise ReceError(f"the hub file '{source}' of prompt set '{name}' has no 'prompt' column; pass a local CSV of the set")
+    renamed = {c: HUB_COLUMNS[c] for c in header if c in HUB_COLUMNS and HUB_COLUMNS[c] not in header}
+    add_case = "case_number" not in header
+    rows = []
+    for index, (_, rec) in enumerate(records):
+        categories = [c.strip() for c in (rec.get("categories") or "").split(",")]
+        if name == "i2p-nudity" and NUDITY_CATEGORY not in categories:
+            continue
+        rows.append([rec[c] for c in header] + ([str(index)] if add_case else []))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([renamed.get(c, c) for c in header] + (["case_number"] if add_case else []))
+        writer.writerows(rows)
 
 
 def default_seed(case_number: int) -> int:
@@ -471,6 +541,8 @@ def check_options(job: RunJob) -> None:
         raise ReceError(f"--limit must be at least 1 (got {job.limit})")
     if job.scheduler is not None and job.scheduler not in SCHEDULERS:
         raise ReceError(f"unknown scheduler '{job.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+    if job.scheduler == "lms" and importlib.util.find_spec("scipy") is None:
+        raise ReceError("--scheduler lms needs scipy (diffusers' LMSDiscreteScheduler uses it); pip install scipy")
 
 
 def launcher_shard() -> tuple[int, int, int]:

@@ -63,3 +63,27 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_prompt_file(path: str | os.PathLike, option: str = "--concept-prompts") -> list[str]:
+    """Prompts from a file: a CSV's `prompt` column, else one prompt per line (blank lines and '#' comments skipped)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReceError(f"{option} '{path}' does not exist; pass a text file with one prompt per line or a CSV")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReceError(f"{option} '{path}' is not readable UTF-8 text ({type(exc).__name__}); pass a text or CSV file") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if "prompt" not in [c.strip() for c in reader.fieldnames or []]:
+            raise ReceError(f"{option} '{path}' has no 'prompt' column; name the column of prompts 'prompt'")
+        prompts = [(row.get("prompt") or row.get(" prompt") or "").strip() for row in reader]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ReceError(f"{option} '{path}' holds no prompt; put one prompt per line")
+    return prompts

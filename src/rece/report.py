@@ -293,6 +293,53 @@ def images_section(runs: Sequence[ReportRun], names: Sequence[str], max_images: 
     return f"<h2>Images</h2><p>{note}</p><table class='compare'><thead>{head}</thead><tbody>{body}</tbody></table>"
 
 
+def is_attack_run(run: ReportRun) -> bool:
+    """Whether a run folder was written by `rece attack`."""
+    from .attacks.common import ATTACK_FORMAT
+
+    return run.manifest.get("format") == ATTACK_FORMAT
+
+
+def attack_row(run: ReportRun) -> list:
+    """One row of the attacks table: attack, method, concepts, parameters, detector, ASR (images and prompts)."""
+    attack = run.manifest.get("attack") or {}
+    asr = (run.metrics.get("asr") or {}).get("summary", {})
+    methods = ", ".join(e.get("method", "?") for e in run.manifest.get("edits") or []) or "none (original model)"
+    params = attack.get("parameters") or {}
+    shown = ", ".join(f"{k} {_param(v)}" for k, v in params.items() if not isinstance(v, (dict, list)))
+    return [
+        run.name,
+        attack.get("name", "none (prompts)"),
+        methods,
+        ", ".join(attack.get("concepts") or []) or "-",
+        shown or "-",
+        attack.get("detector") or (run.metrics.get("asr") or {}).get("params", {}).get("detector") or "-",
+        "-" if asr.get("asr %") is None else asr["asr %"],
+        "-" if asr.get("prompt asr %") is None else asr["prompt asr %"],
+    ]
+
+
+def attacks_section(runs: Sequence[ReportRun]) -> str:
+    """Attack success rate per attack and method, side by side (one row per run); '' when no run is an attack or has an ASR."""
+    rows = [attack_row(r) for r in runs if is_attack_run(r) or "asr" in r.metrics]
+    if not rows:
+        return ""
+    header = ["run", "attack", "method", "concepts", "parameters", "detector", "ASR %", "prompt ASR %"]
+    note = "<p>ASR: share of images showing the erased concept (prompt ASR: of attacked prompts with at least one); " + (
+        "measure runs with <code>rece evaluate RUN_DIR</code>.</p>"
+    )
+    return "<h2>Attacks</h2>" + note + html_table(rows, header).replace("<table>", "<table class='runs'>", 1)
+
+
+def gallery_section(runs: Sequence[ReportRun], max_images: int) -> str:
+    """Each run's first images in its own row, for attack runs whose cases differ (no file names in common)."""
+    body = "".join(
+        f"<tr><td>{html.escape(r.name)}</td>" + "".join(_image_cell(r, n) for n in r.images[:max_images]) + "</tr>" for r in runs
+    )
+    note = "The runs attack different cases, so their images are shown per run (first images of each)."
+    return f"<h2>Images</h2><p>{note}</p><table class='compare'><tbody>{body}</tbody></table>"
+
+
 def manifests_section(runs: Sequence[ReportRun]) -> str:
     """Each run's manifest.json, pretty-printed inside a collapsed <details>."""
     blocks = [
@@ -311,9 +358,13 @@ def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT
         raise ReceError(f"--max-images must be at least 1 (got {max_images})")
     paths = [Path(p) for p in run_dirs]
     runs = [load_report_run(p, n) for p, n in zip(paths, run_labels(paths))]
-    names = common_images(runs)
+    shared = set.intersection(*(set(r.images) for r in runs))
+    if not shared and all(is_attack_run(r) and r.images for r in runs):
+        images = gallery_section(runs, max_images)
+    else:
+        images = images_section(runs, common_images(runs), max_images)
     title = "rece report: " + " vs ".join(r.name for r in runs)
-    sections = [metrics_section(runs), edits_section(runs), images_section(runs, names, max_images), manifests_section(runs)]
+    sections = [metrics_section(runs), attacks_section(runs), edits_section(runs), images, manifests_section(runs)]
     return html_page(title, sections, style=REPORT_STYLE)
 
 

@@ -93,3 +93,22 @@ def erasure_metrics(images: np.ndarray, shapes: Sequence[str], colors: Sequence[
         "color_accuracy": float(color_ok[~named].mean()),
         "images": int(len(images)),
     }
+
+
+def erasure_arguments(concept: str) -> dict:
+    """How to erase a shape or a colour from the shapes model with `rece.erase`: concepts, preserve, target, r.
+
+    The concept's short prompt family is erased and the other shapes' (colours') families are preserved
+    (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
+    draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
+    styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
+    """
+    from .world import concept_prompts, other_concept_prompts
+
+    is_shape = concept in SHAPES
+    return {
+        "concepts": concept_prompts(concept),
+        "preserve": other_concept_prompts(concept),
+        "target": " " if is_shape else "a shape",
+        "regularization": 1e-3,
+    }

@@ -99,3 +99,25 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 def to_tensor_range(images: np.ndarray) -> np.ndarray:
     """uint8 [n, h, w, 3] -> float32 [n, 3, h, w] in [-1, 1]."""
     return images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+
+
+def concept_prompts(concept: str) -> list[str]:
+    """The prompts that name `concept` (a shape or a colour) in their shortest forms: the word, "a triangle" /
+    "a red shape", and the concept with each colour / shape ("a red triangle").
+
+    This small text encoder carries the shape and colour of a prompt in its end-of-text and padding rows, which
+    depend on the whole prompt; so an erasure on the shapes model names the concept's short prompt family, not
+    only the word. The other templates ("a photo of a red triangle", ...) are left out and measure generalisation.
+    """
+    if concept in SHAPES:
+        return [concept, f"a {concept}"] + [f"a {color} {concept}" for color in COLORS]
+    if concept in COLORS:
+        return [concept, f"a {concept} shape"] + [f"a {concept} {shape}" for shape in SHAPES]
+    raise ValueError(f"'{concept}' is neither a shape ({', '.join(SHAPES)}) nor a colour ({', '.join(COLORS)})")
+
+
+def other_concept_prompts(concept: str) -> list[str]:
+    """The prompt families of the other concepts of the same kind (other shapes, or other colours): what an
+    erasure of `concept` preserves."""
+    group = SHAPES if concept in SHAPES else tuple(COLORS)
+    return [p for other in group if other != concept for p in concept_prompts(other)]

@@ -1,0 +1,96 @@
+"""Time per attack step of every `rece attack` attack, on the shapes model (and a tiny random SD with --tiny).
+
+    HF_HUB_OFFLINE=1 python bench/attack_cost.py            # about a minute on one CPU core
+    HF_HUB_OFFLINE=1 python bench/attack_cost.py --tiny     # also a tiny random SD1-architecture pipeline
+
+A step is what each attack repeats: derived, one closed-form derivation of c′ (per concept); ring-a-bell, one
+generation of the genetic algorithm (the population's text encodings and the selection, crossover, mutation);
+unlearndiff, one optimisation iteration (text encoder + UNet forward and backward); textual-inversion, one
+training step (batch × accumulation forward and backward passes). The times come from the attacks' own timers
+(recorded in each run's manifest) and leave out loading the model, drawing target/training images and generating
+the final images, which are timed separately (seconds per generated image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rece.attacks import run_attack
+from rece.erase import erase
+from rece.models import load_model
+
+PARAMS = {
+    "derived": {},
+    "ring-a-bell": dict(population=200, generations=5, length=16),
+    "unlearndiff": dict(iterations=5, timesteps=2, adv_tokens=5),
+    "textual-inversion": dict(train_steps=5, train_batch_size=4, gradient_accumulation=1, train_images=4),
+}
+
+
+def step_seconds(run: Path) -> list[float]:
+    """Seconds per attack step of each case (and of the shared training, if any) recorded in a run's manifest."""
+    attack = json.loads((run / "manifest.json").read_text())["attack"]
+    infos = [c["info"] for c in attack["cases"].values()] + [attack.get("shared") or {}]
+    return [i["seconds"] / i["attack_steps"] for i in infos if i.get("attack_steps")]
+
+
+def bench_model(model: str, concept: str, work: Path, steps: int) -> list[tuple[str, str, float, float]]:
+    """(model, attack, seconds per attack step, seconds per generated image) for each attack."""
+    edit = erase(load_model(model), [concept], method="rece").save(work / f"{model}-edit.safetensors")
+    prompts = work / f"{model}-prompts.csv"
+    with open(prompts, "w", newline="") as f:
+        csv.writer(f).writerows(
+            [["case_number", "prompt", "evaluation_seed"], [0, f"a red {concept}", 1], [1, f"a blue {concept}", 2]]
+        )
+    pairs = work / f"{model}-pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        csv.writer(f).writerows(
+            [["sensitive prompt", "normal prompt"], [f"a red {concept}", "a red circle"], [f"a {concept}", "a square"]]
+        )
+    rows = []
+    for attack, params in PARAMS.items():
+        extra = {} if attack == "derived" else {"prompts": prompts}
+        if attack == "ring-a-bell" and model != "shapes":
+            extra["pairs"] = str(pairs)
+        start = time.perf_counter()
+        run = run_attack(
+            model, edit, attack, work / f"{model}-{attack}", steps=steps, images_per_prompt=2, progress=False,
+            overwrite=True, device="cpu", **extra, **params,
+        )  # fmt: skip
+        total = time.perf_counter() - start
+        per_step = statistics.median(step_seconds(run))
+        manifest = json.loads((run / "manifest.json").read_text())["attack"]
+        attack_seconds = sum(c["info"].get("seconds", 0) + c["info"].get("target_seconds", 0) for c in manifest["cases"].values())
+        shared = manifest.get("shared") or {}
+        attack_seconds += shared.get("seconds", 0) + shared.get("training_images_seconds", 0)
+        images = len(list((run / "images").glob("*.png")))
+        rows.append((model, attack, per_step, max(0.0, total - attack_seconds) / images))
+        print(f"{model:7s} {attack:18s} {per_step * 1000:9.1f} ms/step   ≤ {rows[-1][3]:.2f} s/image (incl. loading)", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="also time a tiny random SD pipeline (`tiny`)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps of the generated images")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="rece-attack-cost-"))
+    print(f"{'model':7s} {'attack':18s} {'time per attack step':>20s}")
+    bench_model("shapes", "triangle", work, args.steps)
+    if args.tiny:
+        bench_model("tiny", "triangle", work, args.steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,303 @@
+"""`rece attack`: red-team an edited model with four attacks and write a run folder `rece evaluate` scores (ASR).
+
+    from rece.attacks import run_attack
+    run_attack("shapes", "triangle-rece.safetensors", "derived", "runs/derived-rece")
+    run_attack("./sd", "nudity.safetensors", "ring-a-bell", "runs/rab", prompts="i2p-nudity", pairs="nudity-ring-a-bell.csv")
+
+Attacks (one module each): `derived` (RECE's closed-form c′), `ring-a-bell` (genetic search over tokens for
+E(prompt) + η·concept vector; text encoder only), `unlearndiff` (white-box prompt optimisation through the edited
+UNet), `textual-inversion` (a new word learned on images of the concept with the edited model frozen). Each module
+has `Params` (the paper's defaults), `cases`, `prepare` (work shared by the cases) and `attack_case`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ReceError
+from . import derived, ring_a_bell, textual_inversion, unlearndiff
+from .common import (
+    ADVERSARIAL,
+    ATTACK_FORMAT,
+    DETECTORS,
+    Target,
+    case_key,
+    check_sd_pipeline,
+    default_sampling,
+    detector_for,
+    generate_missing_images,
+    is_shapes_model,
+    now,
+    prepare_attack_folder,
+    progress_bar,
+    prompts_rows,
+    read_adversarial,
+    write_adversarial,
+    write_prompts,
+)
+
+ATTACKS = {m.NAME: m for m in (derived, ring_a_bell, unlearndiff, textual_inversion)}
+
+__all__ = ["ATTACKS", "attack_parameters", "make_params", "run_attack"]
+
+
+def attack_module(name: str):
+    """The module of an attack name."""
+    if name not in ATTACKS:
+        raise ReceError(f"unknown attack '{name}'; choose one of: {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def attack_parameters(name: str) -> dict[str, object]:
+    """Every parameter of an attack with its default (the paper's setting)."""
+    return {f.name: f.default for f in dataclasses.fields(attack_module(name).Params)}
+
+
+def make_params(name: str, **values):
+    """An attack's Params from keyword values (None means "the default"); unknown names are one-line errors."""
+    module = attack_module(name)
+    known = attack_parameters(name)
+    given = {k: v for k, v in values.items() if v is not None}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in known)
+        raise ReceError(f"--{unknown[0].replace('_', '-')} is not a parameter of the {name} attack; it takes {flags}")
+    params = module.Params(**given)
+    params.validate()
+    return params
+
+
+def check_run_options(steps, guidance, images_per_prompt, batch_size, limit) -> None:
+    """The sampling options of an attack run, before anything is loaded."""
+    for flag, value in (
+        ("--steps", steps),
+        ("--images-per-prompt", images_per_prompt),
+        ("--batch-size", batch_size),
+        ("--limit", limit),
+    ):
+        if value is not None and value < 1:
+            raise ReceError(f"{flag} must be at least 1 (got {value})")
+    if guidance is not None and not math.isfinite(guidance):
+        raise ReceError(f"--guidance must be a finite number (got {guidance})")
+
+
+def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other_base: bool):
+    """The pipeline with the edit applied, as a Target, and the manifest's model and edit records."""
+    from ..edit import load_edit
+    from ..generate import _edit_info, _model_info, load_pipeline, resolve_device
+    from ..models import from_pipeline
+
+    edit = load_edit(edit_path) if edit_path is not None else None
+    concepts = list(concepts or (edit.concepts if edit is not None else []))
+    if not concepts:
+        raise ReceError("no concept to attack: pass --edit (its concepts are attacked) or --concept TEXT")
+    pipe = load_pipeline(model)
+    check_sd_pipeline(pipe)
+    if not hasattr(model, "unet") or device is not None:
+        pipe.to(resolve_device(device))
+    model_info = _model_info(model, pipe)
+    base = from_pipeline(pipe, source=model_info["source"])
+    edited_kv = {}
+    if edit is not None:
+        edit.apply(pipe, allow_other_base=allow_other_base)
+        edited_kv = edit.edited_kv(base.kv, allow_other_base=True)
+    name = "shapes" if is_shapes_model(model_info) else model_info["source"]
+    target = Target(pipe, base, edit, edited_kv, concepts, rows, seed, model_name=name)
+    edits = [_edit_info(Path(edit_path), edit, allow_other_base)] if edit is not None else []
+    return target, model_info, edits
+
+
+def build_settings(target: Target, name: str, params, model_info: dict, edits: list, job: dict, prompts_info) -> dict:
+    """What the images depend on (compared when a run resumes)."""
+    import json
+
+    pipe = target.pipe
+    scheduler_config = {k: v for k, v in json.loads(pipe.scheduler.to_json_string()).items() if k != "_diffusers_version"}
+    settings = {
+        "pipeline": model_info["pipeline"],
+        "model_fingerprint": model_info["fingerprint"],
+        "edits": [e["sha256"] for e in edits],
+        "attack": name,
+        "attack_parameters": params.resolved(target),
+        "concepts": target.concepts,
+        "seed": target.seed,
+        "prompts_sha256": prompts_info["sha256"] if prompts_info else None,
+        "limit": job["limit"],
+        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler_config": scheduler_config,
+        "steps": job["steps"],
+        "guidance": job["guidance"],
+        "height": job["size"],
+        "width": job["size"],
+        "images_per_prompt": job["images_per_prompt"],
+        "detector": job["detector"],
+    }
+    return json.loads(json.dumps(settings))
+
+
+def build_manifest(settings: dict, model_info: dict, edits: list, prompts_info, job: dict, attack: dict, created: str) -> dict:
+    """The run's manifest: settings plus what the attack found, in the layout `rece report` reads."""
+    from ..edit import library_versions
+
+    return {
+        "format": ATTACK_FORMAT,
+        "format_version": 1,
+        "settings": settings,
+        "attack": attack,
+        "model": model_info,
+        "edits": edits,
+        "prompts": prompts_info,
+        "sampler": {"scheduler": settings["scheduler"], "steps": job["steps"], "guidance": job["guidance"]},
+        "run": {"batch_size": job["batch_size"], "device": str(job["device"])},
+        "versions": library_versions(),
+        "created": created,
+        "updated": now(),
+    }
+
+
+def prompts_record(prompts, rows) -> dict | None:
+    """What the manifest records about the prompt set (None without one)."""
+    from ..generate import file_sha256, resolve_prompt_set
+
+    if prompts is None:
+        return None
+    path = resolve_prompt_set(prompts)
+    return {"source": str(prompts), "path": str(path), "sha256": file_sha256(path), "rows_used": len(rows)}
+
+
+def run_cases(
+    module, target: Target, params, cases, store: dict, meta: dict, sampling: dict, output: Path, progress: bool
+) -> None:
+    """Run the attack on every case not already in adversarial.safetensors, saving after each one."""
+    shared, shared_info = module.prepare(target, params, store, sampling)
+    if shared_info:
+        meta["shared"] = shared_info
+    if any(k not in store for k in shared):
+        store.update(shared)
+        write_adversarial(output / ADVERSARIAL, store, meta)
+    context = {**shared, **sampling}
+    todo = [c for c in cases if case_key(c) not in store or str(c.case_number) not in meta["cases"]]
+    with progress_bar(len(cases), f"attack {module.NAME}", progress, unit="case") as bar:
+        bar.update(len(cases) - len(todo))
+        for case in todo:
+            result = module.attack_case(target, params, case, context)
+            store[case_key(case)] = result.embeds.detach().float().cpu()
+            store.update({k: v.detach().cpu() for k, v in result.tensors.items()})
+            meta["cases"][str(case.case_number)] = {
+                "prompt": result.prompt,
+                "original_prompt": case.prompt,
+                "concept": case.concept,
+                "info": result.info,
+            }
+            write_adversarial(output / ADVERSARIAL, store, meta)
+            bar.update(1)
+
+
+def run_attack(
+    model,
+    edit: str | os.PathLike | None,
+    attack: str,
+    output: str | os.PathLike,
+    prompts: str | os.PathLike | None = None,
+    concepts: Sequence[str] | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    images_per_prompt: int | None = None,
+    batch_size: int = 4,
+    limit: int | None = None,
+    device: str | None = None,
+    detector: str | None = None,
+    allow_other_base: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **parameters,
+) -> Path:
+    """Attack MODEL with EDIT applied, write RUN_DIR (adversarial.safetensors, prompts.csv, images/, manifest.json).
+
+    `parameters` are the attack's own (see `attack_parameters(attack)`). A rerun with the same settings resumes
+    (finished cases and images are kept); other settings are refused unless `overwrite`. Returns RUN_DIR.
+    """
+    from ..generate import check_output_folder, load_prompt_set
+
+    module = attack_module(attack)
+    params = make_params(attack, **parameters)
+    check_run_options(steps, guidance, images_per_prompt, batch_size, limit)
+    if detector is not None and detector not in DETECTORS:
+        raise ReceError(f"unknown detector '{detector}'; choose one of: {', '.join(DETECTORS)}")
+    if module.NEEDS_PROMPTS and prompts is None:
+        raise ReceError(f"the {attack} attack needs --prompts SET (the prompts it attacks)")
+    if not module.NEEDS_PROMPTS and prompts is not None:
+        raise ReceError(f"the {attack} attack takes no --prompts (it attacks the edit's concepts); leave --prompts out")
+    output = check_output_folder(output)
+    rows = load_prompt_set(prompts, limit) if prompts is not None else None
+    start = time.perf_counter()
+    target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base)
+    try:
+        steps, guidance = default_sampling(target.model_name, steps, guidance)
+        pipe = target.pipe
+        size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+        job = {
+            "steps": steps,
+            "guidance": guidance,
+            "size": size,
+            "images_per_prompt": images_per_prompt or module.IMAGES_PER_PROMPT,
+            "batch_size": batch_size,
+            "limit": limit,
+            "device": pipe.unet.device,
+            "detector": detector or detector_for(target.concepts, model_info),
+        }
+        if hasattr(module, "check"):
+            module.check(target, params)
+        cases = module.cases(target, params)
+        prompts_info = prompts_record(prompts, rows)
+        settings = build_settings(target, attack, params, model_info, edits, job, prompts_info)
+        old = prepare_attack_folder(output, settings, overwrite)
+        created = old.get("created", now())
+        attack_info = {
+            "name": attack,
+            "parameters": settings["attack_parameters"],
+            "concepts": target.concepts,
+            "detector": job["detector"],
+        }
+        manifest = build_manifest(settings, model_info, edits, prompts_info, job, {**attack_info, "complete": False}, created)
+        from ..generate import MANIFEST, PROMPTS, write_json
+
+        write_json(output / MANIFEST, manifest)
+        store, meta = read_adversarial(output / ADVERSARIAL)
+        meta.setdefault("cases", {})
+        meta["attack"] = attack
+        sampling = {"steps": steps, "guidance": guidance, "size": size}
+        run_cases(module, target, params, cases, store, meta, sampling, output, progress)
+        results = {c.case_number: meta["cases"][str(c.case_number)] for c in cases}
+        write_prompts(output / PROMPTS, prompts_rows(cases, results, job["images_per_prompt"], guidance, attack, job["detector"]))
+        total = len(cases) * job["images_per_prompt"]
+        with progress_bar(total, "generating", progress) as bar:
+            generate_missing_images(pipe, cases, store, output, job, bar)
+        attack_info.update(
+            complete=True, cases=meta["cases"], shared=meta.get("shared", {}), seconds=round(time.perf_counter() - start, 3)
+        )
+        write_json(output / MANIFEST, build_manifest(settings, model_info, edits, prompts_info, job, attack_info, created))
+    finally:
+        if target.edit is not None and hasattr(model, "unet"):
+            target.edit.revert(target.pipe)
+    return output
+
+
+def residual_table(run_dir: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """(concept, embedding, relative residual) rows a derived run recorded, for printing."""
+    import json
+
+    from ..generate import MANIFEST
+
+    manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
+    out = []
+    for case in (manifest.get("attack") or {}).get("cases", {}).values():
+        for name, value in (case.get("info") or {}).get("residuals", {}).items():
+            out.append((case["concept"], name, value))
+    return out

@@ -1,0 +1,415 @@
+"""The glue every attack shares: the model under attack, text encoding from token ids or token embeddings,
+run folders (adversarial.safetensors, prompts.csv, manifest.json, images/), and generation from embeddings.
+
+A run folder of `rece attack` looks like one of `rece generate` (images/{case_number}_{k}.png, prompts.csv with one
+line per image, manifest.json), so `rece evaluate` and `rece report` read it, plus RUN_DIR/adversarial.safetensors:
+the prompt embeddings each case was generated from (`embeds.{case}`, [77, d]) and what the attack found (token ids
+`ids.{case}`, a learned word `token_embedding`, target latents, ...), with the adversarial prompts as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ReceError
+from ..io import atomic_file
+
+ATTACK_FORMAT = "rece-attack"
+ADVERSARIAL = "adversarial.safetensors"
+METADATA_KEY = "rece-attack"
+NUDITY_WORDS = ("nudity", "nude", "naked", "nsfw", "sexual", "sex", "porn")
+DETECTORS = ("shapes", "nudenet", "classify")
+SHAPES_STEPS, SD_STEPS = 25, 50
+SD_GUIDANCE = 7.5
+
+
+@dataclass(frozen=True)
+class AttackCase:
+    """One thing an attack is run on: a prompt row (or a concept), the seed of its images and the concept it targets.
+
+    Image k of the case is drawn from `torch.Generator("cpu").manual_seed(seed + k)`, as in `rece generate`.
+    """
+
+    case_number: int
+    prompt: str
+    seed: int
+    concept: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class CaseResult:
+    """What an attack found for one case: the adversarial prompt text (or a description of an embedding), the
+    prompt embeddings [77, d] its images are generated from, extra tensors to keep, and numbers to report."""
+
+    prompt: str
+    embeds: torch.Tensor
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Target:
+    """The model under attack: a pipeline with the edit applied, the original and edited K/V weights, the
+    prompt encoder, the concepts and prompt rows, and the attack's seed and device."""
+
+    pipe: object
+    base: object  # rece.models.BaseModel read from the pipeline before the edit (its kv are the originals W⁰)
+    edit: object | None
+    edited_kv: dict[str, torch.Tensor]
+    concepts: list[str]
+    rows: list | None
+    seed: int
+    model_name: str = ""
+
+    @property
+    def original_kv(self) -> dict[str, torch.Tensor]:
+        return self.base.kv
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @contextlib.contextmanager
+    def original_model(self) -> Iterator[object]:
+        """The pipeline with the original weights for the duration of the block (the edit is re-applied after)."""
+        if self.edit is None:
+            yield self.pipe
+            return
+        self.edit.revert(self.pipe)
+        try:
+            yield self.pipe
+        finally:
+            self.edit.apply(self.pipe, allow_other_base=True)
+
+
+# -- text encoding -----------------------------------------------------------------------------------
+def check_sd_pipeline(pipe) -> None:
+    """Refuse pipelines the attacks do not handle (SDXL: two text encoders and pooled embeddings)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ReceError("rece attack supports SD1.x/SD2.x pipelines (one text encoder); SDXL is not supported yet")
+
+
+def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids [n, 77] of texts as the pipeline tokenizes them (padded to the context, truncated)."""
+    tok = pipe.tokenizer
+    return tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, pad, unknown)."""
+    return {int(i) for i in tokenizer.all_special_ids}
+
+
+def ordinary_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ids an attack may place in a prompt: every id below the encoder's vocabulary size but 0 and the special ones.
+
+    Ring-A-Bell draws from 1 .. 49405 for SD1.4 (0 is '!', 49406/49407 are BOS/EOS); this is the same rule.
+    """
+    banned = special_ids(tokenizer) | {0}
+    return torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
+
+
+def text_attention_mask(text_encoder, ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask the pipeline would pass (only for encoders configured to use one): up to the first EOS."""
+    if not getattr(text_encoder.config, "use_attention_mask", False):
+        return None
+    eos = text_encoder.config.eos_token_id
+    first = (ids == eos).int().argmax(dim=-1, keepdim=True)
+    return (torch.arange(ids.shape[1]).unsqueeze(0) <= first).long()
+
+
+def encode_ids(pipe, ids: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Prompt embeddings [n, 77, d] of token ids, exactly as the pipeline encodes a prompt (last hidden state)."""
+    encoder = pipe.text_encoder
+    mask = text_attention_mask(encoder, ids)
+    with torch.set_grad_enabled(grad):
+        return encoder(ids.to(encoder.device), attention_mask=None if mask is None else mask.to(encoder.device))[0]
+
+
+def token_embedding_table(pipe) -> torch.Tensor:
+    """The text encoder's token-embedding matrix [vocab, d_tok] (detached)."""
+    return pipe.text_encoder.get_input_embeddings().weight.detach()
+
+
+def encode_token_embeddings(pipe, ids: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings when the token-embedding lookup returns `token_embeds` [n, 77, d_tok] (gradients flow).
+
+    `ids` still decide the causal attention and the pooled position; only the looked-up vectors are replaced.
+    """
+    layer = pipe.text_encoder.get_input_embeddings()
+    handle = layer.register_forward_hook(lambda module, args, output: token_embeds.to(output.dtype))
+    try:
+        return encode_ids(pipe, ids, grad=True)
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def frozen(*modules) -> Iterator[None]:
+    """No parameter of `modules` requires gradients inside the block; the flags are restored after."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts at x_t for its scheduler's prediction type: the noise, x0 ("sample") or v."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    raise ReceError(f"scheduler prediction type '{kind}' is not supported by the gradient attacks")
+
+
+def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> torch.Tensor:
+    """Latents [n, c, h, w] the original (unedited) model draws for prompts and seeds: what the concept looks like."""
+    out = []
+    with target.original_model() as pipe, torch.no_grad():
+        for prompt, seed in zip(prompts, seeds):
+            result = pipe(
+                prompt=[prompt],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator("cpu").manual_seed(int(seed))],
+                output_type="latent",
+            )
+            out.append(result.images.detach().float())
+    return torch.cat(out)
+
+
+def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
+    """Latents [n, c, h, w] of image files, resized to the pipeline's size (the VAE posterior mean, scaled)."""
+    import numpy as np
+    from PIL import Image
+
+    size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    tensors = []
+    for path in paths:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
+        tensors.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
+    pixels = torch.stack(tensors).to(pipe.vae.device, pipe.vae.dtype)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * pipe.vae.config.scaling_factor).float()
+
+
+# -- detectors -------------------------------------------------------------------------------------
+def is_shapes_model(model_info: dict) -> bool:
+    """Whether a manifest's model is the project's shapes model (by name or by its folder)."""
+    from ..models import named_model_path
+
+    if model_info.get("source") == "shapes":
+        return True
+    path = model_info.get("path")
+    try:
+        return bool(path) and Path(path).resolve() == named_model_path("shapes").resolve()
+    except ReceError:
+        return False
+
+
+def detector_for(concepts: Sequence[str], model_info: dict) -> str | None:
+    """The detector that tells whether images show `concepts`: shapes (toy model), nudenet, classify, or None."""
+    from ..metrics import IMAGENETTE_CLASSES, _norm
+    from ..toy.world import COLORS, SHAPES
+
+    words = {_norm(c) for c in concepts}
+    if is_shapes_model(model_info) and words <= set(SHAPES) | set(COLORS):
+        return "shapes"
+    if words & set(NUDITY_WORDS):
+        return "nudenet"
+    if words <= {_norm(n) for n in IMAGENETTE_CLASSES.values()}:
+        return "classify"
+    return None
+
+
+def imagenette_name(concept: str) -> str:
+    """The torchvision name of an Imagenette class written any way (e.g. 'garbage_truck' → 'garbage truck')."""
+    from ..metrics import IMAGENETTE_CLASSES, _norm
+
+    return next((n for n in IMAGENETTE_CLASSES.values() if _norm(n) == _norm(concept)), concept)
+
+
+# -- sampling defaults -------------------------------------------------------------------------------
+def default_sampling(model_name: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """Sampling steps and guidance: the given ones, else the shapes model's (25, 4.0) or Stable Diffusion's (50, 7.5)."""
+    from ..toy.evaluate import GUIDANCE
+
+    shapes = model_name == "shapes"
+    steps = steps if steps is not None else (SHAPES_STEPS if shapes else SD_STEPS)
+    guidance = guidance if guidance is not None else (GUIDANCE if shapes else SD_GUIDANCE)
+    return steps, float(guidance)
+
+
+# -- run folders ----------------------------------------------------------------------------------
+def prepare_attack_folder(output: Path, settings: dict, overwrite: bool) -> dict:
+    """Create or check RUN_DIR for an attack with `settings`; return the existing manifest ({} for a new run)."""
+    from ..generate import IMAGES, MANIFEST, PROMPTS, check_manifest, check_output_folder
+
+    path = check_output_folder(output)
+    if path.is_dir() and overwrite:
+        shutil.rmtree(path / IMAGES, ignore_errors=True)
+        for name in (MANIFEST, PROMPTS, ADVERSARIAL, "metrics.json"):
+            (path / name).unlink(missing_ok=True)
+        for stale in path.glob("metrics_*.csv"):
+            stale.unlink()
+    old = check_manifest(path, settings) if (path / MANIFEST).is_file() else {}
+    if old and old.get("format") != ATTACK_FORMAT:
+        raise ReceError(f"'{path}' is a {old.get('format', 'different')} run, not a rece attack run; choose a new -o path")
+    if not old and path.is_dir() and any(path.iterdir()):
+        raise ReceError(f"'{path}' exists and is not a rece attack run (no manifest.json); choose a new -o or pass --overwrite")
+    (path / IMAGES).mkdir(parents=True, exist_ok=True)
+    return old
+
+
+def read_adversarial(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata ({'cases': {case: {...}}, ...}) of an adversarial.safetensors file ({} when absent)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return {}, {"cases": {}}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, '{"cases": {}}'))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ReceError(f"'{path}' is damaged ({str(exc).splitlines()[0]}); pass --overwrite to attack again") from None
+    return tensors, meta
+
+
+def write_adversarial(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write adversarial.safetensors atomically (safetensors only: no pickle)."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(clean, str(tmp), metadata={METADATA_KEY: json.dumps(meta, ensure_ascii=False), "format": "pt"})
+
+
+def case_key(case: AttackCase) -> str:
+    """The name of a case's prompt embeddings in adversarial.safetensors."""
+    return f"embeds.{case.case_number}"
+
+
+def prompts_rows(
+    cases: Sequence[AttackCase], results: dict[int, dict], images_per_prompt: int, guidance: float, attack: str, detector
+):
+    """prompts.csv rows: one per image, with the adversarial prompt, the attacked prompt, the concept and (classify) its class."""
+    from ..generate import IMAGES, image_name
+
+    rows = []
+    for case in cases:
+        for k in range(images_per_prompt):
+            row = {
+                "case_number": case.case_number,
+                "k": k,
+                "seed": case.seed + k,
+                "prompt": results[case.case_number]["prompt"],
+                "guidance": guidance,
+                "image": f"{IMAGES}/{image_name(case.case_number, k)}",
+                "attack": attack,
+                "concept": case.concept,
+                "original_prompt": case.prompt,
+                "embedding": case_key(case),
+            }
+            if detector == "classify":
+                row["class"] = imagenette_name(case.concept)
+            row.update({c: v for c, v in case.labels.items() if c not in row and c != "class"})
+            rows.append(row)
+    return rows
+
+
+def write_prompts(path: Path, rows: list[dict]) -> None:
+    """Write RUN_DIR/prompts.csv atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float, size: int):
+    """PIL images, one per (prompt embeddings [77, d], seed), each from its own CPU generator; "" is the negative prompt."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with torch.no_grad():
+        result = pipe(
+            prompt_embeds=embeds.to(pipe.unet.device, pipe.unet.dtype),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generators,
+            output_type="pil",
+        )
+    return result.images
+
+
+def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:
+    """Generate the images of `cases` not yet in RUN_DIR/images (each written atomically); return how many were written."""
+    from ..generate import IMAGES, finished_images, image_name
+
+    images_dir = output / IMAGES
+    done = finished_images(images_dir)
+    todo = [(c, k) for c in cases for k in range(job["images_per_prompt"]) if image_name(c.case_number, k) not in done]
+    if bar is not None:
+        bar.update(len(cases) * job["images_per_prompt"] - len(todo) - bar.n)
+    written = 0
+    for start in range(0, len(todo), job["batch_size"]):
+        batch = todo[start : start + job["batch_size"]]
+        embeds = torch.stack([tensors[case_key(c)] for c, _ in batch])
+        images = generate_from_embeddings(
+            pipe, embeds, [c.seed + k for c, k in batch], job["steps"], job["guidance"], job["size"]
+        )
+        for (case, k), image in zip(batch, images):
+            with atomic_file(images_dir / image_name(case.case_number, k)) as tmp:
+                image.save(tmp, format="PNG")
+        written += len(batch)
+        if bar is not None:
+            bar.update(len(batch))
+    return written
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
+    """A tqdm bar (hidden when not `enabled`)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def slug(text: str) -> str:
+    """A token-safe short name of a concept: lower case letters, digits and '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
+
+
+def now() -> str:
+    """The current UTC time as the manifests write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def file_id(path: str | os.PathLike) -> dict:
+    """Path and sha256 of an input file, for manifests."""
+    from ..generate import file_sha256
+
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}

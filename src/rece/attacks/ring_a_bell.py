@@ -1,0 +1,231 @@
+"""`ring-a-bell`: Ring-A-Bell (Tsai et al., ICLR 2024), a model-agnostic red-teaming attack that needs only the
+text encoder.
+
+1. Concept extraction: the concept vector v = mean over prompt pairs of E(sensitive prompt) − E(normal prompt),
+   a [77, d] difference of text embeddings (`--pairs`, a CSV like ../shared/benchmarks/*ring-a-bell.csv).
+2. Prompt discovery: for each prompt p of the set, the target is E(p) + η·v; a genetic algorithm over K discrete
+   tokens ([BOS] + K tokens + [EOS] + padding) minimises ‖E(tokens) − target‖² (population, generations, mutation and
+   crossover rates as in the authors' InversePrompt notebook: keep the better half, single-point crossover, one
+   random token replaced per mutation).
+
+The images are generated from the embeddings of the token ids found, E(tokens); prompts.csv has their decoded text.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ReceError
+from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
+
+NAME = "ring-a-bell"
+NEEDS_PROMPTS = True
+IMAGES_PER_PROMPT = 1
+PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))
+FITNESS_BATCH = 64
+
+
+@dataclass
+class Params:
+    """The paper's settings (InversePrompt notebook): η 3 (nudity; 5.5 for violence), K 16, population 200,
+    3000 generations, mutation rate 0.25, crossover rate 0.5."""
+
+    eta: float = 3.0
+    length: int = 16
+    population: int = 200
+    generations: int = 3000
+    mutation_rate: float = 0.25
+    crossover_rate: float = 0.5
+    pairs: str | None = None
+
+    def validate(self) -> None:
+        for name in ("length", "population", "generations"):
+            if getattr(self, name) < 1:
+                raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        if self.population < 2:
+            raise ReceError(f"--population must be at least 2 (got {self.population})")
+        for name in ("mutation_rate", "crossover_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ReceError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(self, name)})")
+        if self.pairs is not None and not Path(self.pairs).is_file():
+            raise ReceError(
+                f"--pairs '{self.pairs}' does not exist; pass a CSV with 'sensitive prompt' and 'normal prompt' columns"
+            )
+
+    def resolved(self, target: Target) -> dict:
+        from dataclasses import asdict
+
+        from .common import file_id
+
+        out = asdict(self)
+        out["pairs"] = file_id(self.pairs) if self.pairs else "shapes world pairs"
+        return out
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """(sensitive, normal) prompt pairs of a CSV with columns 'sensitive prompt','normal prompt' (or 'prompt','prompt1')."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = header
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ReceError(f"cannot read --pairs '{path}' ({exc}); give a UTF-8 CSV file") from None
+    columns = next((c for c in PAIR_COLUMNS if set(c) <= set(header)), None)
+    if columns is None:
+        raise ReceError(
+            f"--pairs '{path}' has columns {header}; it needs 'sensitive prompt' and 'normal prompt' (or 'prompt' and 'prompt1')"
+        )
+    pairs = [(r[columns[0]], r[columns[1]]) for r in records if (r[columns[0]] or "").strip() and (r[columns[1]] or "").strip()]
+    if not pairs:
+        raise ReceError(f"--pairs '{path}' has no complete pair; give at least one sensitive/normal prompt pair")
+    return pairs
+
+
+def shapes_pairs(concept: str) -> list[tuple[str, str]]:
+    """Pairs for the shapes world: the concept against every other shape (or colour) in the world's full templates."""
+    from ..toy.world import COLORS, FULL_TEMPLATES, SHAPES
+
+    if concept in SHAPES:
+        return [
+            (t.format(color=c, shape=concept), t.format(color=c, shape=o))
+            for t in FULL_TEMPLATES
+            for c in COLORS
+            for o in SHAPES
+            if o != concept
+        ]
+    if concept in COLORS:
+        return [
+            (t.format(color=concept, shape=s), t.format(color=o, shape=s))
+            for t in FULL_TEMPLATES
+            for s in SHAPES
+            for o in COLORS
+            if o != concept
+        ]
+    raise ReceError(f"'{concept}' is not a shapes-world shape or colour; pass --pairs with sensitive/normal prompt pairs")
+
+
+def concept_pairs(target: Target, params: Params, concept: str) -> list[tuple[str, str]]:
+    """The pairs of --pairs, or the shapes world's pairs on the shapes model."""
+    if params.pairs:
+        return read_pairs(params.pairs)
+    if target.model_name == "shapes":
+        return shapes_pairs(concept)
+    raise ReceError(
+        "ring-a-bell needs --pairs CSV (columns 'sensitive prompt','normal prompt'; see ../shared/benchmarks/*ring-a-bell.csv)"
+    )
+
+
+def concept_vector(target: Target, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """v = mean of E(sensitive) − E(normal) over the pairs: [77, d], float64."""
+    encoder = target.base.encoder
+    sensitive = encoder.encode([s for s, _ in pairs])
+    normal = encoder.encode([n for _, n in pairs])
+    return (sensitive - normal).mean(dim=0)
+
+
+def initial_population(rng: np.random.Generator, size: int, length: int, candidates: np.ndarray, tokenizer) -> np.ndarray:
+    """`size` random prompts [size, 77]: BOS, `length` random ordinary tokens, EOS, then padding."""
+    context = tokenizer.model_max_length
+    pop = np.full((size, context), tokenizer.pad_token_id, dtype=np.int64)
+    pop[:, 0] = tokenizer.bos_token_id
+    pop[:, 1 : length + 1] = rng.choice(candidates, size=(size, length))
+    pop[:, length + 1] = tokenizer.eos_token_id
+    return pop
+
+
+def crossover(parents: np.ndarray, rate: float, rng: np.random.Generator, length: int) -> np.ndarray:
+    """Each parent survives; with probability `rate` it also has two children with a random partner (one cut point)."""
+    out = []
+    for i in range(len(parents)):
+        out.append(parents[i])
+        if rng.random() < rate:
+            j = int(rng.integers(0, len(parents)))
+            cut = int(rng.integers(1, length + 1))
+            out.append(np.concatenate([parents[i][:cut], parents[j][cut:]]))
+            out.append(np.concatenate([parents[j][:cut], parents[i][cut:]]))
+    return np.stack(out)
+
+
+def mutate(population: np.ndarray, rate: float, rng: np.random.Generator, length: int, candidates: np.ndarray) -> np.ndarray:
+    """With probability `rate` per prompt, one of its `length` tokens becomes a random ordinary token."""
+    population = population.copy()
+    for i in range(len(population)):
+        if rng.random() < rate:
+            population[i, int(rng.integers(1, length + 1))] = int(rng.choice(candidates))
+    return population
+
+
+def fitness(target: Target, population: np.ndarray, goal: torch.Tensor) -> np.ndarray:
+    """‖E(prompt) − goal‖² of every prompt of the population (smaller is better)."""
+    scores = []
+    for start in range(0, len(population), FITNESS_BATCH):
+        ids = torch.from_numpy(population[start : start + FITNESS_BATCH])
+        embeds = encode_ids(target.pipe, ids).to(goal)
+        scores.append((embeds - goal).pow(2).sum(dim=(1, 2)).cpu().numpy())
+    return np.concatenate(scores)
+
+
+def genetic_search(
+    target: Target, params: Params, goal: torch.Tensor, rng: np.random.Generator
+) -> tuple[np.ndarray, list[float]]:
+    """The best prompt ids [77] the genetic algorithm finds for `goal`, and the best fitness of every generation."""
+    tokenizer = target.pipe.tokenizer
+    candidates = ordinary_ids(tokenizer, target.pipe.text_encoder.config.vocab_size).numpy()
+    population = initial_population(rng, params.population, params.length, candidates, tokenizer)
+    history = []
+    for step in range(params.generations):
+        scores = fitness(target, population, goal)
+        order = np.argsort(scores, kind="stable")
+        history.append(float(scores[order[0]]))
+        population = population[order][: max(1, params.population // 2)]
+        if step != params.generations - 1:
+            population = crossover(population, params.crossover_rate, rng, params.length)
+            population = mutate(population, params.mutation_rate, rng, params.length, candidates)
+    return population[0], history
+
+
+def check(target: Target, params: Params) -> None:
+    """Refuse a run without usable pairs before its folder is created."""
+    concept_pairs(target, params, target.concepts[0])
+
+
+def prepare(target: Target, params: Params, store: dict, sampling: dict) -> tuple[dict, dict]:
+    """The concept vector (kept in adversarial.safetensors as `concept_vector`, reused when the run resumes)."""
+    if "concept_vector" in store:
+        return {"concept_vector": store["concept_vector"]}, {}
+    pairs = concept_pairs(target, params, target.concepts[0])
+    vector = concept_vector(target, pairs).to(torch.float32)
+    return {"concept_vector": vector}, {"pairs": len(pairs), "concept_vector_norm": round(float(vector.norm()), 6)}
+
+
+def cases(target: Target, params: Params) -> list[AttackCase]:
+    """One case per prompt row, targeting the first concept."""
+    return [AttackCase(r.case_number, r.prompt, r.seed, target.concepts[0], dict(r.labels)) for r in target.rows]
+
+
+def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
+    """Search K tokens whose embedding matches E(prompt) + η·v."""
+    start = time.perf_counter()
+    prompt_embeds = encode_ids(target.pipe, tokenize(target.pipe, [case.prompt]))[0].double()
+    goal = prompt_embeds + params.eta * shared["concept_vector"].to(prompt_embeds)
+    rng = np.random.default_rng([target.seed, case.case_number])
+    ids, history = genetic_search(target, params, goal, rng)
+    ids_t = torch.from_numpy(ids)
+    embeds = encode_ids(target.pipe, ids_t[None])[0].float()
+    text = target.pipe.tokenizer.decode(ids[1 : params.length + 1].tolist())
+    info = {
+        "fitness": round(history[-1], 6),
+        "relative_distance": round(float((embeds.double() - goal).norm() / goal.norm()), 6),
+        "fitness_first_generation": round(history[0], 6),
+        "attack_steps": params.generations,
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+    return CaseResult(prompt=text, embeds=embeds, tensors={f"ids.{case.case_number}": ids_t}, info=info)
