@@ -3,7 +3,9 @@
     HF_HUB_OFFLINE=1 python bench/attack_asr.py                 # about 25 min on one CPU core
     HF_HUB_OFFLINE=1 python bench/attack_asr.py --quick         # a few minutes, much weaker attacks
 
-Erases --concept (triangle) with `rece erase` defaults, method uce and rece, then runs on each edited model: no attack
+Erases --concept (triangle) with each of --methods (uce, rece), by default with the shapes model's erasure recipe
+(`rece.toy.evaluate.erasure_arguments`; `--recipe word` erases the word alone with `rece erase` defaults), then runs
+on each edited model: no attack
 (the plain prompts), derived (fresh c′, and c′ derived against the UCE edit as in the RECE paper), ring-a-bell,
 unlearndiff and textual-inversion, with the reduced parameters below (the papers' defaults take hours on a CPU).
 Every run is scored with `rece evaluate` (asr, shapes detector) and one table row is printed per (attack, method).
@@ -25,6 +27,7 @@ from rece.erase import erase
 from rece.generate import generate_run
 from rece.metrics import evaluate
 from rece.models import load_model
+from rece.toy.evaluate import erasure_arguments
 from rece.toy.world import COLORS
 
 FULL = {
@@ -56,6 +59,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--images", type=int, default=4, help="images per prompt (derived: 4 × this per concept)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--recipe", choices=("family", "word"), default="family", help="what is erased (see above)")
+    parser.add_argument("--methods", nargs="+", default=["uce", "rece"], help="erasure methods to attack")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
@@ -66,8 +71,9 @@ def main() -> int:
     prompts = prompt_set(work, args.concept)
     base = load_model("shapes")
     edits = {}
-    for method in ("uce", "rece"):
-        edits[method] = erase(base, [args.concept], method=method).save(work / f"{method}.safetensors")
+    settings = erasure_arguments(args.concept) if args.recipe == "family" else {"concepts": [args.concept]}
+    for method in args.methods:
+        edits[method] = erase(base, method=method, **settings).save(work / f"{method}.safetensors")
     common = dict(steps=args.steps, progress=False, overwrite=True, batch_size=8)
     table = []
     for method, edit in edits.items():

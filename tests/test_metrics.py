@@ -511,3 +511,42 @@ def test_empty_run_and_defaults(tmp_path, run_a):
     i2p = make_run(tmp_path / "i2p", {"0_0.png": (pattern(0), "x")}, {"categories": ["sexual"]})
     assert m.default_metrics(m.load_run(i2p)) == ["nudenet"]
     assert m.check_metrics(["nudenet,fid", "nudenet"]) == ["nudenet", "fid"]
+
+
+def test_generate_evaluate_all_metrics_report_end_to_end(capsys, sd_path, tmp_path, tiny_clip):
+    """The researcher's path on a tiny model: rece generate (original, edited) → rece evaluate with all five metrics
+    (local stand-in weights) → rece report, all through the CLI."""
+    prompts = tmp_path / "set.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed,class\n0,a church,1,church\n1,a tench in a river,2,tench\n")
+    edit = tmp_path / "church.safetensors"
+    fast = ["--steps", "2", "--height", "32", "--width", "32", "--device", "cpu"]
+    assert run_cli(capsys, "erase", sd_path, "-c", "church", "--method", "uce", "-o", edit)[0] == 0
+    before, after = tmp_path / "before", tmp_path / "after"
+    for out, extra in ((before, []), (after, ["--edit", edit])):
+        code, _, err = run_cli(capsys, "generate", sd_path, *extra, "--prompts", prompts, "-o", out, *fast)
+        assert code == 0, err
+    torch.manual_seed(0)
+    alex = m.LPIPS(m.alexnet_slices(), m.ALEX_CHANNELS)
+    for lin in alex.lins:
+        torch.nn.init.uniform_(lin.weight, 0.1, 1.0)  # LPIPS's lin weights are non-negative
+    torch.save(lpips_package_state(alex), tmp_path / "lpips.pth")
+    torch.save(m.resnet50().state_dict(), tmp_path / "resnet50.pth")
+    metrics = "nudenet,clip-score,fid,lpips,classify"
+    options = ["--clip-model", tiny_clip, "--fid-features", "clip", "--reference", before, "--against", before]
+    options += ["--lpips-weights", tmp_path / "lpips.pth", "--classifier-weights", tmp_path / "resnet50.pth"]
+    for run in (before, after):
+        code, out, err = run_cli(capsys, "evaluate", run, "--metric", metrics, *options)
+        assert code == 0, err
+        saved = json.loads((run / "metrics.json").read_text())
+        assert set(saved) >= {"nudenet", "clip-score", "fid", "lpips", "classify"}
+        for name in ("nudenet", "clip-score", "fid", "lpips", "classify"):
+            assert all(np.isfinite(v) for v in saved[name]["summary"].values() if isinstance(v, (int, float)))
+    assert json.loads((before / "metrics.json").read_text())["lpips"]["summary"]["lpips"] == 0  # a run against itself
+    assert json.loads((after / "metrics.json").read_text())["lpips"]["summary"]["lpips"] > 0  # the edit changed images
+    report = tmp_path / "report.html"
+    code, _, err = run_cli(capsys, "report", before, after, "-o", report)
+    assert code == 0, err
+    page = report.read_text(encoding="utf-8")
+    assert page.count("<img ") == 4 and "uce: church" in page
+    for column in ("nudity rate", "clip score", "fid", "lpips", "accuracy %"):
+        assert column in page.lower(), column
