@@ -318,3 +318,15 @@ def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sd
         make_params("jailbreak")
     with pytest.raises(ReceError, match="SDXL is not supported"):
         run_attack(sdxl_path, None, "derived", tmp_path / "xl", concepts=["cat"], progress=False)
+
+
+def test_recipe_family_texts_are_scored_on_the_world_concept():
+    from rece.metrics import _shapes_world_concepts
+
+    wanted = {"0_0.png": "a blue triangle", "1_0.png": "triangle", "2_0.png": "red"}
+    assert _shapes_world_concepts(wanted, ["triangle", "a triangle"]) == {
+        "0_0.png": "triangle",
+        "1_0.png": "triangle",
+        "2_0.png": "red",
+    }
+    assert _shapes_world_concepts({"0_0.png": "a blue triangle"}, ["a blue triangle"]) == {"0_0.png": "a blue triangle"}

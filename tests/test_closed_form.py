@@ -93,3 +93,31 @@ def test_ill_conditioned_system_names_the_parameter():
         cf.shared_edit_transform(C, C, torch.zeros(0, 10, dtype=torch.float64), 0.0, 1.0, 0.1, "--uce-lamb")
     with pytest.raises(ReceError, match="raise --regularization"):
         cf.derive_embedding(C, torch.zeros(10, 10, dtype=torch.float64), torch.eye(10, dtype=torch.float64), 0.0)
+
+
+def test_concept_subspace_finds_the_mean_difference_direction():
+    torch.manual_seed(0)
+    d, direction = 16, torch.nn.functional.normalize(torch.randn(16, dtype=torch.float64), dim=0)
+    contrast = torch.randn(5, 7, d, dtype=torch.float64)
+    concept = contrast.mean(0) + 4.0 * direction + 0.05 * torch.randn(3, 7, d, dtype=torch.float64)  # shifted along one
+    vectors, energies = cf.concept_subspace(concept, contrast)
+    assert abs(float(vectors[:, 0] @ direction)) > 0.95
+    assert energies[0] > 100 * energies[1]
+    assert cf.rank_for_energy(energies, 0.5) == 1 and cf.rank_for_energy(torch.zeros(4, dtype=torch.float64), 0.9) == 0
+
+
+def test_projections_remove_the_concept_directions():
+    torch.manual_seed(1)
+    d = 12
+    directions = torch.linalg.qr(torch.randn(d, 2, dtype=torch.float64))[0]
+    preserve = torch.randn(40, d, dtype=torch.float64)
+    metric = cf.projection_metric(preserve)
+    oblique = cf.oblique_projection(directions, metric)
+    assert torch.allclose(oblique @ directions, torch.zeros(d, 2, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(oblique @ oblique, oblique, atol=1e-10)  # a projection
+    orthogonal = cf.orthogonal_projection(directions)
+    assert torch.allclose(directions.T @ orthogonal, torch.zeros(2, d, dtype=torch.float64), atol=1e-10)  # range ⊥ U
+    # among projections that remove U, the oblique one disturbs the preserved rows least (in their own metric)
+    moved = lambda m: ((preserve @ m.T - preserve) ** 2).sum()  # noqa: E731
+    assert moved(oblique) <= moved(orthogonal) + 1e-9
+    assert torch.equal(cf.oblique_projection(directions[:, :0], metric), torch.eye(d, dtype=torch.float64))

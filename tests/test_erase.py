@@ -167,3 +167,20 @@ def test_zero_epochs_is_uce(base):
     a = rece.erase(base, ["cat"], method="rece", epochs=0)
     b = rece.erase(base, ["cat"], method="uce")
     assert torch.allclose(a.transform, b.transform) and a.derived == []
+
+
+def test_robust_method_is_one_singular_transform_with_a_report(base, tmp_path):
+    """Experimental robust mode (issue in progress): one d×d transform that removes `rank` directions."""
+    edit = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], rank=2)
+    report = edit.metadata["robust"]
+    assert edit.kind == "transform" and report["rank"] == 2
+    assert set(report["fresh_residual"]) == {"r=0.1", "r=0.001"} and all(v >= 0 for v in report["fresh_residual"].values())
+    assert int(torch.linalg.matrix_rank(edit.transform).item()) == base.dim - 2  # singular: not undone by any embedding
+    edit.save(tmp_path / "robust.safetensors")
+    loaded = rece.load_edit(tmp_path / "robust.safetensors")
+    assert loaded.metadata["robust"] == report and "robust        rank 2" in loaded.summary()
+    assert torch.allclose(loaded.transform, edit.transform, atol=1e-6)
+    with pytest.raises(ReceError, match="one shared transform"):
+        rece.erase(base, ["cat"], method="robust", technique="tensor")
+    with pytest.raises(ReceError, match="rank must be"):
+        rece.erase(base, ["cat"], method="robust", rank=-1)

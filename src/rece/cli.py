@@ -37,7 +37,7 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", "-c", action="append", default=None, help="concept to erase (repeatable)")
     p.add_argument("--concept-prompts", help="file of more texts to erase: one per line, or a CSV with a 'prompt' column")
     p.add_argument("--preset", help="paper settings: nudity, unsafe, art, object, object-hard")
-    p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default) or uce")
+    p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default), uce, or robust (experimental)")
     p.add_argument("--target", default=None, help="what erased concepts map to (default ' ')")
     p.add_argument("--preserve", action="append", default=None, help="text whose keys/values must not change (repeatable)")
     p.add_argument("--preserve-prompts", help="file of more texts to preserve: one per line, or a CSV with a 'prompt' column")
@@ -54,6 +54,9 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uce-preserve-scale", type=_finite_float, default=None, help="s_p of the UCE stage (max(0.1, 1/#preserved))")
     p.add_argument("--technique", default=None, help="replace (default) or tensor")
     p.add_argument("--layers", action="append", default=None, help="edit only K/V layers matching this regex (repeatable)")
+    p.add_argument("--rank", type=int, default=None, help="robust: concept directions removed (default: by --energy)")
+    p.add_argument("--energy", type=_finite_float, default=None, help="robust: share of the concept's energy removed (0.9)")
+    p.add_argument("--projection", default=None, help="robust: oblique (default, least change to preserved texts) or orthogonal")
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
     p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
 
@@ -90,6 +93,9 @@ def cmd_erase(args) -> int:
         uce_preserve_scale=args.uce_preserve_scale,
         technique=args.technique,
         layers=args.layers,
+        rank=args.rank,
+        energy=args.energy,
+        projection=args.projection,
     )
     check_output_path(args.output)
     start = time.perf_counter()

@@ -166,3 +166,65 @@ def relative_residual(weights, original_weights, rows: torch.Tensor, original_ro
         num += (rows @ w.to(torch.float64).T - target).pow(2).sum().item()
         den += target.pow(2).sum().item()
     return (num / den) ** 0.5
+
+
+def second_moment(rows: torch.Tensor) -> torch.Tensor:
+    """E[x xᵀ] over the rows: [d, d]."""
+    return outer_sum(rows, rows) / max(1, rows.shape[0])
+
+
+def concept_subspace(concept_rows: torch.Tensor, contrast_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directions in which the concept's rows differ from other texts' rows at the same position: the principal
+    directions of (concept row − mean contrast row), position by position.
+
+    `concept_rows` [n, L, d] and `contrast_rows` [m, L, d] are aligned (row j = j-th row from each text's last word).
+    A concept is often a different value along directions other texts use too (triangle vs circle), which a
+    difference of second moments cannot see; a difference of means can (as in LEACE). Returns (orthonormal columns
+    [d, d], energy along each [d], descending).
+    """
+    differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])
+    vectors, singular, _ = torch.linalg.svd(differences.T, full_matrices=True)
+    energies = torch.zeros(vectors.shape[0], dtype=torch.float64, device=vectors.device)
+    energies[: singular.shape[0]] = singular**2 / differences.shape[0]
+    return vectors, energies
+
+
+def projection_metric(preserve_rows: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Σ_preserve + ridge·(its mean eigenvalue)·I: the metric in which a projection disturbs preserved rows least."""
+    moment = second_moment(preserve_rows)
+    dim = moment.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64, device=moment.device)
+    return moment + ridge * (torch.trace(moment) / dim + 1e-12) * eye
+
+
+def rank_for_energy(values: torch.Tensor, energy: float) -> int:
+    """The smallest k whose top-k directions hold `energy` of the concept's total (non-negative) energy."""
+    excess = values.clamp(min=0)
+    total = excess.sum()
+    if total <= 0:
+        return 0
+    return int((torch.cumsum(excess, 0) / total < energy).sum().item()) + 1
+
+
+def oblique_projection(directions: torch.Tensor, preserve_moment: torch.Tensor) -> torch.Tensor:
+    """M = I − U (Uᵀ Σ⁻¹ U)⁻¹ Uᵀ Σ⁻¹ with U orthonormalised: M U = 0 (the concept directions are removed from every
+    embedding) and, among all such projections, E‖M p − p‖² over the preserved rows (moment Σ) is smallest."""
+    dim = preserve_moment.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64, device=preserve_moment.device)
+    if directions.shape[1] == 0:
+        return eye
+    basis, _ = torch.linalg.qr(directions)
+    solved = torch.linalg.solve(preserve_moment, basis)  # Σ⁻¹ U
+    small = basis.T @ solved  # Uᵀ Σ⁻¹ U, [k, k]
+    return eye - basis @ torch.linalg.solve(small, solved.T)
+
+
+def orthogonal_projection(directions: torch.Tensor) -> torch.Tensor:
+    """M = I − U Uᵀ (U orthonormalised): every output M x is orthogonal to the concept directions, so no embedding
+    at all puts anything along them; a preserved row changes only by its own component along U."""
+    dim = directions.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64, device=directions.device)
+    if directions.shape[1] == 0:
+        return eye
+    basis, _ = torch.linalg.qr(directions)
+    return eye - basis @ basis.T

@@ -51,8 +51,10 @@ class Edit:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_transform(cls, transform, base: BaseModel, config, derived, seconds: float) -> Edit:
+    def from_transform(cls, transform, base: BaseModel, config, derived, seconds: float, robust: dict | None = None) -> Edit:
         meta = cls._metadata("transform", base, config, list(base.kv), seconds)
+        if robust is not None:
+            meta["robust"] = robust
         return cls(meta, transform=transform.cpu(), derived=[d.cpu() for d in derived])
 
     @classmethod
@@ -202,6 +204,10 @@ class Edit:
                 f"rece          epochs {c['epochs']}, r {c['regularization']:g} ({c['regularization_type']}), "
                 f"λ1 {c['lamb']:g}, λ2 {c['preserve_scale']:g}"
             )
+        if m["method"] == "robust" and "robust" in m:
+            r = m["robust"]
+            residual = ", ".join(f"{k} {v:.3f}" for k, v in r["fresh_residual"].items())
+            lines.append(f"robust        rank {r['rank']} removed; fresh c′ residual {residual} (0 = concept recoverable)")
         lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
         if m["kind"] == "transform":
             eye = torch.eye(self.transform.shape[0], dtype=torch.float64)

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
     "object": {"regularization": 0.1, "epochs": 1},
     "object-hard": {"regularization": 1e-3, "epochs": 1},
 }
-METHODS = ("rece", "uce")
+METHODS = ("rece", "uce", "robust")
 TECHNIQUES = ("replace", "tensor")
 REGULARIZATION_TYPES = ("regzero", "standard")
 
@@ -52,6 +52,11 @@ class EraseConfig:
     uce_preserve_scale: float | None = None
     technique: str = "replace"
     layers: list[str] | None = None
+    rank: int | None = None
+    energy: float = 0.9
+    ridge: float = 1e-3
+    robust_map_to_target: bool = True
+    projection: str = "oblique"
 
     @classmethod
     def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
@@ -88,6 +93,14 @@ class EraseConfig:
             raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
         if self.regularization_type not in REGULARIZATION_TYPES:
             raise ReceError(f"unknown regularization type '{self.regularization_type}'; choose regzero or standard")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
+            raise ReceError(f"rank must be a whole number >= 0, got {self.rank!r}; fix --rank")
+        if not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
+            raise ReceError(f"energy must be in (0, 1], got {self.energy!r}; fix --energy")
+        if self.projection not in ("oblique", "orthogonal"):
+            raise ReceError(f"unknown projection '{self.projection}'; choose oblique or orthogonal")
+        if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
+            raise ReceError("--method robust edits every K/V layer with one shared transform; drop --technique and --layers")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ReceError(f"epochs must be a whole number >= 0, got {self.epochs!r}; pass --epochs 0 or more")
         for name in (
@@ -98,6 +111,7 @@ class EraseConfig:
             "uce_lamb",
             "uce_erase_scale",
             "uce_preserve_scale",
+            "ridge",
         ):
             value = getattr(self, name)
             if value is None:
@@ -192,6 +206,9 @@ def erase(
     names = list(base.kv)
     edited = select_layers(names, config.layers)
     fast = config.technique == "replace" and len(edited) == len(names)
+    if config.method == "robust":
+        transform, report = _run_robust(base, config, texts)
+        return Edit.from_transform(transform, base, config, [], time.perf_counter() - start, robust=report)
     run = _run_shared if fast else _run_per_layer
     result, derived = run(base, config, texts, edited)
     seconds = time.perf_counter() - start
@@ -264,3 +281,64 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
                 )
     deltas = {n: weights[n] - originals[n] for n in edited}
     return deltas, derived
+
+
+def aligned_token_rows(texts: _Texts, names: list[str]) -> torch.Tensor:
+    """Each text's rows from its last word onward, cut to a common length: [len(names), L, d]."""
+    starts = [texts.counts[t] - 2 for t in names]
+    length = min(texts.embeddings[t].shape[0] - i for t, i in zip(names, starts))
+    return torch.stack([texts.embeddings[t][i : i + length] for t, i in zip(names, starts)])
+
+
+def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[torch.Tensor, dict]:
+    """Robust mode: remove the concept's subspace from every embedding with an oblique projection that disturbs the
+    preserved texts least, then (by default) map what is left of the concept to the target with the UCE update.
+
+    The transform is singular along the removed directions, so no embedding reaches the original keys/values of the
+    concept through them; the report holds the rank, the eigenvalues and the fresh-c′ residuals.
+    """
+    preserve_rows = texts.rows(config.uce_preserve_texts)
+    if preserve_rows.shape[0] == 0:
+        raise ReceError("--method robust needs preserved texts to tell the concept apart; keep '' or pass --preserve")
+    # contrast like with like: the preserved texts' rows from their last word onward ("" when none are given)
+    aligned = aligned_token_rows(texts, config.concepts + config.uce_preserve_texts)
+    concept_rows, contrast_rows = aligned[: len(config.concepts)], aligned[len(config.concepts) :]
+    if config.preserve:
+        contrast_rows = contrast_rows[len(config.uce_preserve_texts) - len(config.preserve) :]
+    directions, values = cf.concept_subspace(concept_rows, contrast_rows)
+    moment = cf.projection_metric(preserve_rows, config.ridge)
+    rank = config.rank if config.rank is not None else cf.rank_for_energy(values, config.energy)
+    rank = min(rank, values.shape[0] - 1)
+    if config.projection == "oblique":
+        transform = cf.oblique_projection(directions[:, :rank], moment)
+    else:
+        transform = cf.orthogonal_projection(directions[:, :rank])
+    if config.robust_map_to_target:
+        pairs, uce_preserve, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+        erase_rows = torch.cat([c for c, _ in pairs]) @ transform.T
+        target_rows = torch.cat([t for _, t in pairs])
+        step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve @ transform.T, lamb, s_e, s_p, "--uce-lamb")
+        transform = step @ transform
+    report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
+    report["fresh_residual"] = fresh_derived_residuals(base, transform, texts, config.concepts)
+    return transform, report
+
+
+def fresh_derived_residuals(base: BaseModel, transform: torch.Tensor, texts: _Texts, concepts: list[str]) -> dict:
+    """‖W′c′ − W⁰c‖ / ‖W⁰c‖ for a fresh closed-form c′ against the edited model (W′ = W⁰·transform), at the
+    paper's two regularisations, averaged over the concepts: near 0 means the concept can be brought back."""
+    device = transform.device
+    originals = [w.to(device, torch.float64) for w in base.kv.values()]
+    gram0 = cf.weight_gram(originals)
+    cross = transform.T @ gram0
+    gram = cross @ transform
+    edited = [w @ transform for w in originals]
+    out = {}
+    for r in (0.1, 1e-3):
+        residuals = []
+        for concept in concepts:
+            c = texts.embeddings[concept]
+            derived = cf.derive_embedding(c, gram, cross, r)
+            residuals.append(cf.relative_residual(edited, originals, derived, c))
+        out[f"r={r:g}"] = round(sum(residuals) / len(residuals), 6)
+    return out

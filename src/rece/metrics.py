@@ -1046,10 +1046,20 @@ def _image_concepts(run: Run, concepts: Sequence[str]) -> dict[str, str]:
     return {n: (prompts.get(n, {}).get("concept") or concepts[0]) for n in run.images}
 
 
+def _shapes_world_concepts(wanted: dict[str, str], concepts: Sequence[str]) -> dict[str, str]:
+    """Score a prompt-family text ("a blue triangle", from a recipe's edit) on the run's first shapes-world concept."""
+    from .toy.world import COLORS, SHAPES
+
+    world = set(SHAPES) | set(COLORS)
+    fallback = next((c for c in concepts if c in world), None)
+    return {n: (c if c in world or fallback is None else fallback) for n, c in wanted.items()}
+
+
 def _successes(run: Run, kind: str, concepts: Sequence[str], options: dict, progress) -> dict[str, int]:
     """1 for each image showing its concept, by the `kind` detector."""
     wanted = _image_concepts(run, concepts)
     if kind == "shapes":
+        wanted = _shapes_world_concepts(wanted, concepts)
         _check_shapes_concepts(sorted(set(wanted.values())), run)
         return {n: int(shows(d, wanted[n])) for n, d in shapes_detections(run, progress).items()}
     if kind == "nudenet":
