@@ -140,13 +140,9 @@ def _read_model_index(folder: Path) -> dict:
 def unet_weight_files(unet_dir: Path) -> list[Path]:
     """The UNet's weight file(s): plain, fp16 variant or sharded safetensors, else a .bin file."""
     for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
-        single = unet_dir / f"{stem}.safetensors"
-        if single.is_file():
-            return [single]
-        index = unet_dir / f"{stem}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [unet_dir / s for s in shards]
+        files = safetensors_files(unet_dir, stem)
+        if files:
+            return files
     for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
         if (unet_dir / name).is_file():
             return [unet_dir / name]
@@ -190,9 +186,8 @@ def _load_text_encoder(folder: Path, sub: str, class_name: str, device):
     return encoder.to(device).eval()
 
 
-def _text_encoder_files(folder: Path, variant: str | None) -> list[Path]:
-    """The text encoder's safetensors file(s), single or sharded; [] when it has none."""
-    stem = "model.fp16" if variant else "model"
+def safetensors_files(folder: Path, stem: str) -> list[Path]:
+    """`stem`.safetensors, or the shards its index lists; [] when neither is there."""
     single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
@@ -210,7 +205,7 @@ def _stream_text_encoder(folder: Path, cls, variant: str | None, window_bytes: i
     """
     from safetensors import SafetensorError, safe_open
 
-    files = _text_encoder_files(folder, variant)
+    files = safetensors_files(folder, "model.fp16" if variant else "model")
     if not files:
         return None
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
