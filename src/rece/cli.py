@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concept", default="triangle", help="a shape (circle, square, triangle, cross) or colour (red, green, blue, yellow)"
     )
-    p.add_argument("--method", default="rece", help="rece or uce")
+    p.add_argument("--method", default="rece", help="rece (default), uce, or robust (experimental)")
     p.add_argument("--model", default="shapes", help="the shapes model (default) or a folder of one")
     p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
