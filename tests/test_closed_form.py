@@ -121,3 +121,20 @@ def test_projections_remove_the_concept_directions():
     moved = lambda m: ((preserve @ m.T - preserve) ** 2).sum()  # noqa: E731
     assert moved(oblique) <= moved(orthogonal) + 1e-9
     assert torch.equal(cf.oblique_projection(directions[:, :0], metric), torch.eye(d, dtype=torch.float64))
+
+
+def test_key_value_projection_shuts_the_concept_out_of_every_output():
+    torch.manual_seed(2)
+    d = 10
+    weights = [torch.randn(o, d, dtype=torch.float64) for o in (6, 8, 12)]
+    gram = cf.weight_gram(weights)
+    concept = torch.randn(30, d, dtype=torch.float64) + 3.0 * torch.nn.functional.one_hot(torch.tensor(0), d).double()
+    preserve = torch.randn(50, d, dtype=torch.float64)
+    directions, values = cf.key_value_concept_directions(concept, preserve, gram, tradeoff=1.0)
+    assert values[0] >= values[1]
+    m = cf.key_value_projection(directions[:, :1], gram)
+    stacked = torch.cat(weights)
+    outputs_dir = stacked @ directions[:, :1]
+    anything = torch.randn(d, 7, dtype=torch.float64)
+    assert torch.allclose(outputs_dir.T @ (stacked @ m @ anything), torch.zeros(1, 7, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(m @ m, m, atol=1e-9)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rece
+from rece import closed_form as cf
 from rece.demo import _load_pipeline
 from rece.models import from_pipeline, load_model, named_model_path
 from rece.toy.detector import detect
@@ -174,3 +175,25 @@ def test_concept_prompt_families():
     assert erasure_arguments("red")["target"] == "a shape" and erasure_arguments("cross")["target"] == " "
     with pytest.raises(ValueError, match="neither a shape"):
         concept_prompts("hexagon")
+
+
+def test_robust_mode_erases_and_a_fresh_derived_embedding_does_not_bring_it_back(pipe, grid, baseline):
+    """Issue "robust mode" (in progress): the key/value projection on the recipe; bars asserted with margin."""
+    prompts, seeds, shapes, colors = grid
+    base = from_pipeline(pipe, "shapes")
+    edit = rece.erase(base, method="robust", **erasure_arguments("triangle"))
+    before = erasure_metrics(baseline, shapes, colors, "triangle")
+    edit.apply(pipe)
+    try:
+        after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, "triangle")
+        kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
+        edited = [edit.edited_weight(n, w) for n, w in kv.items()]
+        c = base.encoder.encode(["triangle"])[0]
+        fresh = cf.derive_embedding(c, cf.weight_gram(edited), cf.cross_gram(edited, kv.values()), 0.1).float()
+        probe = generate(pipe, seeds=list(range(8)), prompt_embeds=fresh.expand(8, -1, -1), steps=STEPS)
+    finally:
+        edit.revert(pipe)
+    assert after["erased_rate"] <= 0.13
+    assert after["other_shape_accuracy"] >= 0.8 * before["other_shape_accuracy"] and after["color_accuracy"] >= 0.9
+    assert np.mean([detect(img).shape == "triangle" for img in probe]) <= 0.25
+    assert edit.metadata["robust"]["fresh_residual"]["r=0.1"] >= 0.3

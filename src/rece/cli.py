@@ -56,7 +56,8 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", action="append", default=None, help="edit only K/V layers matching this regex (repeatable)")
     p.add_argument("--rank", type=int, default=None, help="robust: concept directions removed (default: by --energy)")
     p.add_argument("--energy", type=_finite_float, default=None, help="robust: share of the concept's energy removed (0.9)")
-    p.add_argument("--projection", default=None, help="robust: oblique (default, least change to preserved texts) or orthogonal")
+    p.add_argument("--projection", default=None, help="robust: keys (default; K/V output directions), oblique, orthogonal")
+    p.add_argument("--tradeoff", type=_finite_float, default=None, help="robust keys: weight of preserved energy (5)")
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
     p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
 
@@ -96,6 +97,7 @@ def cmd_erase(args) -> int:
         rank=args.rank,
         energy=args.energy,
         projection=args.projection,
+        tradeoff=args.tradeoff,
     )
     check_output_path(args.output)
     start = time.perf_counter()

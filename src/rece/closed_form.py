@@ -228,3 +228,30 @@ def orthogonal_projection(directions: torch.Tensor) -> torch.Tensor:
         return eye
     basis, _ = torch.linalg.qr(directions)
     return eye - basis @ basis.T
+
+
+def key_value_concept_directions(
+    difference_rows: torch.Tensor, preserve_rows: torch.Tensor, gram: torch.Tensor, tradeoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embedding directions u whose key/value outputs carry the most of the concept (rows of concept − mean other
+    text) for the least of the preserved rows: the top generalised eigenvectors of
+    (Σ_diff − μ·(tr Σ_diff / tr Σ_pres)·Σ_pres, Gram⁻¹) in the reading direction z = Gram·u.
+
+    With `gram` = Σ W⁰ᵀW⁰ = R Rᵀ, this is the eigenproblem of Rᵀ A R; u = R⁻ᵀ w. Returns (u as columns, eigenvalues).
+    """
+    difference, preserve = second_moment(difference_rows), second_moment(preserve_rows)
+    weighted = difference - tradeoff * (torch.trace(difference) / torch.trace(preserve)) * preserve
+    dim = gram.shape[0]
+    chol = torch.linalg.cholesky(gram + 1e-9 * torch.trace(gram) / dim * torch.eye(dim, dtype=gram.dtype, device=gram.device))
+    values, vectors = torch.linalg.eigh(chol.T @ weighted @ chol)
+    return torch.linalg.solve_triangular(chol.T, vectors.flip(1), upper=True), values.flip(0)
+
+
+def key_value_projection(directions: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """M = I − U (Uᵀ G U)⁻¹ Uᵀ G with G = Σ W⁰ᵀW⁰: every key/value output W⁰M x is orthogonal to W⁰U, so no
+    embedding at all can produce the concept's outputs along those directions."""
+    dim = gram.shape[0]
+    eye = torch.eye(dim, dtype=torch.float64, device=gram.device)
+    if directions.shape[1] == 0:
+        return eye
+    return eye - directions @ torch.linalg.solve(directions.T @ gram @ directions, directions.T @ gram)

@@ -55,8 +55,9 @@ class EraseConfig:
     rank: int | None = None
     energy: float = 0.9
     ridge: float = 1e-3
-    robust_map_to_target: bool = True
-    projection: str = "oblique"
+    robust_map_to_target: bool = False
+    projection: str = "keys"
+    tradeoff: float = 5.0
 
     @classmethod
     def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
@@ -97,8 +98,8 @@ class EraseConfig:
             raise ReceError(f"rank must be a whole number >= 0, got {self.rank!r}; fix --rank")
         if not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
             raise ReceError(f"energy must be in (0, 1], got {self.energy!r}; fix --energy")
-        if self.projection not in ("oblique", "orthogonal"):
-            raise ReceError(f"unknown projection '{self.projection}'; choose oblique or orthogonal")
+        if self.projection not in ("keys", "oblique", "orthogonal"):
+            raise ReceError(f"unknown projection '{self.projection}'; choose keys, oblique or orthogonal")
         if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
             raise ReceError("--method robust edits every K/V layer with one shared transform; drop --technique and --layers")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -112,6 +113,7 @@ class EraseConfig:
             "uce_erase_scale",
             "uce_preserve_scale",
             "ridge",
+            "tradeoff",
         ):
             value = getattr(self, name)
             if value is None:
@@ -291,11 +293,13 @@ def aligned_token_rows(texts: _Texts, names: list[str]) -> torch.Tensor:
 
 
 def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[torch.Tensor, dict]:
-    """Robust mode: remove the concept's subspace from every embedding with an oblique projection that disturbs the
-    preserved texts least, then (by default) map what is left of the concept to the target with the UCE update.
+    """Robust mode: a projection singular along the concept's directions, so no embedding can bring them back.
 
-    The transform is singular along the removed directions, so no embedding reaches the original keys/values of the
-    concept through them; the report holds the rank, the eigenvalues and the fresh-c′ residuals.
+    Default ("keys"): the directions whose key/value outputs carry the concept (rows of each erased text minus the
+    mean preserved row, position by position) for the least preserved energy (weight `tradeoff`), removed from every
+    K/V output (M = I − U(UᵀGU)⁻¹UᵀG, G = Σ W⁰ᵀW⁰). "oblique"/"orthogonal" remove embedding directions instead.
+    Optionally the UCE update then maps what is left of the concept to the target. The report holds the rank, the
+    eigenvalues and the fresh-c′ residuals.
     """
     preserve_rows = texts.rows(config.uce_preserve_texts)
     if preserve_rows.shape[0] == 0:
@@ -305,11 +309,18 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     concept_rows, contrast_rows = aligned[: len(config.concepts)], aligned[len(config.concepts) :]
     if config.preserve:
         contrast_rows = contrast_rows[len(config.uce_preserve_texts) - len(config.preserve) :]
-    directions, values = cf.concept_subspace(concept_rows, contrast_rows)
-    moment = cf.projection_metric(preserve_rows, config.ridge)
+    if config.projection == "keys":
+        gram0 = cf.weight_gram(w.to(preserve_rows.device) for w in base.kv.values())
+        differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])
+        directions, values = cf.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
+    else:
+        directions, values = cf.concept_subspace(concept_rows, contrast_rows)
     rank = config.rank if config.rank is not None else cf.rank_for_energy(values, config.energy)
     rank = min(rank, values.shape[0] - 1)
-    if config.projection == "oblique":
+    if config.projection == "keys":
+        transform = cf.key_value_projection(directions[:, :rank], gram0)
+    elif config.projection == "oblique":
+        moment = cf.projection_metric(preserve_rows, config.ridge)
         transform = cf.oblique_projection(directions[:, :rank], moment)
     else:
         transform = cf.orthogonal_projection(directions[:, :rank])
