@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors import safe_open
 
 import rece
@@ -24,6 +23,8 @@ from rece.errors import ReceError
 from rece.metrics import evaluate
 from rece.models import load_model
 
+from .runs import pixels, write_csv
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 FAST = dict(steps=6, images_per_prompt=2, progress=False, device="cpu")
 # The smallest settings at which each attack still does every part of its work.
@@ -33,19 +34,6 @@ SMALL = {
     "unlearndiff": dict(iterations=2, timesteps=2, adv_tokens=2),
     "textual-inversion": dict(train_steps=2, train_batch_size=2, gradient_accumulation=2, train_images=2),
 }
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def pixels(run_dir):
-    """{file name: uint8 array} of a run's images."""
-    return {p.name: np.asarray(Image.open(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
 
 
 def tensors(run_dir):

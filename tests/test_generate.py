@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import rece
 import rece.generate as gen
@@ -15,23 +14,11 @@ from rece.cli import main
 from rece.errors import ReceError
 
 from .ldm_checkpoint import save_ldm_checkpoint
+from .runs import pixels, write_csv
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 FAST = dict(steps=2, height=16, width=16, progress=False, device="cpu")
 FAST_ARGS = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu"]
-
-
-def write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def pixels(run_dir):
-    """{file name: uint8 array} of a run's images."""
-    return {p.name: np.asarray(Image.open(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
 
 
 def leftovers(run_dir):
