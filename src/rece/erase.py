@@ -309,8 +309,8 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     concept_rows, contrast_rows = aligned[: len(config.concepts)], aligned[len(config.concepts) :]
     if config.preserve:
         contrast_rows = contrast_rows[len(config.uce_preserve_texts) - len(config.preserve) :]
+    gram0 = cf.weight_gram(w.to(preserve_rows.device) for w in base.kv.values())
     if config.projection == "keys":
-        gram0 = cf.weight_gram(w.to(preserve_rows.device) for w in base.kv.values())
         differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])
         directions, values = cf.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
     else:
@@ -331,16 +331,17 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
         step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve @ transform.T, lamb, s_e, s_p, "--uce-lamb")
         transform = step @ transform
     report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
-    report["fresh_residual"] = fresh_derived_residuals(base, transform, texts, config.concepts)
+    report["fresh_residual"] = fresh_derived_residuals(base, transform, gram0, texts, config.concepts)
     return transform, report
 
 
-def fresh_derived_residuals(base: BaseModel, transform: torch.Tensor, texts: _Texts, concepts: list[str]) -> dict:
-    """‖W′c′ − W⁰c‖ / ‖W⁰c‖ for a fresh closed-form c′ against the edited model (W′ = W⁰·transform), at the
+def fresh_derived_residuals(
+    base: BaseModel, transform: torch.Tensor, gram0: torch.Tensor, texts: _Texts, concepts: list[str]
+) -> dict:
+    """‖W′c′ − W⁰c‖ / ‖W⁰c‖ for a fresh closed-form c′ against the edited model (W′ = W⁰·transform; gram0 = Σ W⁰ᵀW⁰), at the
     paper's two regularisations, averaged over the concepts: near 0 means the concept can be brought back."""
     device = transform.device
     originals = [w.to(device, torch.float64) for w in base.kv.values()]
-    gram0 = cf.weight_gram(originals)
     cross = transform.T @ gram0
     gram = cross @ transform
     edited = [w @ transform for w in originals]
