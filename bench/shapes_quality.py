@@ -1,7 +1,8 @@
 """Quality bars of the shapes model, measured with the analytic detector (issue: shapes world).
 
-Prints: prompt following (25 steps); erasing shapes and colours with UCE and RECE (erased rate,
-other-shape accuracy relative to baseline, colour accuracy); and the RECE mechanism: images generated
+Prints: prompt following (25 steps); erasing shapes and colours with UCE, RECE and robust mode side by side
+(erased rate, other-shape accuracy relative to baseline, colour accuracy, edit seconds, and how often a fresh
+closed-form c′ derived against the edit brings the concept back); and the RECE mechanism: images generated
 from the derived embedding c′ after UCE, after RECE, and from a fresh c′ derived against the RECE model.
 
     HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--per-combo 6] [--steps 25] [--concepts triangle cross red]
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=["triangle", "cross", "red", "blue"])
     parser.add_argument("--word-only", action="store_true", help="also erase the bare word with the paper's defaults")
     parser.add_argument("--probe-images", type=int, default=24)
+    parser.add_argument("--methods", nargs="+", default=["uce", "rece", "robust"], help="erasure methods side by side")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -70,11 +72,12 @@ def main() -> None:
         grids[template] = (p, s, sh, co, generate(pipe, p, s, args.steps, args.guidance))
     print(
         f"{'concept':9s} {'method':6s} {'recipe':7s} {'prompts':9s} {'erased':>7s} {'others/base':>11s} {'colours':>8s} "
-        f"{'seconds':>8s}"
+        f"{'seconds':>8s} {'fresh c′ r=0.1':>14s} {'r=1e-3':>7s}"
     )
+    probe_seeds = list(range(args.probe_images))
     for concept in args.concepts:
         recipes = {"family": erasure_arguments(concept), "word": {"concepts": [concept]}}
-        for method in ("uce", "rece"):
+        for method in args.methods:
             for recipe, settings in recipes.items():
                 if recipe == "word" and not args.word_only:
                     continue
@@ -86,6 +89,11 @@ def main() -> None:
                     before = erasure_metrics(base_images, sh, co, concept)
                     after = erasure_metrics(images, sh, co, concept)
                     rows[template] = (after, after["other_shape_accuracy"] / max(before["other_shape_accuracy"], 1e-9))
+                fresh = {}  # a closed-form c′ derived against this edit (the attack RECE itself uses, once more)
+                for r in (0.1, 1e-3):
+                    emb = fresh_derived(base, edit, concept, r).float().expand(len(probe_seeds), -1, -1)
+                    images = generate(pipe, seeds=probe_seeds, prompt_embeds=emb, steps=args.steps, guidance=args.guidance)
+                    fresh[f"r={r:g}"] = shows(images, concept)
                 edit.revert(pipe)
                 for label, keys in (("trained", [list(grids)[0]]), ("held-out", held_out)):
                     erased = float(np.mean([rows[t][0]["erased_rate"] for t in keys]))
@@ -96,15 +104,15 @@ def main() -> None:
                         "other_shape_kept": kept,
                         "color_accuracy": colours,
                         "seconds": edit.metadata["seconds"],
+                        "fresh_derived": fresh,
                     }
                     print(
                         f"{concept:9s} {method:6s} {recipe:7s} {label:9s} {erased:7.3f} {kept:11.3f} {colours:8.3f} "
-                        f"{edit.metadata['seconds']:8.3f}",
+                        f"{edit.metadata['seconds']:8.3f} {fresh['r=0.1']:14.3f} {fresh['r=0.001']:7.3f}",
                         flush=True,
                     )
     # The RECE mechanism, on the first concept (its word is the first erased text)
     concept = args.concepts[0]
-    probe_seeds = list(range(args.probe_images))
     settings = erasure_arguments(concept)
     uce = rece.erase(base, method="uce", **settings)
     for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):

@@ -26,6 +26,14 @@ def sdxl_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A randomly initialised CLIP (32×32 images) saved as a complete local folder."""
+    from rece.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
 def base(sd_path):
     from rece.models import load_model
 

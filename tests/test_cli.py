@@ -163,6 +163,10 @@ def test_erase_reads_concept_and_preserve_prompt_files(capsys, sd_path, tmp_path
     assert json.loads(out)["concepts"] == ["cat", "a cat", "a photo of a cat"]
     code, out, _ = run(capsys, "info", edit, "--json")
     assert json.loads(out)["config"]["preserve"] == ["a dog", "a bird"]
+    # with a preset and no --concept, the file adds to the preset's concepts
+    code, out, err = run(capsys, "erase", sd_path, "--preset", "nudity", "--concept-prompts", concepts, "-o", edit, "--json")
+    assert code == 0, err
+    assert json.loads(out)["concepts"] == ["nudity", "a cat", "a photo of a cat"]
 
     for bad, message in (
         (tmp_path / "missing.txt", "does not exist"),

@@ -55,26 +55,6 @@ def run_a(tmp_path):
     return make_run(tmp_path / "a", {f"{i}_0.png": (pattern(i), p) for i, p in enumerate(PROMPTS)})
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A randomly initialised CLIP (32×32 images) saved as a complete local folder."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
-
-    from rece.tiny import save_clip_tokenizer
-
-    path = tmp_path_factory.mktemp("models") / "tiny-clip"
-    tok = save_clip_tokenizer(path)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text.update(
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
-
-
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

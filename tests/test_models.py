@@ -183,3 +183,40 @@ def test_streamed_text_encoder_falls_back_when_tensors_are_missing(sd_path, tmp_
     state.pop(next(k for k in state if "final_layer_norm" in k))
     save_file(state, folder / "model.safetensors")
     assert _stream_text_encoder(folder, CLIPTextModel, None) is None
+
+
+def test_original_gram_is_cached_and_checked(sd_path, tmp_path, monkeypatch):
+    import rece.closed_form as cf
+    from rece.models import gram_cache_file
+
+    monkeypatch.setenv("RECE_CACHE", str(tmp_path))
+    first = load_model(sd_path)
+    exact = cf.weight_gram(first.kv.values())
+    assert torch.equal(first.original_gram(), exact)
+    path = gram_cache_file(first)
+    assert path.is_file() and path.parent == tmp_path / "grams"
+
+    def no_gram(weights):
+        raise AssertionError("the gram was multiplied out again")
+
+    monkeypatch.setattr(cf, "weight_gram", no_gram)
+    assert torch.equal(load_model(sd_path).original_gram(), exact)  # read from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv("RECE_CACHE", str(tmp_path))
+    # a cache that does not match the weights (same name, other numbers) or is damaged is recomputed, never used
+    save_file({"gram": exact * (1 + 1e-6)}, str(path))
+    assert torch.equal(load_model(sd_path).original_gram(), exact)
+    path.write_bytes(b"not safetensors")
+    assert torch.equal(load_model(sd_path).original_gram(), exact)
+    assert torch.equal(load_file(str(path))["gram"], exact)  # and rewritten
+    # fp32 and fp16 releases share a fingerprint but not a cache entry
+    assert gram_cache_file(load_model(sd_path)) != gram_cache_file(
+        load_model(StableDiffusionPipeline.from_pretrained(sd_path).to(torch.float16))
+    )
+
+
+def test_gram_cache_can_be_turned_off(sd_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECE_CACHE", str(tmp_path))
+    monkeypatch.setenv("RECE_GRAM_CACHE", "0")
+    load_model(sd_path).original_gram()
+    assert not (tmp_path / "grams").exists()

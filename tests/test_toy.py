@@ -177,23 +177,26 @@ def test_concept_prompt_families():
         concept_prompts("hexagon")
 
 
-def test_robust_mode_erases_and_a_fresh_derived_embedding_does_not_bring_it_back(pipe, grid, baseline):
-    """Issue "robust mode" (in progress): the key/value projection on the recipe; bars asserted with margin."""
+@pytest.mark.parametrize("concept", ["triangle", "red"])
+def test_robust_mode_erases_and_a_fresh_derived_embedding_does_not_bring_it_back(pipe, grid, baseline, concept):
+    """Robust mode on the recipe: bars asserted with margin. A colour-free embedding draws red about a quarter of
+    the time on this model (it picks a random colour), so for red a fresh c′ is held to that floor, not to 0."""
     prompts, seeds, shapes, colors = grid
     base = from_pipeline(pipe, "shapes")
-    edit = rece.erase(base, method="robust", **erasure_arguments("triangle"))
-    before = erasure_metrics(baseline, shapes, colors, "triangle")
+    edit = rece.erase(base, method="robust", **erasure_arguments(concept))
+    before = erasure_metrics(baseline, shapes, colors, concept)
     edit.apply(pipe)
     try:
-        after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, "triangle")
+        after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, concept)
         kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
         edited = [edit.edited_weight(n, w) for n, w in kv.items()]
-        c = base.encoder.encode(["triangle"])[0]
+        c = base.encoder.encode([concept])[0]
         fresh = cf.derive_embedding(c, cf.weight_gram(edited), cf.cross_gram(edited, kv.values()), 0.1).float()
         probe = generate(pipe, seeds=list(range(8)), prompt_embeds=fresh.expand(8, -1, -1), steps=STEPS)
     finally:
         edit.revert(pipe)
     assert after["erased_rate"] <= 0.13
     assert after["other_shape_accuracy"] >= 0.8 * before["other_shape_accuracy"] and after["color_accuracy"] >= 0.9
-    assert np.mean([detect(img).shape == "triangle" for img in probe]) <= 0.25
+    shown = [detect(img).shape == concept or detect(img).color == concept for img in probe]
+    assert np.mean(shown) <= (0.25 if concept == "triangle" else 0.5)
     assert edit.metadata["robust"]["fresh_residual"]["r=0.1"] >= 0.3

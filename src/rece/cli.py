@@ -58,24 +58,24 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", type=_finite_float, default=None, help="robust: share of the concept's energy removed (0.9)")
     p.add_argument("--projection", default=None, help="robust: keys (default; K/V output directions), oblique, orthogonal")
     p.add_argument("--tradeoff", type=_finite_float, default=None, help="robust keys: weight of preserved energy (5)")
+    p.add_argument("--no-map-to-target", action="store_true", help="robust: project only, without UCE's map to the target")
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
     p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
 
 
-def cmd_erase(args) -> int:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
-
-    from .edit import load_edit  # noqa: F401
-    from .erase import EraseConfig, erase
-    from .io import check_output_path, read_prompt_file
-    from .models import load_model
+def _erase_config(args):
+    """The EraseConfig of the erase options on the command line (`rece erase`, `rece sweep`)."""
+    from .erase import PRESETS, EraseConfig
+    from .io import read_prompt_file
 
     concepts, preserve = args.concept, args.preserve
     if args.concept_prompts:
+        if concepts is None and args.preset in PRESETS:  # the file adds to the preset's concepts
+            concepts = list(PRESETS[args.preset].get("concepts", []))
         concepts = (concepts or []) + read_prompt_file(args.concept_prompts, "--concept-prompts")
     if args.preserve_prompts:
         preserve = (preserve or []) + read_prompt_file(args.preserve_prompts, "--preserve-prompts")
-    config = EraseConfig.create(
+    return EraseConfig.create(
         concepts,
         args.preset,
         method=args.method,
@@ -98,7 +98,19 @@ def cmd_erase(args) -> int:
         energy=args.energy,
         projection=args.projection,
         tradeoff=args.tradeoff,
+        map_to_target=False if args.no_map_to_target else None,
     )
+
+
+def cmd_erase(args) -> int:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
+
+    from .edit import load_edit  # noqa: F401
+    from .erase import erase
+    from .io import check_output_path
+    from .models import load_model
+
+    config = _erase_config(args)
     check_output_path(args.output)
     start = time.perf_counter()
     base = load_model(args.model, args.device, config=args.config)
@@ -340,6 +352,76 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def _shapes_recipe(args) -> bool:
+    """`rece sweep shapes --concept triangle`: fill in the shapes model's erasure recipe unless the user chose texts."""
+    from .toy.evaluate import erasure_arguments
+    from .toy.world import COLORS, SHAPES
+
+    chosen = args.concept_prompts or args.preserve or args.preserve_prompts or args.target is not None or args.preset
+    if args.model != "shapes" or chosen or not args.concept or len(args.concept) != 1:
+        return False
+    if args.concept[0] not in SHAPES and args.concept[0] not in COLORS:
+        return False
+    recipe = erasure_arguments(args.concept[0])
+    args.concept, args.preserve, args.target = recipe["concepts"], recipe["preserve"], recipe["target"]
+    if args.regularization is None:
+        args.regularization = recipe["regularization"]
+    return True
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """KEY=VALUE options as a dict (numbers parsed; keys with '-' as '_')."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ReceError(f"{flag} takes KEY=VALUE (got '{item}'), e.g. {flag} iterations=10")
+        for kind in (int, float):
+            try:
+                out[key.replace("-", "_")] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep, sweep_table
+
+    concept = args.concept[0] if args.concept else None
+    if _shapes_recipe(args):
+        print(f"shapes model: erasing the prompt family of '{concept}' (rece.toy.evaluate.erasure_arguments)")
+    config = _erase_config(args)
+    start = time.perf_counter()
+    record = run_sweep(
+        args.model,
+        config,
+        args.vary.replace("-", "_"),
+        args.values,
+        args.output,
+        concept=concept,
+        prompts=args.prompts,
+        preserve_prompts=args.preserve_eval,
+        attack=args.attack,
+        attack_parameters=_key_values(args.attack_param, "--attack-param"),
+        preserve_metric=args.preserve_metric,
+        steps=args.steps,
+        guidance=args.guidance,
+        images_per_prompt=args.images,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    header, rows = sweep_table(record)
+    for row in [header, *rows]:
+        print("  ".join(f"{'–' if v is None else (f'{v:.1f}' if isinstance(v, float) else v)!s:>17s}" for v in row))
+    out = args.output.rstrip("/")
+    print(f"wrote {out}/sweep.json and {out}/sweep.png in {time.perf_counter() - start:.1f} s; "
+          f"`rece report {out} -o sweep.html` shows them")  # fmt: skip
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from .toy.train import main as train_main
 
@@ -448,6 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 group.add_argument(flag, type=kind, default=None, help=text)
     p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("sweep", help="vary one erase parameter; plot erased rate, attack success, preservation")
+    _add_erase_args(p)
+    p.add_argument("--vary", required=True, help="the parameter: rank, tradeoff, energy, epochs, regularization, lamb, ...")
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 0,3,5,10")
+    p.add_argument("--prompts", default=None, help="prompt set naming the concept (shapes: built in)")
+    p.add_argument("--preserve-eval", default=None, help="prompt set that must keep working, with a 'concept' column for asr")
+    p.add_argument("--preserve-metric", default="asr", help="asr (share showing their concept; default) or clip-score")
+    p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
+    p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (shapes 25, else 50)")
+    p.add_argument("--guidance", type=_finite_float, default=None, help="guidance scale (shapes 4, else 7.5)")
+    p.add_argument("--images", type=int, default=2, help="images per prompt (2)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing sweep in the output folder")
+    p.add_argument("-o", "--output", required=True, help="sweep folder: runs, sweep.json, sweep.png")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="measure run folders: nudenet, clip-score, fid, lpips, classify (the paper's metrics)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one table row each")

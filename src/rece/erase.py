@@ -55,7 +55,7 @@ class EraseConfig:
     rank: int | None = None
     energy: float = 0.9
     ridge: float = 1e-3
-    robust_map_to_target: bool = False
+    map_to_target: bool = True
     projection: str = "keys"
     tradeoff: float = 5.0
 
@@ -242,7 +242,7 @@ def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: lis
     derived = []
     if config.method == "rece" and config.epochs > 0:
         concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
-        gram0 = cf.weight_gram(w.to(base.encoder.device) for w in base.kv.values())
+        gram0 = base.original_gram()
         for _ in range(config.epochs):
             cross = transform.T @ gram0
             gram = cross @ transform
@@ -298,8 +298,8 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     Default ("keys"): the directions whose key/value outputs carry the concept (rows of each erased text minus the
     mean preserved row, position by position) for the least preserved energy (weight `tradeoff`), removed from every
     K/V output (M = I − U(UᵀGU)⁻¹UᵀG, G = Σ W⁰ᵀW⁰). "oblique"/"orthogonal" remove embedding directions instead.
-    Optionally the UCE update then maps what is left of the concept to the target. The report holds the rank, the
-    eigenvalues and the fresh-c′ residuals.
+    Before the projection, the UCE update maps the concept to the target (`map_to_target`, on by default). The
+    report holds the rank, the eigenvalues and the fresh-c′ residuals.
     """
     preserve_rows = texts.rows(config.uce_preserve_texts)
     if preserve_rows.shape[0] == 0:
@@ -309,7 +309,7 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     concept_rows, contrast_rows = aligned[: len(config.concepts)], aligned[len(config.concepts) :]
     if config.preserve:
         contrast_rows = contrast_rows[len(config.uce_preserve_texts) - len(config.preserve) :]
-    gram0 = cf.weight_gram(w.to(preserve_rows.device) for w in base.kv.values())
+    gram0 = base.original_gram().to(preserve_rows.device)
     if config.projection == "keys":
         differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])
         directions, values = cf.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
@@ -324,12 +324,12 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
         transform = cf.oblique_projection(directions[:, :rank], moment)
     else:
         transform = cf.orthogonal_projection(directions[:, :rank])
-    if config.robust_map_to_target:
+    if config.map_to_target:
+        # UCE first, the projection last: every output stays in the projection's range, so the guarantee holds
         pairs, uce_preserve, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
-        erase_rows = torch.cat([c for c, _ in pairs]) @ transform.T
-        target_rows = torch.cat([t for _, t in pairs])
-        step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve @ transform.T, lamb, s_e, s_p, "--uce-lamb")
-        transform = step @ transform
+        erase_rows, target_rows = torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+        step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve, lamb, s_e, s_p, "--uce-lamb")
+        transform = transform @ step
     report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
     report["fresh_residual"] = fresh_derived_residuals(base, transform, gram0, texts, config.concepts)
     return transform, report

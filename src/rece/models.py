@@ -38,6 +38,8 @@ class BaseModel:
     kind: str = "sd"
     folder: Path | None = None
     pipeline: object | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+    _gram: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:
@@ -48,7 +50,26 @@ class BaseModel:
         return next(iter(self.kv.values())).dtype
 
     def fingerprint(self) -> str:
-        return kv_fingerprint(self.kv)
+        if self._fingerprint is None:
+            self._fingerprint = kv_fingerprint(self.kv)
+        return self._fingerprint
+
+    def original_gram(self) -> torch.Tensor:
+        """G₀ = Σ W⁰ᵀW⁰ over the K/V layers (float64, on the encoder's device), computed once per base model.
+
+        It is kept in the gram cache ($RECE_CACHE/grams; RECE_GRAM_CACHE=0 turns it off), so the next erasure from
+        the same base reads it instead of multiplying out every layer; a cached gram is used only after it passes a
+        random-probe check against these weights.
+        """
+        from .closed_form import weight_gram
+
+        if self._gram is None:
+            device = self.encoder.device
+            self._gram = read_cached_gram(self, device)
+            if self._gram is None:
+                self._gram = weight_gram(w.to(device) for w in self.kv.values())
+                write_cached_gram(self, self._gram)
+        return self._gram
 
 
 def kv_fingerprint(kv: dict[str, torch.Tensor]) -> str:
@@ -63,6 +84,58 @@ def kv_fingerprint(kv: dict[str, torch.Tensor]) -> str:
         h.update(str(tuple(w.shape)).encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+GRAM_CACHE_ENV = "RECE_GRAM_CACHE"
+
+
+def gram_cache_file(base: BaseModel) -> Path | None:
+    """Where the gram of `base` is cached: $RECE_CACHE/grams/FINGERPRINT-DTYPE-LAYERS.safetensors (None: cache off)."""
+    if os.environ.get(GRAM_CACHE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = Path(os.environ.get("RECE_CACHE") or Path.home() / ".cache" / "rece").expanduser()
+    dtype = str(base.dtype).removeprefix("torch.")
+    return root / "grams" / f"{base.fingerprint()}-{dtype}-{len(base.kv)}.safetensors"
+
+
+def gram_matches(gram: torch.Tensor, kv: dict[str, torch.Tensor], tolerance: float = 1e-9) -> bool:
+    """Whether `gram` is Σ WᵀW of these weights, by Freivalds' check: G·v against Σ Wᵀ(W·v) for a random v."""
+    v = torch.randn(gram.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(gram.device)
+    probe = sum(w.to(gram.device, torch.float64).T @ (w.to(gram.device, torch.float64) @ v) for w in kv.values())
+    return bool(torch.linalg.vector_norm(gram @ v - probe) <= tolerance * torch.linalg.vector_norm(probe))
+
+
+def read_cached_gram(base: BaseModel, device: str | torch.device) -> torch.Tensor | None:
+    """The cached gram of `base`, or None when there is none, it is unreadable, or it does not match the weights."""
+    from safetensors.torch import load_file
+
+    path = gram_cache_file(base)
+    if path is None or not path.is_file():
+        return None
+    try:
+        gram = load_file(str(path), device=str(device))["gram"]
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    if gram.dtype != torch.float64 or gram.shape != (base.dim, base.dim) or not gram_matches(gram, base.kv):
+        return None
+    return gram
+
+
+def write_cached_gram(base: BaseModel, gram: torch.Tensor) -> None:
+    """Keep `gram` for the next erasure from this base (atomically; a cache that cannot be written is skipped)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_file
+
+    path = gram_cache_file(base)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as tmp:
+            save_file({"gram": gram.detach().to("cpu").contiguous()}, str(tmp), metadata={"source": base.source})
+    except OSError:
+        pass
 
 
 def kv_names(module_names) -> list[str]:

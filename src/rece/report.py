@@ -61,6 +61,62 @@ def labelled_panels(
     return canvas
 
 
+SERIES_COLOURS = ((200, 40, 40), (230, 140, 20), (40, 110, 200), (60, 160, 70), (120, 60, 170))
+
+
+def line_chart(
+    x_labels: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    x_title: str,
+    y_title: str = "%",
+    y_max: float = 100.0,
+    size: tuple[int, int] = (640, 380),
+) -> Image.Image:
+    """A line chart of a few series over evenly spaced categories (None: no point), y from 0 to `y_max`, legend below."""
+    width, height = size
+    left, right, top, legend_h = 48, 16, 12, 18 * len(series) + 34
+    bottom = height - legend_h
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for tick in range(0, 101, 20):
+        y = bottom - (bottom - top) * tick / 100
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        label = f"{y_max * tick / 100:g}"
+        draw.text((left - 6 - draw.textlength(label), y - 6), label, fill=(90, 90, 90))
+    draw.line([(left, top), (left, bottom), (width - right, bottom)], fill=(0, 0, 0))
+    n = len(x_labels)
+    xs = [left + (width - left - right) * (i + 0.5) / max(n, 1) for i in range(n)]
+    for x, label in zip(xs, x_labels):
+        draw.line([(x, bottom), (x, bottom + 4)], fill=(0, 0, 0))
+        draw.text((x - draw.textlength(label) / 2, bottom + 6), label, fill=(0, 0, 0))
+    draw.text(((left + width - right) / 2 - draw.textlength(x_title) / 2, bottom + 20), x_title, fill=(0, 0, 0))
+    draw.text((4, top - 10), y_title, fill=(90, 90, 90))
+    for k, (name, ys) in enumerate(series.items()):
+        colour = SERIES_COLOURS[k % len(SERIES_COLOURS)]
+        points = [(x, bottom - (bottom - top) * min(max(y / y_max, 0.0), 1.0)) for x, y in zip(xs, ys) if y is not None]
+        width_k = 2 + 3 * (len(series) - 1 - k)  # earlier series drawn wider, so lines on top of each other all show
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=width_k)
+        for x, y in points:
+            r = 2 + width_k / 2
+            draw.ellipse([(x - r, y - r), (x + r, y + r)], fill=colour)
+        ly = bottom + 38 + 18 * k
+        draw.line([(left, ly + 6), (left + 24, ly + 6)], fill=colour, width=3)
+        draw.text((left + 32, ly), name, fill=(0, 0, 0))
+    return canvas
+
+
+def sweep_plot(record: dict) -> Image.Image:
+    """The trade-off plot of a `rece sweep` record: erased rate, attack success and preservation per value."""
+    from .sweep import SERIES
+
+    settings = record["settings"]
+    points = record["points"]
+    series = {f"{key}: {meaning}": [p.get(key) for p in points] for key, meaning in SERIES.items()}
+    x_title = f"{settings['parameter']} (method {settings['config'].get('method')}, attack {settings['attack']})"
+    return line_chart([f"{p['value']:g}" if isinstance(p["value"], float) else str(p["value"]) for p in points], series, x_title)
+
+
 def png_data_uri(image: Image.Image) -> str:
     """A PNG data URI of an image, for self-contained pages."""
     buf = io.BytesIO()
@@ -350,6 +406,29 @@ def manifests_section(runs: Sequence[ReportRun]) -> str:
     return "<h2>Manifests</h2>" + "".join(blocks)
 
 
+def sweep_section(path: Path) -> str:
+    """A `rece sweep` folder: what was varied, the trade-off plot and the table of points."""
+    from .sweep import SERIES, sweep_table
+
+    record = _read_json(path / "sweep.json", "sweep file")
+    if not isinstance(record.get("points"), list) or "settings" not in record:
+        raise ReceError(f"{path / 'sweep.json'} is not a rece sweep file; rerun `rece sweep`")
+    settings = record["settings"]
+    header, rows = sweep_table(record)
+    legend = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in SERIES.items())
+    intro = (
+        f"<p>Model <code>{html.escape(settings['model'])}</code>, concept <b>{html.escape(settings['concept'])}</b>, "
+        f"method {html.escape(str(settings['config'].get('method')))}, attack {html.escape(settings['attack'])}, "
+        f"{settings['steps']} steps, guidance {settings['guidance']:g}, {settings['images_per_prompt']} image(s) per prompt; "
+        f"preservation by {html.escape(settings['preserve_metric'])}.</p><ul>{legend}</ul>"
+    )
+    plot = ""
+    if record["points"]:
+        plot = f"<img alt='sweep plot' style='image-rendering:auto' src='{png_data_uri(sweep_plot(record))}'>"
+    title = f"<h2>Sweep of {html.escape(settings['parameter'])}: {html.escape(str(path))}</h2>"
+    return title + intro + plot + html_table(rows, header)
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT_MAX_IMAGES) -> str:
     """The HTML page comparing run folders: metrics, edits and settings, images side by side, manifests."""
     if not run_dirs:
@@ -357,6 +436,11 @@ def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT
     if max_images < 1:
         raise ReceError(f"--max-images must be at least 1 (got {max_images})")
     paths = [Path(p) for p in run_dirs]
+    sweeps = [p for p in paths if (p / "sweep.json").is_file()]
+    paths = [p for p in paths if p not in sweeps]
+    sections = [sweep_section(p) for p in sweeps]
+    if not paths:
+        return html_page("rece report: sweep " + ", ".join(p.name for p in sweeps), sections, style=REPORT_STYLE)
     runs = [load_report_run(p, n) for p, n in zip(paths, run_labels(paths))]
     shared = set.intersection(*(set(r.images) for r in runs))
     if not shared and all(is_attack_run(r) and r.images for r in runs):
@@ -364,7 +448,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT
     else:
         images = images_section(runs, common_images(runs), max_images)
     title = "rece report: " + " vs ".join(r.name for r in runs)
-    sections = [metrics_section(runs), attacks_section(runs), edits_section(runs), images, manifests_section(runs)]
+    sections += [metrics_section(runs), attacks_section(runs), edits_section(runs), images, manifests_section(runs)]
     return html_page(title, sections, style=REPORT_STYLE)
 
 

@@ -289,6 +289,24 @@ def build_random_sd14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype
     return path
 
 
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A randomly initialised CLIPModel (32×32 images) saved as a complete local folder: a stand-in for the CLIP of
+    clip-score / CLIP-feature FID in tests and offline dry runs."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    path = Path(path)
+    tok = save_clip_tokenizer(path)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text.update(
+        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
 def tiny_model_path() -> Path:
     """The cached tiny SD pipeline behind the model name `tiny` (built on first use)."""
     root = Path(os.environ.get("RECE_CACHE", Path.home() / ".cache" / "rece"))

@@ -112,3 +112,26 @@ def erasure_arguments(concept: str) -> dict:
         "target": " " if is_shape else "a shape",
         "regularization": 1e-3,
     }
+
+
+EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
+
+
+def evaluation_prompt_rows(concept: str, kept: bool = False) -> list[dict]:
+    """A prompt set measuring an erasure of `concept` on the shapes model, one row per (template, shape, colour).
+
+    kept=False: the prompts naming the concept (its `concept` column is the concept); kept=True: those naming
+    another concept of the same kind (`concept` is that shape or colour: what each image should still show). The
+    second template is never named by `erasure_arguments`, so it measures generalisation.
+    """
+    is_shape = concept in SHAPES
+    rows = []
+    for t, template in enumerate(EVALUATION_TEMPLATES):
+        for i, shape in enumerate(SHAPES):
+            for j, color in enumerate(COLORS):
+                named = shape if is_shape else color
+                if (named == concept) == kept:
+                    continue
+                prompt = template.format(color=color, shape=shape)
+                rows.append({"prompt": prompt, "evaluation_seed": 1000 + 100 * t + 10 * i + j, "concept": named})
+    return [{"case_number": k, **row} for k, row in enumerate(rows)]

@@ -1,0 +1,98 @@
+"""`rece sweep`: values, the plot, an end-to-end sweep on the shapes model (resume, refusal, report)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rece.cli import main
+from rece.erase import EraseConfig
+from rece.errors import ReceError
+from rece.report import SERIES_COLOURS, build_report, line_chart
+from rece.sweep import parse_values, preserved_percent, run_sweep
+from rece.toy.evaluate import erasure_arguments, evaluation_prompt_rows
+
+
+def test_parse_values_converts_to_the_parameter_type():
+    assert parse_values("rank", "1, 2,4") == [1, 2, 4]
+    assert parse_values("tradeoff", "0,3,5.5") == [0.0, 3.0, 5.5]
+    assert parse_values("epochs", [0, 1]) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("parameter", "values", "message"),
+    [
+        ("method", "1,2", "cannot sweep 'method'"),
+        ("rank", "1,,2", "comma-separated"),
+        ("rank", "1,two", "'two' is not a valid int"),
+        ("rank", "1,1", "repeats a value"),
+        ("rank", [1.5], "not a whole number"),
+    ],
+)
+def test_parse_values_refuses_bad_input(parameter, values, message):
+    with pytest.raises(ReceError, match=message):
+        parse_values(parameter, values)
+
+
+def test_preserved_percent():
+    assert preserved_percent(45.0, 90.0) == 50.0
+    assert preserved_percent(10.0, 0.0) == 0.0
+
+
+def test_evaluation_prompts_split_the_grid_by_concept():
+    erased, kept = evaluation_prompt_rows("triangle"), evaluation_prompt_rows("triangle", kept=True)
+    assert len(erased) == 8 and len(kept) == 24
+    assert {r["concept"] for r in erased} == {"triangle"} and all("triangle" in r["prompt"] for r in erased)
+    assert {r["concept"] for r in kept} == {"circle", "square", "cross"}
+    assert {r["concept"] for r in evaluation_prompt_rows("red", kept=True)} == {"green", "blue", "yellow"}
+    assert len({r["evaluation_seed"] for r in erased + kept}) == 32
+
+
+def test_line_chart_draws_every_series():
+    image = line_chart(["a", "b", "c"], {"one": [0, 50, 100], "two": [100, None, 0]}, "x")
+    pixels = np.asarray(image).reshape(-1, 3)
+    for colour in SERIES_COLOURS[:2]:
+        assert (pixels == colour).all(axis=1).sum() > 50, colour
+
+
+def test_sweep_refuses_before_running(tmp_path):
+    config = EraseConfig.create(method="robust", **erasure_arguments("triangle"))
+    with pytest.raises(ReceError, match="pass --prompts"):
+        run_sweep("tiny", config, "tradeoff", "5", tmp_path / "a")
+    with pytest.raises(ReceError, match="tradeoff must be >= 0"):
+        run_sweep("shapes", config, "tradeoff", "5,-1", tmp_path / "b")
+    with pytest.raises(ReceError, match="does not exist"):
+        run_sweep("tiny", config, "tradeoff", "5", tmp_path / "c", prompts="missing.csv", preserve_prompts="missing.csv")
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_end_to_end_on_shapes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "shapes", "--concept", "triangle", "--method", "robust", "--vary", "tradeoff", "--values", "5,10"]
+    argv += ["--steps", "6", "--images", "1", "-o", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prompt family of 'triangle'" in printed and "sweep.png" in printed
+    record = json.loads((out / "sweep.json").read_text())
+    assert [p["value"] for p in record["points"]] == [5.0, 10.0]
+    assert record["settings"]["config"]["concepts"] == erasure_arguments("triangle")["concepts"]
+    for point in record["points"]:
+        for key in ("erased %", "attack success %", "preserved %"):
+            assert 0 <= point[key] <= 200, (key, point)
+        assert point["robust"]["rank"] >= 1
+    assert record["original"]["erased %"] > 0  # the unedited model draws triangles
+    assert Image.open(out / "sweep.png").size == (640, 380)
+    # a rerun keeps the finished points: nothing is erased or generated again
+    edit = out / "tradeoff=5.0" / "edit.safetensors"
+    before = edit.stat().st_mtime_ns
+    assert main(argv) == 0
+    assert edit.stat().st_mtime_ns == before
+    assert json.loads((out / "sweep.json").read_text()) == record
+    # other settings are refused, with a one-line error
+    assert main(argv[:-2] + ["--images", "2", "-o", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+    page = build_report([out])
+    assert "Sweep of tradeoff" in page and "data:image/png;base64," in page and "attack success %" in page
