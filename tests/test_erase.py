@@ -5,7 +5,7 @@ import torch
 
 import rece
 from rece import closed_form as cf
-from rece.erase import PRESETS, UNSAFE_CONCEPTS, EraseConfig
+from rece.erase import PRESETS, UNSAFE_CONCEPTS, EraseConfig, template_texts
 from rece.errors import ReceError
 
 from .reference import reference_erase
@@ -170,7 +170,7 @@ def test_zero_epochs_is_uce(base):
 
 
 def test_robust_method_is_one_singular_transform_with_a_report(base, tmp_path):
-    """Experimental robust mode (issue in progress): one d×d transform that removes `rank` directions."""
+    """Robust mode: one d×d transform that removes `rank` directions."""
     edit = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], rank=2)
     report = edit.metadata["robust"]
     assert edit.kind == "transform" and report["rank"] == 2
@@ -184,3 +184,38 @@ def test_robust_method_is_one_singular_transform_with_a_report(base, tmp_path):
         rece.erase(base, ["cat"], method="robust", technique="tensor")
     with pytest.raises(ReceError, match="rank must be"):
         rece.erase(base, ["cat"], method="robust", rank=-1)
+
+
+def _best_reachable_residual(base, transform, concept: str) -> float:
+    """min over every embedding x of ‖W⁰·M·x − W⁰·c‖ / ‖W⁰·c‖, all K/V layers stacked (least squares)."""
+    w0 = torch.cat([w.to(torch.float64) for w in base.kv.values()])
+    c = base.encoder.encode([concept])[0].T  # d × 77
+    wanted = w0 @ c
+    reached = w0 @ transform.to(torch.float64)
+    x = torch.linalg.lstsq(reached, wanted).solution
+    return float(torch.linalg.norm(reached @ x - wanted) / torch.linalg.norm(wanted))
+
+
+def test_no_embedding_brings_back_what_robust_mode_removed(base):
+    """UCE/RECE edits are invertible: some embedding gives back the concept's original keys/values exactly. After
+    robust mode none does, whatever the embedding (not only the closed-form c′)."""
+    for method in ("uce", "rece"):
+        edit = rece.erase(base, ["cat"], method=method)
+        assert _best_reachable_residual(base, edit.transform, "cat") < 1e-6
+    robust = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"])
+    best = _best_reachable_residual(base, robust.transform, "cat")
+    assert best > 0.05
+    assert robust.metadata["robust"]["fresh_residual"]["r=0.001"] >= best - 1e-6  # c′ cannot beat the best embedding
+
+
+def test_robust_templates_and_map_to_target(base):
+    in_context, contexts = template_texts(["cat"])
+    assert in_context[0] == "a photo of cat" and contexts[0] == "a photo of" and len(in_context) == len(contexts) >= 4
+    with_templates = rece.erase(base, ["cat"], method="robust", preserve=["dog"], rank=1)
+    without = rece.erase(base, ["cat"], method="robust", preserve=["dog"], rank=1, templates=False)
+    assert with_templates.metadata["config"]["templates"] and not without.metadata["config"]["templates"]
+    assert not torch.allclose(with_templates.transform, without.transform)
+    # without the map to the target, the transform is the projection alone: applying it twice changes nothing more
+    projection = rece.erase(base, ["cat"], method="robust", preserve=["dog"], rank=1, map_to_target=False).transform
+    assert torch.allclose(projection @ projection, projection, atol=1e-8)
+    assert not torch.allclose(with_templates.transform @ with_templates.transform, with_templates.transform, atol=1e-4)

@@ -37,7 +37,7 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", "-c", action="append", default=None, help="concept to erase (repeatable)")
     p.add_argument("--concept-prompts", help="file of more texts to erase: one per line, or a CSV with a 'prompt' column")
     p.add_argument("--preset", help="paper settings: nudity, unsafe, art, object, object-hard")
-    p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default), uce, or robust (experimental)")
+    p.add_argument("--method", default=None, help="rece (UCE + RECE epochs, default), uce, or robust (no embedding undoes it)")
     p.add_argument("--target", default=None, help="what erased concepts map to (default ' ')")
     p.add_argument("--preserve", action="append", default=None, help="text whose keys/values must not change (repeatable)")
     p.add_argument("--preserve-prompts", help="file of more texts to preserve: one per line, or a CSV with a 'prompt' column")
@@ -59,6 +59,9 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--projection", default=None, help="robust: keys (default; K/V output directions), oblique, orthogonal")
     p.add_argument("--tradeoff", type=_finite_float, default=None, help="robust keys: weight of preserved energy (5)")
     p.add_argument("--no-map-to-target", action="store_true", help="robust: project only, without UCE's map to the target")
+    p.add_argument(
+        "--no-templates", action="store_true", help="robust: estimate from the given texts only, not also from built-in templates"
+    )
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
     p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
 
@@ -99,6 +102,7 @@ def _erase_config(args):
         projection=args.projection,
         tradeoff=args.tradeoff,
         map_to_target=False if args.no_map_to_target else None,
+        templates=False if args.no_templates else None,
     )
 
 
@@ -267,7 +271,7 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     out = write_report(args.runs, args.output, max_images=args.max_images)
-    print(f"wrote {out} ({len(args.runs)} run(s))")
+    print(f"wrote {out} ({len(args.runs)} folder(s))")
     return 0
 
 
@@ -364,6 +368,7 @@ def _shapes_recipe(args) -> bool:
         return False
     recipe = erasure_arguments(args.concept[0])
     args.concept, args.preserve, args.target = recipe["concepts"], recipe["preserve"], recipe["target"]
+    args.no_templates = not recipe["templates"]
     if args.regularization is None:
         args.regularization = recipe["regularization"]
     return True
@@ -469,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concept", default="triangle", help="a shape (circle, square, triangle, cross) or colour (red, green, blue, yellow)"
     )
-    p.add_argument("--method", default="rece", help="rece (default), uce, or robust (experimental)")
+    p.add_argument("--method", default="rece", help="rece (default), uce, or robust (see docs/robust.md)")
     p.add_argument("--model", default="shapes", help="the shapes model (default) or a folder of one")
     p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")

@@ -26,6 +26,15 @@ PRESETS: dict[str, dict] = {
     "object-hard": {"regularization": 1e-3, "epochs": 1},
 }
 METHODS = ("rece", "uce", "robust")
+# robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
+ROBUST_TEMPLATES = (
+    "a photo of {}",
+    "a painting of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a drawing of {}",
+    "a close-up of {}",
+)
 TECHNIQUES = ("replace", "tensor")
 REGULARIZATION_TYPES = ("regzero", "standard")
 
@@ -56,6 +65,7 @@ class EraseConfig:
     energy: float = 0.9
     ridge: float = 1e-3
     map_to_target: bool = True
+    templates: bool = True
     projection: str = "keys"
     tradeoff: float = 5.0
 
@@ -202,8 +212,9 @@ def erase(
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
+    extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     texts = _Texts.encode(
-        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve
+        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra
     )
     names = list(base.kv)
     edited = select_layers(names, config.layers)
@@ -292,23 +303,31 @@ def aligned_token_rows(texts: _Texts, names: list[str]) -> torch.Tensor:
     return torch.stack([texts.embeddings[t][i : i + length] for t, i in zip(names, starts)])
 
 
+def template_texts(concepts: list[str]) -> tuple[list[str], list[str]]:
+    """Robust mode's built-in contexts: every concept in every template, and the templates alone (the contrast)."""
+    return [t.format(c) for c in concepts for t in ROBUST_TEMPLATES], [t.format("").strip() for t in ROBUST_TEMPLATES]
+
+
 def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[torch.Tensor, dict]:
     """Robust mode: a projection singular along the concept's directions, so no embedding can bring them back.
 
     Default ("keys"): the directions whose key/value outputs carry the concept (rows of each erased text minus the
     mean preserved row, position by position) for the least preserved energy (weight `tradeoff`), removed from every
     K/V output (M = I − U(UᵀGU)⁻¹UᵀG, G = Σ W⁰ᵀW⁰). "oblique"/"orthogonal" remove embedding directions instead.
-    Before the projection, the UCE update maps the concept to the target (`map_to_target`, on by default). The
-    report holds the rank, the eigenvalues and the fresh-c′ residuals.
+    Before the projection, the UCE update maps the concept to the target (`map_to_target`, on by default). With
+    `templates` (default) the directions are also estimated from each concept in ROBUST_TEMPLATES. The report holds
+    the rank, the eigenvalues and the fresh-c′ residuals.
     """
-    preserve_rows = texts.rows(config.uce_preserve_texts)
+    in_context, contexts = template_texts(config.concepts) if config.templates else ([], [])
+    preserve_rows = texts.rows(config.uce_preserve_texts + contexts)
     if preserve_rows.shape[0] == 0:
         raise ReceError("--method robust needs preserved texts to tell the concept apart; keep '' or pass --preserve")
-    # contrast like with like: the preserved texts' rows from their last word onward ("" when none are given)
-    aligned = aligned_token_rows(texts, config.concepts + config.uce_preserve_texts)
-    concept_rows, contrast_rows = aligned[: len(config.concepts)], aligned[len(config.concepts) :]
-    if config.preserve:
-        contrast_rows = contrast_rows[len(config.uce_preserve_texts) - len(config.preserve) :]
+    # contrast like with like, rows from each text's last word onward: the concepts (alone and in the templates)
+    # against the preserved texts ('' when none are given) and the templates without the concept
+    concepts = config.concepts + in_context
+    contrasts = (config.preserve or config.uce_preserve_texts) + contexts
+    aligned = aligned_token_rows(texts, concepts + contrasts)
+    concept_rows, contrast_rows = aligned[: len(concepts)], aligned[len(concepts) :]
     gram0 = base.original_gram().to(preserve_rows.device)
     if config.projection == "keys":
         differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])

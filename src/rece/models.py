@@ -101,7 +101,10 @@ def gram_cache_file(base: BaseModel) -> Path | None:
 def gram_matches(gram: torch.Tensor, kv: dict[str, torch.Tensor], tolerance: float = 1e-9) -> bool:
     """Whether `gram` is Σ WᵀW of these weights, by Freivalds' check: G·v against Σ Wᵀ(W·v) for a random v."""
     v = torch.randn(gram.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(gram.device)
-    probe = sum(w.to(gram.device, torch.float64).T @ (w.to(gram.device, torch.float64) @ v) for w in kv.values())
+    probe = torch.zeros_like(v)
+    for w in kv.values():
+        w = w.to(gram.device, torch.float64)
+        probe += w.T @ (w @ v)
     return bool(torch.linalg.vector_norm(gram @ v - probe) <= tolerance * torch.linalg.vector_norm(probe))
 
 

@@ -108,13 +108,13 @@ def line_chart(
 
 def sweep_plot(record: dict) -> Image.Image:
     """The trade-off plot of a `rece sweep` record: erased rate, attack success and preservation per value."""
-    from .sweep import SERIES
+    from .sweep import SERIES, value_label
 
     settings = record["settings"]
     points = record["points"]
     series = {f"{key}: {meaning}": [p.get(key) for p in points] for key, meaning in SERIES.items()}
     x_title = f"{settings['parameter']} (method {settings['config'].get('method')}, attack {settings['attack']})"
-    return line_chart([f"{p['value']:g}" if isinstance(p["value"], float) else str(p["value"]) for p in points], series, x_title)
+    return line_chart([value_label(p["value"]) for p in points], series, x_title)
 
 
 def png_data_uri(image: Image.Image) -> str:
@@ -132,6 +132,8 @@ def html_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)

@@ -65,6 +65,11 @@ def parse_values(parameter: str, text: str | Sequence) -> list:
     return values
 
 
+def value_label(value) -> str:
+    """A parameter value as people write it: 5, 0.001, 1e-05."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def point_name(parameter: str, value) -> str:
     """The folder of one sweep point, e.g. 'tradeoff=5.0'."""
     return f"{parameter}={value}"
@@ -264,5 +269,6 @@ def sweep_table(record: dict) -> tuple[list[str], list[list]]:
     header = [record["settings"]["parameter"], *SERIES, "edit s"]
     original = record.get("original") or {}
     rows = [["original", original.get("erased %"), None, 100.0 if original else None, None]]
-    rows += [[p["value"], p["erased %"], p["attack success %"], p["preserved %"], p["edit_seconds"]] for p in record["points"]]
+    for p in record["points"]:
+        rows.append([value_label(p["value"]), p["erased %"], p["attack success %"], p["preserved %"], p["edit_seconds"]])
     return header, rows

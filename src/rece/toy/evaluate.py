@@ -111,6 +111,7 @@ def erasure_arguments(concept: str) -> dict:
         "preserve": other_concept_prompts(concept),
         "target": " " if is_shape else "a shape",
         "regularization": 1e-3,
+        "templates": False,  # robust mode: the family is the estimate; its templates would overlap the held-out ones
     }
 
 
