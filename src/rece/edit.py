@@ -208,11 +208,16 @@ class Edit:
             r = m["robust"]
             residual = ", ".join(f"{k} {v:.3f}" for k, v in r["fresh_residual"].items())
             lines.append(f"robust        rank {r['rank']} removed; fresh c′ residual {residual} (0 = concept recoverable)")
+            how = [f"projection {c.get('projection', 'keys')}", f"tradeoff μ {c.get('tradeoff', 5.0):g}"]
+            how.append("rank fixed" if c.get("rank") is not None else f"rank by energy {c.get('energy', 0.9):g}")
+            how.append("mapped to target first" if c.get("map_to_target", True) else "projection only")
+            how.append("built-in templates" if c.get("templates", True) else "given texts only")
+            lines.append("              " + ", ".join(how))
         lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
         if m["kind"] == "transform":
             eye = torch.eye(self.transform.shape[0], dtype=torch.float64)
             rank = int(torch.linalg.matrix_rank(self.transform - eye).item())
-            kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank {rank}"
+            kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank of M − I {rank}"
         else:
             kind = "per-layer deltas"
         lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
