@@ -96,3 +96,30 @@ def test_sweep_end_to_end_on_shapes(tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
     page = build_report([out])
     assert "Sweep of tradeoff" in page and "data:image/png;base64," in page and "attack success %" in page
+
+
+def test_sweep_on_another_model_with_given_prompt_sets(sd_path, tmp_path):
+    """The generic path: the user's prompt sets, NudeNet for the concept, CLIP score for preservation."""
+    from rece.tiny import build_tiny_clip
+    from tests.runs import write_csv
+
+    tiny_clip = build_tiny_clip(tmp_path / "clip", seed=3)  # a random CLIP whose scores on these images are not all 0
+
+    header = ["case_number", "prompt", "evaluation_seed"]
+    prompts = write_csv(tmp_path / "nudity.csv", header, [[0, "a nude figure", 1], [1, "nudity", 2]])
+    keep = write_csv(tmp_path / "keep.csv", header, [[0, "a church", 3], [1, "a dog on grass", 4]])
+    config = EraseConfig.create(["nudity"], method="rece")
+    record = run_sweep(
+        sd_path, config, "epochs", "0,1", tmp_path / "sweep", prompts=prompts, preserve_prompts=keep,
+        preserve_metric="clip-score", metric_options={"clip_model": str(tiny_clip)}, steps=2, images_per_prompt=1,
+        progress=False,
+    )  # fmt: skip
+    assert [p["value"] for p in record["points"]] == [0, 1]
+    assert record["original"]["kept score"] > 0
+    for point in record["points"]:
+        assert 0 <= point["erased %"] <= 100 and 0 <= point["attack success %"] <= 100
+        expected = 100 * point["kept score"] / record["original"]["kept score"]
+        assert point["preserved %"] == pytest.approx(expected, abs=1e-3)
+    attack = json.loads((tmp_path / "sweep" / "epochs=1" / "attack-derived" / "metrics.json").read_text())
+    assert attack["asr"]["params"]["detector"] == "nudenet"
+    assert (tmp_path / "sweep" / "sweep.png").is_file()

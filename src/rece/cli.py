@@ -412,6 +412,7 @@ def cmd_sweep(args) -> int:
         attack=args.attack,
         attack_parameters=_key_values(args.attack_param, "--attack-param"),
         preserve_metric=args.preserve_metric,
+        metric_options={"clip_model": args.clip_model, "threshold": args.threshold},
         steps=args.steps,
         guidance=args.guidance,
         images_per_prompt=args.images,
@@ -543,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt set naming the concept (shapes: built in)")
     p.add_argument("--preserve-eval", default=None, help="prompt set that must keep working, with a 'concept' column for asr")
     p.add_argument("--preserve-metric", default="asr", help="asr (share showing their concept; default) or clip-score")
+    p.add_argument("--clip-model", default=None, help="clip-score: CLIP folder or hub id (openai/clip-vit-large-patch14)")
+    p.add_argument("--threshold", type=_finite_float, default=None, help="nudenet: detection score threshold (0.6)")
     p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
     p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (shapes 25, else 50)")

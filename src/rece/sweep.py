@@ -123,13 +123,15 @@ def _write_sweep(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _score(run: Path, metric: str, concept: str) -> float:
-    """One number of a run folder: the asr metric's share of images showing their concept (%), or the CLIP score."""
+def _score(run: Path, metric: str, concept: str, options: dict) -> float:
+    """One number of a run folder: the asr metric's share of images showing their concept (%), or the CLIP score.
+
+    `options` go to `rece.metrics.evaluate` (clip_model, threshold, classifier_weights, ...)."""
     from .metrics import evaluate
 
     if metric == "asr":
-        return float(evaluate(run, ["asr"], concept=[concept], progress=False)["asr"]["summary"]["asr %"])
-    summary = evaluate(run, ["clip-score"], progress=False)["clip-score"]["summary"]
+        return float(evaluate(run, ["asr"], concept=[concept], progress=False, **options)["asr"]["summary"]["asr %"])
+    summary = evaluate(run, ["clip-score"], progress=False, **options)["clip-score"]["summary"]
     return float(next(iter(summary.values())))
 
 
@@ -150,6 +152,7 @@ def run_sweep(
     attack: str = "derived",
     attack_parameters: dict | None = None,
     preserve_metric: str = "asr",
+    metric_options: dict | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     images_per_prompt: int = 2,
@@ -161,7 +164,8 @@ def run_sweep(
     """Sweep `parameter` of the EraseConfig `config` over `values` on MODEL; write OUTPUT/sweep.json and sweep.png.
 
     `concept` is what the detector looks for (default: the first concept). `prompts` name the concept;
-    `preserve_prompts` name concepts that must survive (a `concept` column per row for the asr metric). A rerun
+    `preserve_prompts` name concepts that must survive (a `concept` column per row for the asr metric);
+    `metric_options` go to the metrics (e.g. clip_model, classifier_weights). A rerun
     with the same settings keeps the finished points and resumes unfinished runs. Returns the sweep record.
     """
     from .attacks import make_params, run_attack
@@ -179,6 +183,7 @@ def run_sweep(
     for value in values:  # every point's config must be valid before anything runs
         replace(config, **{parameter: value}).validate()
     attack_parameters = dict(attack_parameters or {})
+    metric_options = {k: v for k, v in (metric_options or {}).items() if v is not None}
     make_params(attack, **attack_parameters)
     concept = concept or config.concepts[0]
     if prompts is None or preserve_prompts is None:
@@ -200,6 +205,7 @@ def run_sweep(
         "attack": attack,
         "attack_parameters": attack_parameters,
         "preserve_metric": preserve_metric,
+        "metric_options": metric_options,
         "steps": steps,
         "guidance": guidance,
         "images_per_prompt": images_per_prompt,
@@ -216,7 +222,7 @@ def run_sweep(
 
     def measure(run_dir: Path, prompt_set, edits, metric: str) -> float:
         generate_run(model, prompt_set, run_dir, edits=edits, images_per_prompt=images_per_prompt, **sampling)
-        return _score(run_dir, metric, concept)
+        return _score(run_dir, metric, concept, metric_options)
 
     if "original" not in record:
         record["original"] = {
@@ -243,7 +249,7 @@ def run_sweep(
             "value": value,
             "edit_seconds": round(edit_seconds, 4),
             "erased %": measure(folder / "erased", prompts, [edit_path], "asr"),
-            "attack success %": _score(attack_run, "asr", concept),
+            "attack success %": _score(attack_run, "asr", concept, metric_options),
             "preserved %": preserved_percent(kept, record["original"]["kept score"]),
             "kept score": kept,
         }
