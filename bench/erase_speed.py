@@ -91,7 +91,7 @@ def time_ours(model: Path, out: Path, env: dict[str, str]) -> dict:
 
 
 IMPORTS = (
-    "from rece.cli import _quiet_libraries; _quiet_libraries(); "
+    "from rece.cli import _quiet_libraries; _quiet_libraries(diffusers=False); "
     "from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer; "
     "from rece.edit import load_edit; from rece.erase import EraseConfig, erase; from rece.models import load_model"
 )

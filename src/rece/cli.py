@@ -12,17 +12,23 @@ import warnings
 from .errors import ReceError
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for rece's own output: no library progress bars or advisory logs."""
+def _quiet_libraries(diffusers: bool = True) -> None:
+    """Keep the terminal for rece's own output: no library progress bars or advisory logs.
+
+    diffusers=False leaves diffusers unimported (and its logging as is): `rece erase` from a folder or hub id never
+    builds a diffusers object, and importing diffusers costs about 80 MB of memory."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import diffusers
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    if diffusers:
+        import diffusers as diffusers_module
+
+        diffusers_module.utils.logging.set_verbosity_error()
+        diffusers_module.utils.logging.disable_progress_bar()
 
 
 def _finite_float(text: str) -> float:
@@ -606,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    # erase and info read safetensors and transformers only, unless MODEL is a single-file checkpoint (diffusers)
+    light = args.func in (cmd_erase, cmd_info) and not str(getattr(args, "model", "")).endswith((".safetensors", ".ckpt"))
+    _quiet_libraries(diffusers=not light)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
