@@ -138,3 +138,26 @@ def test_key_value_projection_shuts_the_concept_out_of_every_output():
     anything = torch.randn(d, 7, dtype=torch.float64)
     assert torch.allclose(outputs_dir.T @ (stacked @ m @ anything), torch.zeros(1, 7, dtype=torch.float64), atol=1e-9)
     assert torch.allclose(m @ m, m, atol=1e-9)
+
+
+@pytest.mark.parametrize("ranks", [(3, 4), (5, 9)])  # (5, 9): wider than d = 12 after composing, so it is compacted
+def test_low_rank_products_match_the_dense_ones(ranks):
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    w0 = [torch.randn(7, d, generator=g, dtype=torch.float64) for _ in range(3)]
+    gram0 = cf.weight_gram(w0)
+    (l1, r1), (l2, r2) = [
+        (0.3 * torch.randn(d, k, generator=g, dtype=torch.float64), torch.randn(d, k, generator=g, dtype=torch.float64))
+        for k in ranks
+    ]
+    left, right = cf.compose_low_rank(l1, r1, l2, r2)
+    dense = cf.identity_plus(l1, r1) @ cf.identity_plus(l2, r2)
+    assert torch.allclose(cf.identity_plus(left, right), dense, atol=1e-12) and left.shape[1] <= d
+    cross, gram = cf.edited_grams(gram0, left, right)
+    edited = [w @ dense for w in w0]
+    assert torch.allclose(cross, cf.cross_gram(edited, w0), atol=1e-10)
+    assert torch.allclose(gram, cf.weight_gram(edited), atol=1e-10)
+    narrow_cross, narrow_gram = cf.edited_grams(gram0, l1[:, :1], r1[:, :1])  # the low-rank branch
+    narrow = [w @ cf.identity_plus(l1[:, :1], r1[:, :1]) for w in w0]
+    assert torch.allclose(narrow_cross, cf.cross_gram(narrow, w0), atol=1e-10)
+    assert torch.allclose(narrow_gram, cf.weight_gram(narrow), atol=1e-10)

@@ -61,11 +61,54 @@ def shared_edit_transform(
     The numerator minus the denominator is s_e Σ (c* − c) cᵀ, so M = I + s_e (C* − C)ᵀ (D⁻¹ Cᵀ)ᵀ with D the
     (symmetric) denominator: one solve with as many right-hand sides as erased rows instead of d.
     """
+    left, right = shared_edit_factors(erase_rows, target_rows, preserve_rows, lamb, erase_scale, preserve_scale, parameter)
+    return identity_plus(left, right)
+
+
+def shared_edit_factors(
+    erase_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    preserve_rows: torch.Tensor,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+    parameter: str = "--lamb",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_edit_transform` as low-rank factors: M = I + left·rightᵀ with left = s_e (C* − C)ᵀ and right = D⁻¹Cᵀ."""
     denominator = edit_denominator(erase_rows, preserve_rows, lamb, erase_scale, preserve_scale, erase_rows.shape[-1])
     check_conditioning(denominator, parameter, shift=lamb)
-    solved = torch.linalg.solve(denominator, erase_rows.T)  # D⁻¹ Cᵀ, [d, n]
-    eye = torch.eye(erase_rows.shape[-1], dtype=torch.float64, device=erase_rows.device)
-    return eye + erase_scale * (target_rows - erase_rows).T @ solved.T
+    right = torch.linalg.solve(denominator, erase_rows.T)  # D⁻¹ Cᵀ, [d, n]
+    return erase_scale * (target_rows - erase_rows).T, right
+
+
+def identity_plus(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """I + left·rightᵀ as a dense d×d matrix."""
+    eye = torch.eye(left.shape[0], dtype=left.dtype, device=left.device)
+    return eye + left @ right.T
+
+
+def compose_low_rank(left: torch.Tensor, right: torch.Tensor, next_left: torch.Tensor, next_right: torch.Tensor):
+    """Factors of (I + L Rᵀ)(I + A Bᵀ) = I + [L, A + L(RᵀA)]·[R, B]ᵀ; once that is wider than d, (T − I, I) instead."""
+    left = torch.cat([left, next_left + left @ (right.T @ next_left)], dim=1)
+    right = torch.cat([right, next_right], dim=1)
+    dim = left.shape[0]
+    if left.shape[1] > dim:
+        return left @ right.T, torch.eye(dim, dtype=left.dtype, device=left.device)
+    return left, right
+
+
+def edited_grams(gram0: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ W_lᵀW⁰_l, Σ W_lᵀW_l) = (TᵀG₀, TᵀG₀T) for W_l = W⁰_l·T, T = I + L Rᵀ, from G₀ = Σ W⁰ᵀW⁰.
+
+    With H = G₀L: TᵀG₀ = G₀ + R Hᵀ and TᵀG₀T = TᵀG₀ + (H + R(HᵀL))Rᵀ, about 3d²k work for rank k instead of 2d³.
+    """
+    if 3 * left.shape[1] >= 2 * left.shape[0]:  # no cheaper than the dense products
+        transform = identity_plus(left, right)
+        cross = transform.T @ gram0
+        return cross, cross @ transform
+    h = gram0 @ left
+    cross = gram0 + right @ h.T
+    return cross, cross + (h + right @ (h.T @ left)) @ right.T
 
 
 def tensor_target_values(weight: torch.Tensor, erase_rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:

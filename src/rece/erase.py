@@ -249,21 +249,21 @@ def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: lis
     pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
     erase_rows = torch.cat([c for c, _ in pairs])
     target_rows = torch.cat([t for _, t in pairs])
-    transform = cf.shared_edit_transform(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
+    # P = I + left·rightᵀ stays low-rank: each update adds as many columns as it erases rows
+    left, right = cf.shared_edit_factors(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
         concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
         gram0 = base.original_gram()
         for _ in range(config.epochs):
-            cross = transform.T @ gram0
-            gram = cross @ transform
+            cross, gram = cf.edited_grams(gram0, left, right)
             derived_rows = [cf.derive_embedding(c, gram, cross, config.regularization, anchor) for c in concept_rows]
             derived.append(torch.stack(derived_rows))
-            step = cf.shared_edit_transform(
+            step = cf.shared_edit_factors(
                 torch.cat(derived_rows), target_one.repeat(len(derived_rows), 1), preserve_rows, lamb, s_e, s_p, "--lamb"
             )
-            transform = transform @ step
-    return transform, derived
+            left, right = cf.compose_low_rank(left, right, *step)
+    return cf.identity_plus(left, right), derived
 
 
 def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
