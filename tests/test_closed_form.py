@@ -95,6 +95,25 @@ def test_ill_conditioned_system_names_the_parameter():
         cf.derive_embedding(C, torch.zeros(10, 10, dtype=torch.float64), torch.eye(10, dtype=torch.float64), 0.0)
 
 
+@pytest.mark.parametrize("n", [3, 12, 20])
+def test_ridge_solve_equals_the_dense_solve(n):
+    """(λI + UᵀU)⁻¹ rhs: the n×n Woodbury form (n < d) and the d×d solve (n ≥ d) give the dense answer."""
+    rows, rhs = rand(n, 12, seed=n) * 5, rand(12, 4, seed=99)
+    dense = torch.linalg.solve(0.1 * torch.eye(12, dtype=torch.float64) + rows.T @ rows, rhs)
+    got = cf.solve_ridge(0.1, rows, rhs, "--lamb")
+    assert (got - dense).norm() <= 1e-10 * dense.norm()
+
+
+def test_ridge_solve_counts_the_directions_outside_the_rows():
+    """With n < d the system also has eigenvalue λ: a tiny λ is refused even though λI + UUᵀ is well conditioned."""
+    rows = torch.eye(3, 12, dtype=torch.float64) * 1e4
+    cf.solve_ridge(1e-3, rows, rand(12, 1, seed=0), "--lamb")  # cond 1e11: fine
+    with pytest.raises(ReceError, match=r"condition number 1e\+14.*raise --lamb"):
+        cf.solve_ridge(1e-6, rows, rand(12, 1, seed=0), "--lamb")
+    with pytest.raises(ReceError, match="raise --lamb"):
+        cf.solve_ridge(0.0, rows, rand(12, 1, seed=0), "--lamb")
+
+
 def test_concept_subspace_finds_the_mean_difference_direction():
     torch.manual_seed(0)
     d, direction = 16, torch.nn.functional.normalize(torch.randn(16, dtype=torch.float64), dim=0)

@@ -135,16 +135,13 @@ def test_hub_id_path_with_a_local_stand_in_for_the_hub(sd_path, tmp_path, monkey
     StableDiffusionPipeline.from_pretrained(out)
 
 
-def _encoder_state(encoder):
-    return {**encoder.state_dict(), **{n: b for n, b in encoder.named_buffers()}}
-
-
 @pytest.mark.parametrize("layout", ["plain", "prefixed-fp16", "sharded"])
-def test_streamed_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
-    """The low-memory tensor-by-tensor loader builds exactly the float32 model from_pretrained builds."""
+def test_mapped_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
+    """The mapped loader computes exactly what the float32 model from_pretrained builds does, without making a
+    float32 copy of half-precision weights."""
     from transformers import CLIPTextModel
 
-    from rece.models import _stream_text_encoder
+    from rece.models import Float32Cast, _mapped_text_encoder
 
     folder = tmp_path / "text_encoder"
     reference = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder", torch_dtype=torch.float32)
@@ -161,28 +158,41 @@ def test_streamed_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout)
         state = {f"text_model.{k}": v.half().contiguous() for k, v in reference.state_dict().items()}
         save_file(state, folder / "model.fp16.safetensors")
         reference = CLIPTextModel.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
-    streamed = _stream_text_encoder(folder, CLIPTextModel, variant, window_bytes=1000)
-    assert streamed is not None
-    want, got = _encoder_state(reference), _encoder_state(streamed)
-    assert set(got) == set(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    mapped = _mapped_text_encoder(folder, CLIPTextModel, variant)
+    assert mapped is not None
+    modules = dict(mapped.named_modules())
+    for name, module in reference.named_modules():
+        for key in ("weight", "bias"):
+            want = getattr(module, key, None) if isinstance(getattr(module, key, None), torch.Tensor) else None
+            if want is not None:
+                got = getattr(modules[name], key)
+                assert got.dtype == want.dtype == torch.float32 or name.endswith("token_embedding"), (name, key)
+                assert torch.equal(got.float(), want), (name, key)
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(mapped.get_buffer(name), buffer), name
+    table = mapped.get_input_embeddings()
+    casts = [m for m in mapped.modules() if isinstance(m, Float32Cast)]
+    if layout == "prefixed-fp16":  # half-precision weights stay as stored; only their use is in float32
+        assert table.weight.dtype == torch.float16 and len(casts) == sum(isinstance(m, torch.nn.Linear) for m in mapped.modules())
+    else:
+        assert table.weight.dtype == torch.float32 and not casts
     ids = torch.arange(12).unsqueeze(0)
     with torch.no_grad():
-        assert torch.equal(streamed.eval()(ids)[0], reference.eval()(ids)[0])
+        assert table(ids).dtype == torch.float32
+        assert torch.equal(mapped.eval()(ids)[0], reference.eval()(ids)[0])
 
 
-def test_streamed_text_encoder_falls_back_when_tensors_are_missing(sd_path, tmp_path):
+def test_mapped_text_encoder_falls_back_when_tensors_are_missing(sd_path, tmp_path):
     from transformers import CLIPTextModel
 
-    from rece.models import _stream_text_encoder
+    from rece.models import _mapped_text_encoder
 
     folder = tmp_path / "text_encoder"
     shutil.copytree(sd_path / "text_encoder", folder)
     state = load_file(folder / "model.safetensors")
     state.pop(next(k for k in state if "final_layer_norm" in k))
     save_file(state, folder / "model.safetensors")
-    assert _stream_text_encoder(folder, CLIPTextModel, None) is None
+    assert _mapped_text_encoder(folder, CLIPTextModel, None) is None
 
 
 def test_original_gram_is_cached_and_checked(sd_path, tmp_path, monkeypatch):

@@ -34,3 +34,23 @@ def test_token_counts_and_truncation(base):
     with pytest.warns(TruncationWarning, match="truncated to 77"):
         base.encoder.warn_if_truncated(["cat " * 90])
     assert base.encoder.token_counts(["cat " * 90]) == [77]
+
+
+def test_half_precision_sdxl_encoders_encode_as_the_float32_pipeline(sdxl_path, tmp_path):
+    """Both SDXL text encoders stored in fp16 (as the hub's fp16 variants are): rece computes on the stored
+    tensors in float32 and gets exactly what the float32 pipeline (upcast at load) feeds to cross-attention."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "xl-fp16"
+    shutil.copytree(sdxl_path, folder)
+    for sub in ("text_encoder", "text_encoder_2"):
+        file = folder / sub / "model.safetensors"
+        save_file({k: v.half() for k, v in load_file(file).items()}, file)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    base = load_model(folder)
+    assert all(e.get_input_embeddings().weight.dtype == torch.float16 for e in base.encoder.text_encoders)
+    ours = base.encoder.encode(PROMPTS)
+    theirs = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    assert torch.equal(ours, theirs.double())

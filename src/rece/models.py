@@ -1,7 +1,9 @@
 """Model access: find a model, read its prompt encoder and its cross-attention key/value weights.
 
 The fast path reads only the text encoder(s) and the `attn2.to_k` / `attn2.to_v` tensors from the
-UNet's safetensors file(s); no UNet is built. A pipeline object already in memory works too.
+UNet's safetensors file(s); no UNet is built. The text encoders compute in float32 on their mapped files,
+with half-precision weights cast when used, so no float32 copy is made. A pipeline object already in memory
+works too.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def kv_fingerprint(kv: dict[str, torch.Tensor]) -> str:
         w = kv[name].detach().to("cpu", torch.float16).contiguous()
         h.update(name.encode())
         h.update(str(tuple(w.shape)).encode())
-        h.update(w.numpy().tobytes())
+        h.update(w.numpy())
     return h.hexdigest()[:16]
 
 
@@ -147,8 +149,10 @@ def kv_names(module_names) -> list[str]:
 
 
 def check_finite(kv: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN/Inf weights. A float64 sum of half or single precision values cannot overflow, so it is finite
+    exactly when every value is (and needs no mask as large as the weights)."""
     for name, w in kv.items():
-        if not torch.isfinite(w).all():
+        if not torch.isfinite(w.sum(dtype=torch.float64)):
             raise ReceError(f"model '{source}' has NaN/Inf in weight {name}; the checkpoint is corrupt, re-download it")
 
 
@@ -256,7 +260,7 @@ def _load_text_encoder(folder: Path, sub: str, class_name: str, device):
     variant = None
     if not any((folder / sub).glob("model*.safetensors")) and any((folder / sub).glob("model.fp16*")):
         variant = "fp16"
-    encoder = _stream_text_encoder(folder / sub, cls, variant)
+    encoder = _mapped_text_encoder(folder / sub, cls, variant)
     if encoder is None:
         encoder = cls.from_pretrained(folder / sub, torch_dtype=torch.float32, variant=variant, local_files_only=True)
     return encoder.to(device).eval()
@@ -273,13 +277,30 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     return []
 
 
-def _stream_text_encoder(folder: Path, cls, variant: str | None, window_bytes: int = 16 * 2**20):
-    """Build a CLIP text encoder in float32 tensor by tensor, never holding more than `window_bytes` of the
-    file mapped; None when the folder is not plain safetensors that fill the model (then from_pretrained runs).
+class Float32Cast(torch.nn.Module):
+    """Parametrization that reads a weight kept in half precision as float32 (exact: no rounding)."""
 
-    from_pretrained maps the whole file while it converts, so its peak memory is the float32 model plus the file.
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+class Float32Embedding(torch.nn.Embedding):
+    """A token table kept in its stored precision whose looked-up rows come out in float32 (exact)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def _mapped_text_encoder(folder: Path, cls, variant: str | None):
+    """Build a CLIP text encoder that computes in float32 straight on the tensors mapped from its safetensors
+    file(s); None when the folder is not plain safetensors that fill the model (then from_pretrained runs).
+
+    Nothing is copied: half-precision Linear weights stay as stored and are cast to float32 when used, and the
+    token table is read row by row, so the float32 copy of the model (twice a half-precision file) is never made.
+    The casts are exact, so the outputs equal those of the float32 model from_pretrained builds, bit for bit.
     """
     from safetensors import SafetensorError, safe_open
+    from torch.nn.utils import parametrize
 
     files = safetensors_files(folder, "model.fp16" if variant else "model")
     if not files:
@@ -287,30 +308,29 @@ def _stream_text_encoder(folder: Path, cls, variant: str | None, window_bytes: i
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):
         model = cls(config)
+        table = model.get_input_embeddings()
+        table_name = next(n for n, m in model.named_modules() if m is table)
+        _replace_module(model, table_name, Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx))
     wanted = set(model.state_dict())
+    kept = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} | {f"{table_name}.weight"}
     state: dict[str, torch.Tensor] = {}
     try:
         for file in files:
             with safe_open(file, framework="pt") as f:
-                keys = list(f.keys())
-            mapped, handle = 0, None
-            for key in keys:
-                name = _model_key(key, wanted)
-                if name is None:
-                    continue
-                if handle is None or mapped > window_bytes:
-                    handle = safe_open(file, framework="pt")  # a fresh mapping; the old one is released with its handle
-                    mapped = 0
-                tensor = handle.get_tensor(key)
-                mapped += tensor.numel() * tensor.element_size()
-                state[name] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.clone()
-            handle = None
+                for key in f.keys():
+                    name = _model_key(key, wanted)
+                    if name is not None:
+                        tensor = f.get_tensor(key)
+                        state[name] = tensor if name in kept or not tensor.is_floating_point() else tensor.float()
     except (SafetensorError, OSError) as exc:
         raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
     buffers = {n for n, _ in model.named_buffers()}
     if wanted - buffers - set(state):
         return None
     model.load_state_dict(state, strict=False, assign=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype != torch.float32:
+            parametrize.register_parametrization(module, "weight", Float32Cast(), unsafe=True)
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             if not name.endswith("position_ids"):
@@ -318,6 +338,11 @@ def _stream_text_encoder(folder: Path, cls, variant: str | None, window_bytes: i
             module = model.get_submodule(name.rsplit(".", 1)[0])
             module.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model
+
+
+def _replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _model_key(key: str, wanted: set[str]) -> str | None:
