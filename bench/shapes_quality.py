@@ -30,8 +30,7 @@ def fresh_derived(base, edit, concept: str, r: float) -> torch.Tensor:
     """c′ derived in closed form against the edited model (the RECE step's derivation, applied once more)."""
     kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
     edited = [edit.edited_weight(n, w) for n, w in kv.items()]
-    c = base.encoder.encode([concept])[0]
-    return cf.derive_embedding(c, cf.weight_gram(edited), cf.cross_gram(edited, kv.values()), r)
+    return cf.derive_against(base.encoder.encode([concept])[0], edited, kv.values(), r)
 
 
 def shows(images: np.ndarray, concept: str) -> float:

@@ -58,7 +58,7 @@ def test_derived_embedding_is_the_regularised_least_squares_solution():
     W = [w @ M for w in W0]
     c = rand(4, d, seed=7)
     r = 0.05
-    cp = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), r)
+    cp = cf.derive_against(c, W, W0, r)
     # normal equations: (rI + Σ WᵀW) c′ = Σ WᵀW⁰ c, row by row
     A = r * torch.eye(d, dtype=torch.float64) + sum(w.T @ w for w in W)
     B = sum(w.T @ w0 for w, w0 in zip(W, W0))
@@ -68,11 +68,11 @@ def test_derived_embedding_is_the_regularised_least_squares_solution():
     assert rel(M.T @ G0 @ M, cf.weight_gram(W)) < 1e-10
     assert rel(M.T @ G0, cf.cross_gram(W, W0)) < 1e-10
     # with r -> 0 the derived embedding reproduces the original keys/values exactly (M invertible)
-    exact = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), 1e-12)
+    exact = cf.derive_against(c, W, W0, 1e-12)
     assert cf.relative_residual(W, W0, exact, c) < 1e-6
     # standard regularisation pulls towards the anchor
     anchor = rand(4, d, seed=8)
-    cs = cf.derive_embedding(c, cf.weight_gram(W), cf.cross_gram(W, W0), 1e5, anchor_rows=anchor)
+    cs = cf.derive_against(c, W, W0, 1e5, anchor_rows=anchor)
     assert rel(cs, anchor) < 0.05
 
 

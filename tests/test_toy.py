@@ -190,8 +190,7 @@ def test_robust_mode_erases_and_a_fresh_derived_embedding_does_not_bring_it_back
         after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, concept)
         kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
         edited = [edit.edited_weight(n, w) for n, w in kv.items()]
-        c = base.encoder.encode([concept])[0]
-        fresh = cf.derive_embedding(c, cf.weight_gram(edited), cf.cross_gram(edited, kv.values()), 0.1).float()
+        fresh = cf.derive_against(base.encoder.encode([concept])[0], edited, kv.values(), 0.1).float()
         probe = generate(pipe, seeds=list(range(8)), prompt_embeds=fresh.expand(8, -1, -1), steps=STEPS)
     finally:
         edit.revert(pipe)

@@ -211,6 +211,20 @@ def derive_embedding(
     return torch.linalg.solve(system, rhs).T
 
 
+def derive_against(
+    concept_rows: torch.Tensor,
+    weights,
+    original_weights,
+    regularization: float,
+    anchor_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`derive_embedding` against explicit layer weights W_l (edited) and W⁰_l (original), both in the same order."""
+    weights, original_weights = list(weights), list(original_weights)
+    return derive_embedding(
+        concept_rows, weight_gram(weights), cross_gram(weights, original_weights), regularization, anchor_rows
+    )
+
+
 def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int):
     """UCE's row slices for an erase pair: from each text's last word token, aligned to the same length.
 

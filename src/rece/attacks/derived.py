@@ -92,14 +92,6 @@ def source_weights(target: Target, params: Params) -> tuple[dict[str, torch.Tens
     return full_weights(target, other), f"{other.method} edit {Path(source).name}"
 
 
-def derive(concept_rows: torch.Tensor, weights: dict, originals: dict, r: float, anchor: torch.Tensor | None) -> torch.Tensor:
-    """c′ for one concept's embedding rows [77, d] against `weights` (float64), via closed_form."""
-    names = list(originals)
-    gram = cf.weight_gram(weights[n] for n in names)
-    cross = cf.cross_gram((weights[n] for n in names), (originals[n] for n in names))
-    return cf.derive_embedding(concept_rows, gram, cross, r, anchor)
-
-
 def residuals(target: Target, concept: str, concept_rows: torch.Tensor, derived_rows: torch.Tensor) -> dict[str, float]:
     """‖W′x − W⁰c‖/‖W⁰c‖ on the attacked model for x = c, the c′ stored at each RECE iteration, and the attack's c′."""
     weights = full_weights(target)
@@ -137,7 +129,8 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
     device = concept_rows.device
     weights = {n: w.to(device) for n, w in weights.items()}
     originals = {n: w.to(device) for n, w in target.original_kv.items()}
-    rows = derive(concept_rows, weights, originals, regularization(params, target), anchor)
+    edited = [weights[n] for n in originals]  # the same layer order as the originals
+    rows = cf.derive_against(concept_rows, edited, originals.values(), regularization(params, target), anchor)
     info = {
         "derived_against": source,
         "residuals": residuals(target, case.concept, concept_rows, rows),
