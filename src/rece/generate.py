@@ -688,19 +688,25 @@ def restore(prepared: Prepared) -> None:
     prepared.pipe.scheduler = prepared.scheduler
 
 
+def seeded_images(pipe, seeds: Sequence[int], **call):
+    """One pipeline call whose image i comes from its own CPU generator seeded with seeds[i], so that every image
+    can be reproduced alone, at any batch size and on any device; `call` holds the other pipeline arguments."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return pipe(generator=generators, **call).images
+
+
 def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float, steps: int, height: int, width: int):
     """PIL images of (row, k) pairs, each from its own CPU generator seeded with row.seed + k."""
-    generators = [torch.Generator("cpu").manual_seed(row.seed + k) for row, k in batch]
-    result = pipe(
+    return seeded_images(
+        pipe,
+        [row.seed + k for row, k in batch],
         prompt=[row.prompt for row, _ in batch],
         num_inference_steps=steps,
         guidance_scale=guidance,
         height=height,
         width=width,
-        generator=generators,
         output_type="pil",
     )
-    return result.images
 
 
 def plan_batches(rows: Sequence[PromptRow], job: RunJob, done: set[str]) -> list[tuple[float, list[tuple[PromptRow, int]]]]:

@@ -352,18 +352,19 @@ def write_prompts(path: Path, rows: list[dict]) -> None:
 
 def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float, size: int):
     """PIL images, one per (prompt embeddings [77, d], seed), each from its own CPU generator; "" is the negative prompt."""
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    from ..generate import seeded_images
+
     with torch.no_grad():
-        result = pipe(
+        return seeded_images(
+            pipe,
+            seeds,
             prompt_embeds=embeds.to(pipe.unet.device, pipe.unet.dtype),
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=size,
             width=size,
-            generator=generators,
             output_type="pil",
         )
-    return result.images
 
 
 def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:

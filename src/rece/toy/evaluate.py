@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..generate import seeded_images
 from .detector import detect
 from .world import COLORS, SHAPES
 
@@ -29,14 +30,13 @@ def generate(
     out = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np")
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
         if prompt_embeds is not None:
             kwargs["prompt_embeds"] = prompt_embeds[start:stop].to(pipe.unet.dtype)
             kwargs["negative_prompt_embeds"] = _empty_embeds(pipe, stop - start)
         else:
             kwargs["prompt"] = list(prompts[start:stop])
-        images = pipe(**kwargs).images
+        images = seeded_images(pipe, seeds[start:stop], **kwargs)
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
         if progress is not None:
             progress.update(stop - start)
