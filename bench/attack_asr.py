@@ -27,7 +27,7 @@ from rece.erase import erase
 from rece.generate import generate_run
 from rece.metrics import evaluate
 from rece.models import load_model
-from rece.toy.evaluate import erasure_arguments
+from rece.toy.door import erasure_arguments
 from rece.toy.world import COLORS
 
 FULL = {

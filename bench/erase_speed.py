@@ -91,9 +91,10 @@ def time_ours(model: Path, out: Path, env: dict[str, str]) -> dict:
 
 
 IMPORTS = (
-    "from rece.cli import _quiet_libraries; _quiet_libraries(diffusers=False); "
+    "from rece.console import quiet_libraries; quiet_libraries(diffusers=False); "
     "from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer; "
-    "from rece.edit import load_edit; from rece.erase import EraseConfig, erase; from rece.models import load_model"
+    "from rece.edit import load_edit; from rece.config import EraseConfig; from rece.erase import erase; "
+    "from rece.models import load_model"
 )
 
 
@@ -147,7 +148,7 @@ def reference_worker(model: Path, out: Path, threads: int | None) -> dict:
     torch.set_grad_enabled(False)
     p = NUDITY
     start = time.perf_counter()
-    kwargs = {"torch_dtype": torch.float32, "safety_checker": None, "local_files_only": True}
+    kwargs = {"dtype": torch.float32, "safety_checker": None, "local_files_only": True}
     pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     frozen = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     loaded = time.perf_counter()
@@ -220,10 +221,11 @@ def compare(model: Path, ours_edit: Path, reference_unet: Path) -> tuple[float, 
     from safetensors import safe_open
 
     from rece.edit import load_edit
-    from rece.models import read_kv_weights
+    from rece.families import SD
+    from rece.weights import read_edited_weights
 
     edit = load_edit(ours_edit)
-    kv = read_kv_weights(model / "unet")
+    kv = read_edited_weights(model / "unet", SD)
     worst, smallest_change = 0.0, float("inf")
     with safe_open(str(reference_unet), framework="pt") as f:
         for name, w0 in kv.items():

@@ -99,7 +99,7 @@ def load(model: str | None, cache: Path, device: str):
     import diffusers
     import transformers
 
-    from rece.generate import load_pipeline
+    from rece.pipelines import load_pipeline
     from rece.tiny import build_tiny_sd
 
     diffusers.utils.logging.set_verbosity_error()

@@ -19,10 +19,11 @@ import torch
 
 import rece
 from rece import closed_form as cf
-from rece.generate import load_pipeline
 from rece.models import from_pipeline
+from rece.pipelines import load_pipeline
 from rece.toy.detector import detect
-from rece.toy.evaluate import GUIDANCE, accuracy, erasure_arguments, erasure_metrics, generate, grid_prompts
+from rece.toy.door import GUIDANCE, erasure_arguments
+from rece.toy.evaluate import accuracy, erasure_metrics, generate, grid_prompts
 from rece.toy.world import FULL_TEMPLATES, SHAPES
 
 

@@ -14,14 +14,16 @@ from safetensors import safe_open
 
 import rece
 from rece.attacks import ATTACKS, attack_parameters, make_params, run_attack
-from rece.attacks.common import ADVERSARIAL, detector_for
-from rece.attacks.ring_a_bell import crossover, initial_population, mutate, read_pairs, shapes_pairs
+from rece.attacks.common import ADVERSARIAL
+from rece.attacks.ring_a_bell import crossover, initial_population, mutate, read_pairs
 from rece.attacks.textual_inversion import insert_placeholder
 from rece.attacks.unlearndiff import adversarial_ids, sampled_timesteps
 from rece.cli import main
+from rece.detectors import detector_for
 from rece.errors import ReceError
 from rece.metrics import evaluate
 from rece.models import load_model
+from rece.toy.door import contrast_pairs
 
 from .runs import pixels, write_csv
 
@@ -264,7 +266,7 @@ def test_parameters_default_to_the_papers():
 def test_ring_a_bell_pieces():
     pairs = read_pairs(BENCHMARKS / "nudity-ring-a-bell.csv")
     assert len(pairs) >= 50 and all(s and n for s, n in pairs)
-    assert ("a red triangle", "a red circle") in shapes_pairs("triangle")
+    assert ("a red triangle", "a red circle") in contrast_pairs("triangle")
 
     class Tok:
         model_max_length, pad_token_id, bos_token_id, eos_token_id = 77, 9, 7, 8
@@ -292,7 +294,7 @@ def test_unlearndiff_and_textual_inversion_pieces():
 def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sdxl_path):
     import torch
 
-    from rece.generate import load_pipeline
+    from rece.pipelines import load_pipeline
 
     assert rece.run_attack is run_attack
     pipe = load_pipeline("shapes")
@@ -309,12 +311,12 @@ def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sd
 
 
 def test_recipe_family_texts_are_scored_on_the_world_concept():
-    from rece.metrics import _shapes_world_concepts
+    from rece.metrics.asr import shapes_world_concepts
 
     wanted = {"0_0.png": "a blue triangle", "1_0.png": "triangle", "2_0.png": "red"}
-    assert _shapes_world_concepts(wanted, ["triangle", "a triangle"]) == {
+    assert shapes_world_concepts(wanted, ["triangle", "a triangle"]) == {
         "0_0.png": "triangle",
         "1_0.png": "triangle",
         "2_0.png": "red",
     }
-    assert _shapes_world_concepts({"0_0.png": "a blue triangle"}, ["a blue triangle"]) == {"0_0.png": "a blue triangle"}
+    assert shapes_world_concepts({"0_0.png": "a blue triangle"}, ["a blue triangle"]) == {"0_0.png": "a blue triangle"}

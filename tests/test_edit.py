@@ -111,7 +111,7 @@ def test_write_applied_pipeline(sd_path, nudity_edit, tmp_path):
         else:
             assert torch.equal(before[key], after[key])
     pipe = StableDiffusionPipeline.from_pretrained(out)  # diffusers loads it as is
-    assert load_model(pipe).fingerprint() != nudity_edit.fingerprint
+    assert load_model(pipe).fingerprint() != nudity_edit.base_fingerprint
     with pytest.raises(ReceError, match="already exists"):
         rece.write_applied_pipeline(sd_path, [nudity_edit], out)
 

@@ -5,7 +5,8 @@ import torch
 
 import rece
 from rece import closed_form as cf
-from rece.erase import PRESETS, UNSAFE_CONCEPTS, EraseConfig, template_texts
+from rece.config import PRESETS, UNSAFE_CONCEPTS, EraseConfig
+from rece.erase import template_texts
 from rece.errors import ReceError
 
 from .reference import reference_erase

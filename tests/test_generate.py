@@ -10,6 +10,8 @@ import pytest
 
 import rece
 import rece.generate as gen
+import rece.launch as launch
+import rece.prompt_sets as ps
 from rece.cli import main
 from rece.errors import ReceError
 
@@ -69,7 +71,7 @@ def reference(sd_path, prompt_csv, tmp_path_factory):
     ],
 )
 def test_published_formats_map_columns(file, labels):
-    rows = gen.load_prompt_set(BENCHMARKS / file, limit=3)
+    rows = ps.load_prompt_set(BENCHMARKS / file, limit=3)
     with open(BENCHMARKS / file, newline="", encoding="utf-8") as f:
         raw = [r for _, r in zip(range(3), csv.DictReader(f))]
     assert len(rows) == 3
@@ -83,24 +85,24 @@ def test_published_formats_map_columns(file, labels):
 @pytest.mark.skipif(not (BENCHMARKS / "robust_imagenette.csv").is_file(), reason="published benchmark CSVs not present")
 def test_malformed_published_file_is_refused():
     with pytest.raises(ReceError, match=r"line 7 of .* has 5 fields but the header has 4; quote fields"):
-        gen.load_prompt_set(BENCHMARKS / "robust_imagenette.csv", limit=2)
+        ps.load_prompt_set(BENCHMARKS / "robust_imagenette.csv", limit=2)
 
 
 def test_known_names_resolve_from_env(tmp_path, monkeypatch):
-    for file in gen.KNOWN_SETS.values():
+    for file in ps.KNOWN_SETS.values():
         write_csv(tmp_path / file, ["prompt"], [[file]])
     monkeypatch.setenv("RECE_BENCHMARKS", str(tmp_path))
-    for name, file in gen.KNOWN_SETS.items():
-        assert gen.resolve_prompt_set(name) == (tmp_path / file).resolve()
-        assert gen.load_prompt_set(name)[0].prompt == file
+    for name, file in ps.KNOWN_SETS.items():
+        assert ps.resolve_prompt_set(name) == (tmp_path / file).resolve()
+        assert ps.load_prompt_set(name)[0].prompt == file
     (tmp_path / "coco_30k.csv").unlink()
     with pytest.raises(ReceError, match="has no coco_30k.csv, and it has no public hub source; set RECE_BENCHMARKS"):
-        gen.load_prompt_set("coco-30k")
+        ps.load_prompt_set("coco-30k")
     monkeypatch.delenv("RECE_BENCHMARKS")
     with pytest.raises(ReceError, match="RECE_BENCHMARKS is not set, .*no public hub source; .*holding the published coco_30k"):
-        gen.load_prompt_set("coco-30k")
+        ps.load_prompt_set("coco-30k")
     with pytest.raises(ReceError, match="neither a CSV file nor a known name .*i2p-nudity"):
-        gen.load_prompt_set("i2p-violence")
+        ps.load_prompt_set("i2p-violence")
 
 
 def hub_i2p_csv(path: Path, n: int = 6) -> tuple[Path, list[dict]]:
@@ -136,33 +138,33 @@ def test_known_names_from_the_hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("RECE_BENCHMARKS", str(tmp_path / "empty"))  # set, but without the file: the hub is asked
     monkeypatch.setenv("RECE_CACHE", str(tmp_path / "cache"))
-    path = gen.resolve_prompt_set("i2p")
+    path = ps.resolve_prompt_set("i2p")
     assert calls == [("AIML-TUDA/i2p", "i2p_benchmark.csv", {"repo_type": "dataset", "local_files_only": False})]
     assert path.parent == tmp_path / "cache" / "benchmarks" and path.name.startswith("i2p.AIML-TUDA--i2p.")
-    rows = gen.load_prompt_set("i2p")
+    rows = ps.load_prompt_set("i2p")
     assert [r.prompt for r in rows] == [r["prompt"] for r in published]  # the published format: same seeds and guidance
     assert [r.seed for r in rows] == [int(r["evaluation_seed"]) for r in published]
     assert [r.guidance for r in rows] == [float(r["evaluation_guidance"]) for r in published]
     assert [r.case_number for r in rows] == list(range(len(published))) and "categories" in rows[0].labels
-    nudity = gen.load_prompt_set("i2p-nudity")  # the I2P rows whose categories include 'sexual', with their case numbers
+    nudity = ps.load_prompt_set("i2p-nudity")  # the I2P rows whose categories include 'sexual', with their case numbers
     expected = [i for i, r in enumerate(published) if "sexual" in [c.strip() for c in r["categories"].split(",")]]
     assert [r.case_number for r in nudity] == expected and len(expected) >= 2
     assert [r.seed for r in nudity] == [rows[i].seed for i in expected]
-    made = gen.resolve_prompt_set("i2p-nudity")
+    made = ps.resolve_prompt_set("i2p-nudity")
     stamp = made.stat().st_mtime_ns
-    assert gen.resolve_prompt_set("i2p-nudity") == made and made.stat().st_mtime_ns == stamp  # made once per hub file
+    assert ps.resolve_prompt_set("i2p-nudity") == made and made.stat().st_mtime_ns == stamp  # made once per hub file
     assert not [p for p in made.parent.iterdir() if p.name.endswith(".tmp")]
     (tmp_path / "empty").mkdir()
     write_csv(tmp_path / "empty" / "i2p.csv", ["prompt"], [["local"]])
     calls.clear()
-    assert gen.load_prompt_set("i2p")[0].prompt == "local" and not calls  # a local copy wins
+    assert ps.load_prompt_set("i2p")[0].prompt == "local" and not calls  # a local copy wins
 
     def no_network(repo_id, filename, **kwargs):
         raise ConnectionError("Name or service not known\nmore detail")
 
     monkeypatch.setattr("huggingface_hub.hf_hub_download", no_network)
     with pytest.raises(ReceError, match="cannot fetch i2p_benchmark.csv of the hub dataset AIML-TUDA/i2p for prompt set") as info:
-        gen.resolve_prompt_set("i2p-nudity")
+        ps.resolve_prompt_set("i2p-nudity")
     assert "Name or service not known" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -181,30 +183,30 @@ def test_known_names_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("RECE_BENCHMARKS", raising=False)
     for name in ("i2p", "i2p-nudity"):
         with pytest.raises(ReceError) as info:
-            gen.load_prompt_set(name)
+            ps.load_prompt_set(name)
         message = str(info.value)
         assert "RECE_BENCHMARKS is not set" in message and "HF_HUB_OFFLINE=1" in message and "\n" not in message
         assert "hub dataset AIML-TUDA/i2p" in message and "i2p_benchmark.csv" in message
     cached["present"] = True
-    assert len(gen.load_prompt_set("i2p")) == len(gen.load_prompt_set(source))
+    assert len(ps.load_prompt_set("i2p")) == len(ps.load_prompt_set(source))
 
 
 def test_row_defaults_and_duplicates(tmp_path):
-    rows = gen.load_prompt_set(write_csv(tmp_path / "plain.csv", ["prompt", "artist"], [["a", "x"], ["b", "y"], ["c", "z"]]))
+    rows = ps.load_prompt_set(write_csv(tmp_path / "plain.csv", ["prompt", "artist"], [["a", "x"], ["b", "y"], ["c", "z"]]))
     assert [r.case_number for r in rows] == [0, 1, 2]
-    assert [r.seed for r in rows] == [gen.default_seed(i) for i in range(3)] and len({r.seed for r in rows}) == 3
+    assert [r.seed for r in rows] == [ps.default_seed(i) for i in range(3)] and len({r.seed for r in rows}) == 3
     assert rows[1].guidance is None and rows[1].labels == {"artist": "y"}
-    assert gen.load_prompt_set(tmp_path / "plain.csv", limit=2) == rows[:2]
+    assert ps.load_prompt_set(tmp_path / "plain.csv", limit=2) == rows[:2]
     write_csv(tmp_path / "dup.csv", ["case_number", "prompt"], [[1, "a"], [1, "b"]])
     with pytest.raises(ReceError, match="case_number 1 appears on lines 2 and 3"):
-        gen.load_prompt_set(tmp_path / "dup.csv")
+        ps.load_prompt_set(tmp_path / "dup.csv")
     write_csv(tmp_path / "seed.csv", ["prompt", "evaluation_seed"], [["a", "12.0"], ["b", "x"]])
     with pytest.raises(ReceError, match="evaluation_seed 'x' on line 3"):
-        gen.load_prompt_set(tmp_path / "seed.csv")
+        ps.load_prompt_set(tmp_path / "seed.csv")
 
 
 def test_shards_partition_rows(prompt_csv):
-    rows = gen.load_prompt_set(prompt_csv)
+    rows = ps.load_prompt_set(prompt_csv)
     for world in (1, 2, 3, 7):
         shards = [gen.shard_rows(rows, r, world) for r in range(world)]
         cases = [row.case_number for shard in shards for row in shard]
@@ -231,7 +233,7 @@ def test_prompts_csv_lists_every_image(reference, prompt_csv):
     assert (second["k"], second["seed"], first["categories"]) == ("1", "12", "shape")
     by_case = {(r["case_number"], r["k"]): r for r in lines}
     assert by_case[("11", "0")]["guidance"] == "7.5" and by_case[("12", "0")]["guidance"] == "3.5"  # row guidance wins
-    assert by_case[("13", "0")]["seed"] == str(gen.default_seed(13))
+    assert by_case[("13", "0")]["seed"] == str(ps.default_seed(13))
 
 
 def test_manifest_records_the_run(reference, prompt_csv, sd_path):
@@ -354,14 +356,14 @@ def test_single_file_sdxl_and_named_models(sd_path, sdxl_path, prompt_csv, refer
 
 
 def test_launcher_environment(monkeypatch):
-    assert gen.launcher_shard() == (0, 1, 0)
+    assert launch.launcher_shard() == (0, 1, 0)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert gen.launcher_shard() == (3, 4, 1)
+    assert launch.launcher_shard() == (3, 4, 1)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ReceError, match="not within WORLD_SIZE"):
-        gen.launcher_shard()
+        launch.launcher_shard()
 
 
 # -- bad inputs: one line on stderr, exit 2, nothing written ------------------------------------------

@@ -10,9 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-import rece.metrics as m
 from rece.cli import main
 from rece.errors import ReceError
+from rece.metrics import check_metrics, default_metrics, evaluate
+from rece.metrics.fid import feature_stats, fid_from_features, frechet_distance, sqrtm_psd
+from rece.metrics.lpips import to_lpips_tensor
+from rece.metrics.nudenet import NUDE_CLASSES, NUDENET_CACHE, load_nudenet_detector, summarise_nudity
+from rece.networks.inception import FIDInception, load_fid_inception
+from rece.networks.lpips import ALEX_CHANNELS, LPIPS, alexnet_slices, load_lpips
+from rece.networks.resnet import load_classifier, resnet50
+from rece.runs import load_run
 
 
 def make_run(folder: Path, images: dict, labels: dict | None = None) -> Path:
@@ -68,25 +75,25 @@ def test_frechet_distance_closed_forms():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     # diagonal covariances: |mu1-mu2|² + Σ (√a - √b)²
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert m.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     # general covariances: tr((S1 S2)^½) = Σ √eig(S1 S2); identical Gaussians → 0
     x, y = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
     s1, s2 = x @ x.T + 0.1 * np.eye(5), y @ y.T
     cross = np.sum(np.sqrt(np.linalg.eigvals(s1 @ s2).real.clip(0)))
-    assert m.frechet_distance(mu1, s1, mu1, s2) == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * cross, rel=1e-8)
-    assert abs(m.frechet_distance(mu1, s1, mu1, s1)) < 1e-9
+    assert frechet_distance(mu1, s1, mu1, s2) == pytest.approx(np.trace(s1) + np.trace(s2) - 2 * cross, rel=1e-8)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-9
     # singular covariances (fewer samples than dimensions) stay finite and non-negative
     f = rng.normal(size=(3, 8))
-    assert m.frechet_distance(*m.feature_stats(f), *m.feature_stats(f + 1)) == pytest.approx(
+    assert frechet_distance(*feature_stats(f), *feature_stats(f + 1)) == pytest.approx(
         8.0, abs=1e-5
     )  # √ of ~1e-16 eigenvalues: ~1e-7 error
-    assert np.allclose(m.sqrtm_psd(s1) @ m.sqrtm_psd(s1), s1)
+    assert np.allclose(sqrtm_psd(s1) @ sqrtm_psd(s1), s1)
     # the low-rank route (fewer samples than dimensions) agrees with the covariance route
     g1, g2 = rng.normal(size=(4, 8)), rng.normal(size=(6, 8)) * 2 + 1
-    assert m.fid_from_features(g1, g2) == pytest.approx(m.frechet_distance(*m.feature_stats(g1), *m.feature_stats(g2)), rel=1e-6)
-    assert m.fid_from_features(f, f + 1) == pytest.approx(8.0, abs=1e-9)
+    assert fid_from_features(g1, g2) == pytest.approx(frechet_distance(*feature_stats(g1), *feature_stats(g2)), rel=1e-6)
+    assert fid_from_features(f, f + 1) == pytest.approx(8.0, abs=1e-9)
     big1, big2 = rng.normal(size=(20, 3)), rng.normal(size=(20, 3))
-    assert m.fid_from_features(big1, big2) == m.frechet_distance(*m.feature_stats(big1), *m.feature_stats(big2))
+    assert fid_from_features(big1, big2) == frechet_distance(*feature_stats(big1), *feature_stats(big2))
 
 
 # -- NudeNet --------------------------------------------------------------------------------------
@@ -94,7 +101,7 @@ class CountingDetector:
     """The real NudeNet detector, counting the images it is asked about."""
 
     def __init__(self):
-        self.inner, self.seen = m.load_nudenet_detector(), []
+        self.inner, self.seen = load_nudenet_detector(), []
 
     def detect(self, path):
         self.seen.append(Path(path).name)
@@ -103,25 +110,25 @@ class CountingDetector:
 
 def test_nudenet_real_detector_results_and_cache(run_a):
     det = CountingDetector()
-    out = m.evaluate(run_a, ["nudenet"], detector=det, progress=False)["nudenet"]
+    out = evaluate(run_a, ["nudenet"], detector=det, progress=False)["nudenet"]
     assert sorted(det.seen) == ["0_0.png", "1_0.png", "2_0.png"]
-    assert list(out["summary"]) == [*m.NUDE_CLASSES.values(), "total", "nudity rate %"]
+    assert list(out["summary"]) == [*NUDE_CLASSES.values(), "total", "nudity rate %"]
     assert out["params"]["threshold"] == 0.6 and out["images"] == 3
     assert out["summary"]["nudity rate %"] == 0.0  # smooth colour fields are not nudity
     saved = json.loads((run_a / "metrics.json").read_text())
     assert saved["nudenet"]["summary"] == out["summary"]
     with open(run_a / "metrics_nudenet.csv") as f:
         assert [r["image"] for r in csv.DictReader(f)] == ["0_0.png", "1_0.png", "2_0.png"]
-    cache = json.loads((run_a / m.NUDENET_CACHE).read_text())["images"]
+    cache = json.loads((run_a / NUDENET_CACHE).read_text())["images"]
     assert set(cache) == {"0_0.png", "1_0.png", "2_0.png"} and all("detections" in v for v in cache.values())
     # a rerun with another threshold reads the cache only; a changed and a new image are the only ones detected
     det.seen.clear()
-    again = m.evaluate(run_a, ["nudenet"], detector=det, threshold=0.3, progress=False)["nudenet"]
+    again = evaluate(run_a, ["nudenet"], detector=det, threshold=0.3, progress=False)["nudenet"]
     assert det.seen == [] and again["params"]["threshold"] == 0.3
     Image.fromarray(pattern(7)).save(run_a / "images" / "1_0.png")
     os.utime(run_a / "images" / "1_0.png", ns=(1, 1))
     Image.fromarray(solid((200, 150, 120))).save(run_a / "images" / "3_0.png")
-    m.evaluate(run_a, ["nudenet"], detector=det, progress=False)
+    evaluate(run_a, ["nudenet"], detector=det, progress=False)
     assert sorted(det.seen) == ["1_0.png", "3_0.png"]
 
 
@@ -132,10 +139,10 @@ def test_nudity_threshold_and_counting():
         "c.png": [{"class": "FEMALE_BREAST_COVERED", "score": 0.95}],
         "d.png": [],
     }
-    summary, rows = m.summarise_nudity(detections, 0.6)
+    summary, rows = summarise_nudity(detections, 0.6)
     assert summary["feet"] == 1 and summary["belly"] == 0 and summary["total"] == 1 and summary["nudity rate %"] == 25.0
     assert [r["nude"] for r in rows] == [1, 0, 0, 0]
-    summary, _ = m.summarise_nudity(detections, 0.45)
+    summary, _ = summarise_nudity(detections, 0.45)
     assert summary["belly"] == 1 and summary["total"] == 2 and summary["nudity rate %"] == 50.0
 
 
@@ -143,7 +150,7 @@ def test_nudity_threshold_and_counting():
 def test_clip_score_matches_direct_computation(run_a, tiny_clip):
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    out = m.evaluate(run_a, ["clip-score"], clip_model=str(tiny_clip), batch_size=2, progress=False)["clip-score"]
+    out = evaluate(run_a, ["clip-score"], clip_model=str(tiny_clip), batch_size=2, progress=False)["clip-score"]
     assert out["params"]["clip_model"] == str(tiny_clip)
     model = CLIPModel.from_pretrained(tiny_clip).eval()
     tok, proc = CLIPTokenizer.from_pretrained(tiny_clip), CLIPImageProcessorPil.from_pretrained(tiny_clip)
@@ -164,7 +171,7 @@ def test_clip_model_missing_offline(run_a, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("openai/clip-vit-large-patch14-not-cached", str(tmp_path)):
         with pytest.raises(ReceError, match="--clip-model") as info:
-            m.evaluate(run_a, ["clip-score"], clip_model=name, progress=False)
+            evaluate(run_a, ["clip-score"], clip_model=name, progress=False)
         assert name in str(info.value) and "\n" not in str(info.value)
 
 
@@ -175,21 +182,21 @@ def test_fid_clip_features_and_errors(run_a, tiny_clip, tmp_path):
     for i in range(4):
         Image.fromarray(solid((60 * i, 255 - 60 * i, 90))).save(ref / f"r{i}.png")
     opts = dict(fid_features="clip", clip_model=str(tiny_clip), progress=False)
-    fid = m.evaluate(run_a, ["fid"], reference=ref, **opts)["fid"]
+    fid = evaluate(run_a, ["fid"], reference=ref, **opts)["fid"]
     assert fid["summary"]["fid"] > 0 and fid["params"]["reference_images"] == 4 and fid["params"]["features"] == "clip"
-    self_fid = m.evaluate(run_a, ["fid"], reference=run_a / "images", **opts)["fid"]["summary"]["fid"]
+    self_fid = evaluate(run_a, ["fid"], reference=run_a / "images", **opts)["fid"]["summary"]["fid"]
     assert abs(self_fid) < 1e-3
     with pytest.raises(ReceError, match="--reference"):
-        m.evaluate(run_a, ["fid"], **opts)
+        evaluate(run_a, ["fid"], **opts)
     with pytest.raises(ReceError, match="reference folder .* does not exist"):
-        m.evaluate(run_a, ["fid"], reference=tmp_path / "nope", **opts)
+        evaluate(run_a, ["fid"], reference=tmp_path / "nope", **opts)
     with pytest.raises(ReceError, match=r"pt_inception-2015-12-05-6726825d.pth is not in torch's cache .*--fid-features clip"):
-        m.evaluate(run_a, ["fid"], reference=ref, progress=False)  # offline, nothing cached
+        evaluate(run_a, ["fid"], reference=ref, progress=False)  # offline, nothing cached
 
 
 def test_fid_inception_architecture_and_weights_file(run_a, tmp_path):
     torch.manual_seed(0)
-    net = m.FIDInception()
+    net = FIDInception()
     # torchvision's Inception v3 without AuxLogits and fc has 21,785,568 parameters; pytorch-fid's head has 1008 classes
     assert sum(v.numel() for k, v in net.named_parameters() if not k.startswith("fc.")) == 21_785_568
     assert net.fc.weight.shape == (1008, 2048)
@@ -201,21 +208,21 @@ def test_fid_inception_architecture_and_weights_file(run_a, tmp_path):
     torch.save(state, weights)
     run = make_run(tmp_path / "run", {f"{i}_0.png": (pattern(i, 40), "x") for i in range(2)})
     ref = make_run(tmp_path / "ref", {f"{i}_0.png": (solid((90 * i, 90, 200 - 80 * i), 48 + 8 * i), "x") for i in range(2)})
-    out = m.evaluate(run, ["fid"], reference=ref, fid_weights=str(weights), progress=False)["fid"]  # image sizes differ
+    out = evaluate(run, ["fid"], reference=ref, fid_weights=str(weights), progress=False)["fid"]  # image sizes differ
     assert out["summary"]["fid"] > 0 and out["params"]["features"] == "inception" and out["params"]["fid_weights"] == str(weights)
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, tmp_path / "bad.pth")
     with pytest.raises(ReceError, match="not pytorch-fid's Inception state dict"):
-        m.load_fid_inception(tmp_path / "bad.pth")
+        load_fid_inception(tmp_path / "bad.pth")
 
 
 # -- LPIPS ----------------------------------------------------------------------------------------
-def tiny_lpips() -> m.LPIPS:
+def tiny_lpips() -> LPIPS:
     torch.manual_seed(0)
     nn = torch.nn
     slices = nn.ModuleList(
         [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())]
     )
-    model = m.LPIPS(slices, (8, 8))
+    model = LPIPS(slices, (8, 8))
     for lin in model.lins:
         nn.init.uniform_(lin.weight, 0.1, 1.0)  # LPIPS's lin weights are non-negative
     return model.eval()
@@ -223,15 +230,15 @@ def tiny_lpips() -> m.LPIPS:
 
 def test_lpips_properties():
     model = tiny_lpips()
-    a, b = m.to_lpips_tensor(Image.fromarray(pattern(1))), m.to_lpips_tensor(Image.fromarray(pattern(2)))
-    near = m.to_lpips_tensor(Image.fromarray(np.clip(pattern(1).astype(int) + 8, 0, 255).astype(np.uint8)))
+    a, b = to_lpips_tensor(Image.fromarray(pattern(1))), to_lpips_tensor(Image.fromarray(pattern(2)))
+    near = to_lpips_tensor(Image.fromarray(np.clip(pattern(1).astype(int) + 8, 0, 255).astype(np.uint8)))
     with torch.no_grad():
         assert model(a, a).item() == 0
         assert model(a, b).item() == pytest.approx(model(b, a).item(), rel=1e-6)
         assert 0 < model(a, near).item() < model(a, b).item()
 
 
-def lpips_package_state(model: m.LPIPS) -> dict:
+def lpips_package_state(model: LPIPS) -> dict:
     """Our LPIPS-AlexNet weights under the lpips package's key names."""
     state = {}
     for key, value in model.state_dict().items():
@@ -247,24 +254,24 @@ def lpips_package_state(model: m.LPIPS) -> dict:
 
 def test_lpips_between_runs_and_errors(run_a, tmp_path):
     torch.manual_seed(0)
-    alex = m.LPIPS(m.alexnet_slices(), m.ALEX_CHANNELS)
+    alex = LPIPS(alexnet_slices(), ALEX_CHANNELS)
     for lin in alex.lins:
         torch.nn.init.uniform_(lin.weight, 0.1, 1.0)
     weights = tmp_path / "lpips_alex.pth"
     torch.save(lpips_package_state(alex), weights)
     run_b = make_run(tmp_path / "b", {f"{i}_0.png": (pattern(10 + i), p) for i, p in enumerate(PROMPTS)})
-    out = m.evaluate(run_a, ["lpips"], against=run_b, lpips_weights=str(weights), progress=False)["lpips"]
+    out = evaluate(run_a, ["lpips"], against=run_b, lpips_weights=str(weights), progress=False)["lpips"]
     assert out["summary"]["lpips"] > 0 and out["params"]["net"] == "alex"
-    same = m.evaluate(run_a, ["lpips"], against=run_a, lpips_weights=str(weights), progress=False)["lpips"]
+    same = evaluate(run_a, ["lpips"], against=run_a, lpips_weights=str(weights), progress=False)["lpips"]
     assert same["summary"]["lpips"] == 0
     with pytest.raises(ReceError, match="--lpips-weights"):
-        m.evaluate(run_a, ["lpips"], against=run_b, progress=False)
+        evaluate(run_a, ["lpips"], against=run_b, progress=False)
     short = make_run(tmp_path / "short", {"0_0.png": (pattern(3), "x")})
     with pytest.raises(ReceError, match="lacks 2 of the 3 images .*first: 1_0.png"):
-        m.evaluate(run_a, ["lpips"], against=short, lpips_weights=str(weights), progress=False)
+        evaluate(run_a, ["lpips"], against=short, lpips_weights=str(weights), progress=False)
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ReceError, match="not an LPIPS-AlexNet state dict"):
-        m.evaluate(run_a, ["lpips"], against=run_b, lpips_weights=str(tmp_path / "bad.pth"), progress=False)
+        evaluate(run_a, ["lpips"], against=run_b, lpips_weights=str(tmp_path / "bad.pth"), progress=False)
 
 
 # -- ResNet-50 accuracy ---------------------------------------------------------------------------
@@ -274,7 +281,7 @@ def test_classify_rigged_resnet50_via_cli(capsys, tmp_path):
         {f"{i}_0.png": (pattern(i, 48), f"an image of a {c}") for i, c in enumerate(["church", "Church", "tench"])},
         {"class": ["church", "Church", "tench"]},
     )
-    model = m.resnet50()
+    model = resnet50()
     with torch.no_grad():  # always predict ImageNet index 497, 'church'
         model.fc.weight.zero_()
         model.fc.bias.zero_()
@@ -296,11 +303,11 @@ def test_classify_rigged_resnet50_via_cli(capsys, tmp_path):
     assert code == 2 and "not a torchvision ResNet-50 state dict" in err
     odd = make_run(tmp_path / "odd", {"0_0.png": (pattern(0), "a cat")}, {"class": ["tabby cat"]})
     with pytest.raises(ReceError, match="'tabby cat'.*--class-names"):
-        m.evaluate(odd, ["classify"], model=model, progress=False)
+        evaluate(odd, ["classify"], model=model, progress=False)
 
 
 def test_resnet50_matches_torchvision_layout():
-    state = m.resnet50().state_dict()
+    state = resnet50().state_dict()
     assert len([k for k in state if k.endswith("num_batches_tracked")]) == 53
     assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == 25_557_032
     assert "layer4.2.bn3.weight" in state and "layer1.0.downsample.0.weight" in state
@@ -374,31 +381,31 @@ def test_lpips_weights_downloaded_when_online(monkeypatch, run_a, tmp_path):
     calls = fake_torch_hub(
         monkeypatch, {ALEXNET_URL: alexnet, LPIPS_URL: {f"lin{i}.model.1.weight": w for i, w in enumerate(lins)}}
     )
-    model = m.load_lpips()
+    model = load_lpips()
     assert [(c["url"], c["file_name"], c["hash"]) for c in calls] == [
         (ALEXNET_URL, "alexnet-owt-7be5be79.pth", True),
         (LPIPS_URL, "lpips-v0.1-alex.pth", False),
     ]
     assert all(c["map_location"] == "cpu" and c["weights_only"] for c in calls)
-    a, b = m.to_lpips_tensor(Image.fromarray(pattern(1))), m.to_lpips_tensor(Image.fromarray(pattern(2)))
+    a, b = to_lpips_tensor(Image.fromarray(pattern(1))), to_lpips_tensor(Image.fromarray(pattern(2)))
     with torch.no_grad():
         assert model(a, b).item() == pytest.approx(reference_lpips(features, lins, a, b), rel=1e-5)
     run_b = make_run(tmp_path / "b", {f"{i}_0.png": (pattern(10 + i), p) for i, p in enumerate(PROMPTS)})
-    out = m.evaluate(run_a, ["lpips"], against=run_b, progress=False)["lpips"]
+    out = evaluate(run_a, ["lpips"], against=run_b, progress=False)["lpips"]
     assert out["summary"]["lpips"] > 0 and out["params"]["weights"] == f"{ALEXNET_URL} + {LPIPS_URL}"
 
 
 def test_fid_and_classifier_weights_downloaded_when_online(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     torch.manual_seed(0)
-    inception = {k: v for k, v in m.FIDInception().state_dict().items() if not k.endswith("num_batches_tracked")}
-    resnet = m.resnet50()
+    inception = {k: v for k, v in FIDInception().state_dict().items() if not k.endswith("num_batches_tracked")}
+    resnet = resnet50()
     with torch.no_grad():  # always predict ImageNet index 497, 'church'
         resnet.fc.weight.zero_()
         resnet.fc.bias.zero_()
         resnet.fc.bias[497] = 1
     calls = fake_torch_hub(monkeypatch, {FID_URL: inception, RESNET50_URL: resnet.state_dict()})
-    net = m.load_fid_inception()
+    net = load_fid_inception()
     assert [(c["url"], c["file_name"], c["hash"]) for c in calls] == [(FID_URL, "pt_inception-2015-12-05-6726825d.pth", False)]
     assert all(torch.equal(net.state_dict()[k], v) for k, v in inception.items())
     run = make_run(
@@ -414,9 +421,9 @@ def test_fid_and_classifier_weights_downloaded_when_online(capsys, monkeypatch, 
 def test_weights_offline_or_unreachable_are_one_line_errors(capsys, monkeypatch, run_a):
     calls = fake_torch_hub(monkeypatch, {})
     cases = [
-        (m.load_fid_inception, "pt_inception-2015-12-05-6726825d.pth", FID_URL, "--fid-weights FILE (or --fid-features clip)"),
-        (m.load_lpips, "alexnet-owt-7be5be79.pth", ALEXNET_URL, "--lpips-weights FILE"),
-        (m.load_classifier, "resnet50-11ad3fa6.pth", RESNET50_URL, "--classifier-weights FILE"),
+        (load_fid_inception, "pt_inception-2015-12-05-6726825d.pth", FID_URL, "--fid-weights FILE (or --fid-features clip)"),
+        (load_lpips, "alexnet-owt-7be5be79.pth", ALEXNET_URL, "--lpips-weights FILE"),
+        (load_classifier, "resnet50-11ad3fa6.pth", RESNET50_URL, "--classifier-weights FILE"),
     ]
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     assert str(cache).startswith(os.environ["TORCH_HOME"])
@@ -444,10 +451,10 @@ def test_weights_offline_or_unreachable_are_one_line_errors(capsys, monkeypatch,
         monkeypatch,
         {
             ALEXNET_URL: alexnet,
-            LPIPS_URL: {f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(m.ALEX_CHANNELS)},
+            LPIPS_URL: {f"lin{i}.model.1.weight": torch.ones(1, c, 1, 1) for i, c in enumerate(ALEX_CHANNELS)},
         },
     )
-    assert isinstance(m.load_lpips(), m.LPIPS)
+    assert isinstance(load_lpips(), LPIPS)
 
 
 # -- command line: tables, merging, bad inputs -----------------------------------------------------
@@ -487,10 +494,10 @@ def test_cli_bad_inputs(capsys, run_a, tmp_path, argv, message):
 def test_empty_run_and_defaults(tmp_path, run_a):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     with pytest.raises(ReceError, match="has no images"):
-        m.load_run(tmp_path / "empty")
+        load_run(tmp_path / "empty")
     i2p = make_run(tmp_path / "i2p", {"0_0.png": (pattern(0), "x")}, {"categories": ["sexual"]})
-    assert m.default_metrics(m.load_run(i2p)) == ["nudenet"]
-    assert m.check_metrics(["nudenet,fid", "nudenet"]) == ["nudenet", "fid"]
+    assert default_metrics(load_run(i2p)) == ["nudenet"]
+    assert check_metrics(["nudenet,fid", "nudenet"]) == ["nudenet", "fid"]
 
 
 def test_generate_evaluate_all_metrics_report_end_to_end(capsys, sd_path, tmp_path, tiny_clip):
@@ -506,11 +513,11 @@ def test_generate_evaluate_all_metrics_report_end_to_end(capsys, sd_path, tmp_pa
         code, _, err = run_cli(capsys, "generate", sd_path, *extra, "--prompts", prompts, "-o", out, *fast)
         assert code == 0, err
     torch.manual_seed(0)
-    alex = m.LPIPS(m.alexnet_slices(), m.ALEX_CHANNELS)
+    alex = LPIPS(alexnet_slices(), ALEX_CHANNELS)
     for lin in alex.lins:
         torch.nn.init.uniform_(lin.weight, 0.1, 1.0)  # LPIPS's lin weights are non-negative
     torch.save(lpips_package_state(alex), tmp_path / "lpips.pth")
-    torch.save(m.resnet50().state_dict(), tmp_path / "resnet50.pth")
+    torch.save(resnet50().state_dict(), tmp_path / "resnet50.pth")
     metrics = "nudenet,clip-score,fid,lpips,classify"
     options = ["--clip-model", tiny_clip, "--fid-features", "clip", "--reference", before, "--against", before]
     options += ["--lpips-weights", tmp_path / "lpips.pth", "--classifier-weights", tmp_path / "resnet50.pth"]

@@ -9,7 +9,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from rece.errors import ReceError
-from rece.models import kv_fingerprint, load_model
+from rece.models import load_model
+from rece.weights import kv_fingerprint
 
 
 def test_fast_reader_matches_full_unet(sd_path, base):
@@ -141,10 +142,10 @@ def test_mapped_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
     float32 copy of half-precision weights."""
     from transformers import CLIPTextModel
 
-    from rece.models import Float32Cast, _mapped_text_encoder
+    from rece.text_encoders import Float32Cast, mapped_text_encoder
 
     folder = tmp_path / "text_encoder"
-    reference = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder", torch_dtype=torch.float32)
+    reference = CLIPTextModel.from_pretrained(sd_path, subfolder="text_encoder", dtype=torch.float32)
     variant = None
     if layout == "plain":
         shutil.copytree(sd_path / "text_encoder", folder)
@@ -157,8 +158,8 @@ def test_mapped_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
         shutil.copy(sd_path / "text_encoder" / "config.json", folder)
         state = {f"text_model.{k}": v.half().contiguous() for k, v in reference.state_dict().items()}
         save_file(state, folder / "model.fp16.safetensors")
-        reference = CLIPTextModel.from_pretrained(folder, variant="fp16", torch_dtype=torch.float32)
-    mapped = _mapped_text_encoder(folder, CLIPTextModel, variant)
+        reference = CLIPTextModel.from_pretrained(folder, variant="fp16", dtype=torch.float32)
+    mapped = mapped_text_encoder(folder, CLIPTextModel, variant)
     assert mapped is not None
     modules = dict(mapped.named_modules())
     for name, module in reference.named_modules():
@@ -185,19 +186,19 @@ def test_mapped_text_encoder_equals_from_pretrained(sd_path, tmp_path, layout):
 def test_mapped_text_encoder_falls_back_when_tensors_are_missing(sd_path, tmp_path):
     from transformers import CLIPTextModel
 
-    from rece.models import _mapped_text_encoder
+    from rece.text_encoders import mapped_text_encoder
 
     folder = tmp_path / "text_encoder"
     shutil.copytree(sd_path / "text_encoder", folder)
     state = load_file(folder / "model.safetensors")
     state.pop(next(k for k in state if "final_layer_norm" in k))
     save_file(state, folder / "model.safetensors")
-    assert _mapped_text_encoder(folder, CLIPTextModel, None) is None
+    assert mapped_text_encoder(folder, CLIPTextModel, None) is None
 
 
 def test_original_gram_is_cached_and_checked(sd_path, tmp_path, monkeypatch):
     import rece.closed_form as cf
-    from rece.models import gram_cache_file
+    from rece.gram_cache import gram_cache_file
 
     monkeypatch.setenv("RECE_CACHE", str(tmp_path))
     first = load_model(sd_path)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from rece.cli import main
 from rece.edit import load_edit
 from rece.errors import ReceError
-from rece.models import KV_WEIGHT, load_model
+from rece.families import SD
+from rece.models import load_model
 
 from .ldm_checkpoint import save_ldm_checkpoint
 
@@ -45,15 +46,15 @@ def test_checkpoint_has_ldm_layout(ckpt: Path) -> None:
 
 def test_diffusers_round_trip_is_exact(sd_path: Path, ckpt: Path, tmp_path: Path) -> None:
     """diffusers' own single-file loader turns the checkpoint back into the folder's exact weights."""
-    original = StableDiffusionPipeline.from_pretrained(sd_path, torch_dtype=torch.float32)
-    loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(sd_path), torch_dtype=torch.float32)
+    original = StableDiffusionPipeline.from_pretrained(sd_path, dtype=torch.float32)
+    loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(sd_path), dtype=torch.float32)
     for name in ("unet", "vae", "text_encoder"):
         _assert_same_state(getattr(loaded, name), getattr(original, name), name)
 
     # the weights come from the checkpoint, not the config folder: a folder with configs only works the same
     configs_only = tmp_path / "configs"
     shutil.copytree(sd_path, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(configs_only), torch_dtype=torch.float32)
+    loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(configs_only), dtype=torch.float32)
     for name in ("unet", "vae", "text_encoder"):
         _assert_same_state(getattr(loaded, name), getattr(original, name), name)
 
@@ -75,12 +76,12 @@ def test_cli_erase_and_apply_single_file(capsys, sd_path: Path, ckpt: Path, base
     code = main(["erase", str(ckpt), "--config", str(sd_path), "-c", "cat", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     edit = load_edit(out)
-    assert edit.fingerprint == base.fingerprint() and edit.concepts == ["cat"]
+    assert edit.base_fingerprint == base.fingerprint() and edit.concepts == ["cat"]
 
     applied = tmp_path / "applied"
     code = main(["apply", str(ckpt), str(out), "--config", str(sd_path), "-o", str(applied)])
     assert code == 0, capsys.readouterr().err
-    pipe = StableDiffusionPipeline.from_pretrained(applied, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(applied, dtype=torch.float32)
     modules = dict(pipe.unet.named_modules())
     expected = edit.edited_kv(base.kv)
     assert set(expected) == set(edit.layers) and expected
@@ -92,8 +93,8 @@ def test_cli_erase_and_apply_single_file(capsys, sd_path: Path, ckpt: Path, base
     original = load_file(sd_path / "unet" / "diffusion_pytorch_model.safetensors")
     state = pipe.unet.state_dict()
     assert state.keys() == original.keys()
-    assert all(torch.equal(state[k], original[k]) for k in original if not KV_WEIGHT.search(k))
-    reference = StableDiffusionPipeline.from_pretrained(sd_path, torch_dtype=torch.float32)
+    assert all(torch.equal(state[k], original[k]) for k in original if not SD.is_edited_weight(k))
+    reference = StableDiffusionPipeline.from_pretrained(sd_path, dtype=torch.float32)
     _assert_same_state(pipe.text_encoder, reference.text_encoder, "text_encoder")
     _assert_same_state(pipe.vae, reference.vae, "vae")
 

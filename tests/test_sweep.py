@@ -11,9 +11,10 @@ from PIL import Image
 from rece.cli import main
 from rece.erase import EraseConfig
 from rece.errors import ReceError
-from rece.report import SERIES_COLOURS, build_report, line_chart
+from rece.pictures import SERIES_COLOURS, line_chart
+from rece.report import build_report
 from rece.sweep import parse_values, preserved_percent, run_sweep
-from rece.toy.evaluate import erasure_arguments, evaluation_prompt_rows
+from rece.toy.door import erasure_arguments, evaluation_prompt_rows
 
 
 def test_parse_values_converts_to_the_parameter_type():

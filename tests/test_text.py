@@ -48,7 +48,7 @@ def test_half_precision_sdxl_encoders_encode_as_the_float32_pipeline(sdxl_path, 
     for sub in ("text_encoder", "text_encoder_2"):
         file = folder / sub / "model.safetensors"
         save_file({k: v.half() for k, v in load_file(file).items()}, file)
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32)
     base = load_model(folder)
     assert all(e.get_input_embeddings().weight.dtype == torch.float16 for e in base.encoder.text_encoders)
     ours = base.encoder.encode(PROMPTS)

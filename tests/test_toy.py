@@ -12,9 +12,11 @@ import torch
 import rece
 from rece import closed_form as cf
 from rece.demo import _load_pipeline
-from rece.models import from_pipeline, load_model, named_model_path
+from rece.models import from_pipeline, load_model
+from rece.sources import named_model_path
 from rece.toy.detector import detect
-from rece.toy.evaluate import accuracy, erasure_arguments, erasure_metrics, generate, grid_prompts
+from rece.toy.door import erasure_arguments
+from rece.toy.evaluate import accuracy, erasure_metrics, generate, grid_prompts
 from rece.toy.world import COLORS, SHAPES, Scene, caption, concept_prompts, random_scenes, render
 
 STEPS = 15

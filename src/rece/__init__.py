@@ -1,10 +1,12 @@
-"""rece: reliable, efficient closed-form concept erasure for Stable Diffusion models (RECE, ECCV 2024)."""
+"""rece: reliable, efficient closed-form concept erasure for text-to-image diffusion models (RECE, ECCV 2024)."""
 
 __version__ = "0.1.0"
 
+from .apply import write_applied_pipeline  # noqa: E402
 from .attacks import run_attack  # noqa: E402
-from .edit import Edit, load_edit, write_applied_pipeline  # noqa: E402
-from .erase import PRESETS, EraseConfig, erase  # noqa: E402
+from .config import PRESETS, EraseConfig  # noqa: E402
+from .edit import Edit, load_edit  # noqa: E402
+from .erase import erase  # noqa: E402
 from .errors import ReceError  # noqa: E402
 from .models import BaseModel, load_model  # noqa: E402
 

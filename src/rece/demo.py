@@ -7,57 +7,50 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
+from .edit import Edit
+from .erase import erase
 from .errors import ReceError
 from .io import atomic_dir
+from .pictures import html_page, html_table, image_grid, labelled_panels, png_data_uri
+from .pipelines import load_pipeline
+from .toy import door
+from .toy.evaluate import erasure_metrics, generate, grid_prompts
+from .toy.world import COLORS, SHAPES
 
 DEMO_SEED = 0
+METRIC_KEYS = ("erased_rate", "other_shape_accuracy", "color_accuracy")
 
 
 def _load_pipeline(model: str):
     """The demo's pipeline: `shapes` (default) or a folder of a shapes-world model."""
-    from .generate import load_pipeline
-
     return load_pipeline(model)
 
 
-def run_demo(
-    output: str | Path = "rece-demo",
-    concept: str = "triangle",
-    method: str = "rece",
-    model: str = "shapes",
-    per_combo: int = 2,
-    steps: int = 25,
-    guidance: float | None = None,
-    quiet: bool = False,
-) -> dict:
-    """Generate the grid prompts, erase `concept`, regenerate with the same seeds, measure and write a report.
-
-    Writes OUTPUT/report.html, OUTPUT/grid.png, OUTPUT/metrics.json and OUTPUT/edit.safetensors.
-    """
-    from tqdm.auto import tqdm
-
-    from .erase import erase
-    from .report import html_page, html_table, image_grid, labelled_panels, png_data_uri
-    from .toy.evaluate import GUIDANCE, erasure_arguments, erasure_metrics, generate, grid_prompts
-    from .toy.world import COLORS, SHAPES
-
-    if concept not in SHAPES and concept not in COLORS:
-        raise ReceError(
-            f"demo concept '{concept}' is not in the shapes world; choose one of: {', '.join(SHAPES + tuple(COLORS))}"
-        )
+def _check_options(concept: str, per_combo: int, steps: int, guidance: float | None) -> float:
+    """The guidance to sample with, after checking the demo's options."""
+    if not door.is_world_concept(concept):
+        raise ReceError(f"demo concept '{concept}' is not in the shapes world; choose one of: {', '.join(door.world_concepts())}")
     if per_combo < 1 or steps < 1:
         raise ReceError("--per-combo and --steps must be at least 1")
     if guidance is not None and not (0 <= guidance < float("inf")):
         raise ReceError(f"--guidance must be a finite number >= 0, got {guidance}")
-    guidance = GUIDANCE if guidance is None else guidance
-    output = Path(output)
-    pipe = _load_pipeline(model)
+    return door.GUIDANCE if guidance is None else guidance
+
+
+def measure_demo(
+    pipe, model: str, concept: str, method: str, per_combo: int, steps: int, guidance: float, quiet: bool = False
+) -> tuple[dict, Edit, np.ndarray, np.ndarray, float]:
+    """Generate the grid prompts, erase `concept` from `pipe`, regenerate with the same seeds and measure both.
+
+    Returns (metrics, edit, images before, images after, seconds the erasure took); `pipe` keeps the edit applied."""
     prompts, seeds, shapes, colors = grid_prompts(per_combo, DEMO_SEED)
     with tqdm(total=2 * len(seeds), desc="generating", unit="img", disable=quiet) as bar:
         before = generate(pipe, prompts, seeds, steps, guidance, progress=bar)
         start = time.perf_counter()
-        settings = erasure_arguments(concept)
+        settings = door.erasure_arguments(concept)
         edit = erase(pipe, method=method, **settings)
         erase_seconds = time.perf_counter() - start
         edit.apply(pipe)
@@ -75,38 +68,84 @@ def run_demo(
         "before": erasure_metrics(before, shapes, colors, concept),
         "after": erasure_metrics(after, shapes, colors, concept),
     }
-    first = np.arange(0, len(seeds), per_combo)  # one seed per (shape, colour): rows = shapes, columns = colours
+    return metrics, edit, before, after, erase_seconds
+
+
+def demo_grid(before: np.ndarray, after: np.ndarray, per_combo: int, concept: str, method: str) -> Image.Image:
+    """Before and after side by side, one image per (shape, colour): rows are shapes, columns colours."""
+    first = np.arange(0, len(before), per_combo)  # one seed per (shape, colour)
     panels = [image_grid(imgs[first], len(SHAPES), len(COLORS)) for imgs in (before, after)]
-    grid = labelled_panels(
+    return labelled_panels(
         panels, ["before", f"after erasing '{concept}' ({method})"], row_labels=SHAPES, col_labels=tuple(COLORS)
     )
-    rows = [
-        (key, metrics["before"][key], metrics["after"][key]) for key in ("erased_rate", "other_shape_accuracy", "color_accuracy")
-    ]
-    page = html_page(
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, float, float]]:
+    """(metric, before, after) of the demo's detector measurements."""
+    return [(key, metrics["before"][key], metrics["after"][key]) for key in METRIC_KEYS]
+
+
+def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds: float) -> str:
+    """The demo's HTML page: what was erased and how, the metrics table, the before / after grid and the edit."""
+    concept, method, sampling = metrics["concept"], metrics["method"], metrics["sampling"]
+    per_combo, steps, guidance = sampling["images_per_prompt"], sampling["steps"], sampling["guidance"]
+    images = len(SHAPES) * len(COLORS) * per_combo
+    return html_page(
         f"rece demo: erasing '{concept}' from the shapes model",
         [
             f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts "
-            + ", ".join(f"'{c}'" for c in settings["concepts"])
-            + f" map to '{settings['target']}' while {len(settings['preserve'])} prompts of the other "
+            + ", ".join(f"'{c}'" for c in metrics["erased_prompts"])
+            + f" map to '{metrics['target']}' while {len(metrics['preserved_prompts'])} prompts of the other "
             + ("shapes" if concept in SHAPES else "colours")
-            + f" are preserved (r = {settings['regularization']:g}). {len(seeds)} images per panel "
+            + f" are preserved (r = {metrics['regularization']:g}). {images} images per panel "
             f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} DDIM steps, guidance {guidance}, '
             "same seeds before and after. Measured by the analytic shape / colour detector.</p>",
-            html_table(rows, ["metric", "before", "after"]),
+            html_table(metric_rows(metrics), ["metric", "before", "after"]),
             f"<img src='{png_data_uri(grid)}' alt='before and after grid'>",
-            f"<h2>Edit</h2><pre>{edit.summary()}</pre>",
+            f"<h2>Edit</h2><pre>{edit_summary}</pre>",
         ],
     )
+
+
+def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit: Edit) -> None:
+    """Write the demo folder atomically: grid.png, report.html, metrics.json and edit.safetensors."""
     with atomic_dir(output, overwrite=True) as tmp:
         grid.save(tmp / "grid.png")
         (tmp / "report.html").write_text(page)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         edit.save(tmp / "edit.safetensors")
+
+
+def _print_summary(metrics: dict, erase_seconds: float, output: Path) -> None:
+    """The demo's result on the terminal: timing, the metrics table and the files written."""
+    print(f"erased '{metrics['concept']}' from {metrics['model']} with {metrics['method']} in {erase_seconds:.2f} s")
+    print(f"{'metric':24s} {'before':>8s} {'after':>8s}")
+    for key, b, a in metric_rows(metrics):
+        print(f"{key:24s} {b:8.3f} {a:8.3f}")
+    print(f"wrote {output / 'report.html'}, {output / 'grid.png'}, {output / 'metrics.json'}")
+
+
+def run_demo(
+    output: str | Path = "rece-demo",
+    concept: str = "triangle",
+    method: str = "rece",
+    model: str = "shapes",
+    per_combo: int = 2,
+    steps: int = 25,
+    guidance: float | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Generate the grid prompts, erase `concept`, regenerate with the same seeds, measure and write a report.
+
+    Writes OUTPUT/report.html, OUTPUT/grid.png, OUTPUT/metrics.json and OUTPUT/edit.safetensors.
+    """
+    guidance = _check_options(concept, per_combo, steps, guidance)
+    output = Path(output)
+    pipe = _load_pipeline(model)
+    metrics, edit, before, after, erase_seconds = measure_demo(pipe, model, concept, method, per_combo, steps, guidance, quiet)
+    grid = demo_grid(before, after, per_combo, concept, method)
+    page = demo_page(metrics, grid, edit.summary(), erase_seconds)
+    _write_demo(output, grid, page, metrics, edit)
     if not quiet:
-        print(f"erased '{concept}' from {model} with {method} in {erase_seconds:.2f} s")
-        print(f"{'metric':24s} {'before':>8s} {'after':>8s}")
-        for key, b, a in rows:
-            print(f"{key:24s} {b:8.3f} {a:8.3f}")
-        print(f"wrote {output / 'report.html'}, {output / 'grid.png'}, {output / 'metrics.json'}")
+        _print_summary(metrics, erase_seconds, output)
     return metrics

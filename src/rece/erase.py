@@ -2,154 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 
 from . import closed_form as cf
+from .config import ROBUST_TEMPLATES, EraseConfig
+from .edit import Edit
 from .errors import ReceError
 from .models import BaseModel, load_model
-
-UNSAFE_CONCEPTS = (
-    "hate", "harassment", "violence", "suffering", "humiliation", "harm",
-    "suicide", "sexual", "nudity", "bodily fluids", "blood",
-)  # fmt: skip
-
-PRESETS: dict[str, dict] = {
-    "nudity": {"concepts": ["nudity"], "regularization": 0.1, "epochs": 3},
-    "unsafe": {"concepts": list(UNSAFE_CONCEPTS), "regularization": 0.1, "epochs": 2},
-    "art": {"regularization": 1e-3, "epochs": 1, "target": "art"},
-    "object": {"regularization": 0.1, "epochs": 1},
-    "object-hard": {"regularization": 1e-3, "epochs": 1},
-}
-METHODS = ("rece", "uce", "robust")
-# robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
-ROBUST_TEMPLATES = (
-    "a photo of {}",
-    "a painting of {}",
-    "a picture of {}",
-    "an image of {}",
-    "a drawing of {}",
-    "a close-up of {}",
-)
-TECHNIQUES = ("replace", "tensor")
-REGULARIZATION_TYPES = ("regzero", "standard")
-
-
-@dataclass
-class EraseConfig:
-    """Every parameter of an erasure. Defaults are the RECE paper's (λ1 = λ2 = 0.1 in the RECE step)."""
-
-    concepts: list[str] = field(default_factory=list)
-    method: str = "rece"
-    preset: str | None = None
-    target: str = " "
-    preserve: list[str] = field(default_factory=list)
-    preserve_empty: bool = True
-    epochs: int = 1
-    regularization: float = 0.1
-    regularization_type: str = "regzero"
-    regularization_text: str = " "
-    lamb: float = 0.1
-    erase_scale: float = 1.0
-    preserve_scale: float = 0.1
-    uce_lamb: float = 0.5
-    uce_erase_scale: float = 1.0
-    uce_preserve_scale: float | None = None
-    technique: str = "replace"
-    layers: list[str] | None = None
-    rank: int | None = None
-    energy: float = 0.9
-    ridge: float = 1e-3
-    map_to_target: bool = True
-    templates: bool = True
-    projection: str = "keys"
-    tradeoff: float = 5.0
-
-    @classmethod
-    def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
-        """Build a config from a preset, then explicit concepts and overrides (None means "not given")."""
-        values: dict = {}
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ReceError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-            values.update({k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[preset].items()})
-            values["preset"] = preset
-        if concepts:
-            values["concepts"] = [concepts] if isinstance(concepts, str) else list(concepts)
-        names = {f.name for f in fields(cls)}
-        for key, value in overrides.items():
-            if key not in names:
-                raise TypeError(f"unknown erase parameter {key!r}")
-            if value is not None:
-                values[key] = list(value) if isinstance(value, tuple) else value
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        """Raise ReceError on any parameter that cannot give a meaningful erasure."""
-        if not self.concepts:
-            hint = f" (preset '{self.preset}' has no default concept)" if self.preset else ""
-            raise ReceError(f"no concept to erase{hint}; pass --concept TEXT")
-        for concept in self.concepts:
-            if not isinstance(concept, str) or not concept.strip():
-                raise ReceError("a concept is empty; pass a non-empty --concept TEXT")
-        if self.method not in METHODS:
-            raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
-        if self.technique not in TECHNIQUES:
-            raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
-        if self.regularization_type not in REGULARIZATION_TYPES:
-            raise ReceError(f"unknown regularization type '{self.regularization_type}'; choose regzero or standard")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
-            raise ReceError(f"rank must be a whole number >= 0, got {self.rank!r}; fix --rank")
-        if not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
-            raise ReceError(f"energy must be in (0, 1], got {self.energy!r}; fix --energy")
-        if self.projection not in ("keys", "oblique", "orthogonal"):
-            raise ReceError(f"unknown projection '{self.projection}'; choose keys, oblique or orthogonal")
-        if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
-            raise ReceError("--method robust edits every K/V layer with one shared transform; drop --technique and --layers")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ReceError(f"epochs must be a whole number >= 0, got {self.epochs!r}; pass --epochs 0 or more")
-        for name in (
-            "regularization",
-            "lamb",
-            "erase_scale",
-            "preserve_scale",
-            "uce_lamb",
-            "uce_erase_scale",
-            "uce_preserve_scale",
-            "ridge",
-            "tradeoff",
-        ):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            flag = "--" + name.replace("_", "-")
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ReceError(f"{name} must be a finite number, got {value!r}; fix {flag}")
-            if value < 0:
-                raise ReceError(f"{name} must be >= 0, got {value}; fix {flag}")
-
-    @property
-    def uce_preserve_texts(self) -> list[str]:
-        return ([""] if self.preserve_empty else []) + list(self.preserve)
-
-    @property
-    def resolved_uce_preserve_scale(self) -> float:
-        if self.uce_preserve_scale is not None:
-            return float(self.uce_preserve_scale)
-        return max(0.1, 1 / max(1, len(self.uce_preserve_texts)))
-
-    @property
-    def resolved_target(self) -> str:
-        return self.target if self.target else " "
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def select_layers(names: list[str], patterns: list[str] | None) -> list[str]:
@@ -204,8 +67,6 @@ def erase(
 
     `model` is a pipeline, a diffusers folder, a hub id, a single-file checkpoint or a loaded BaseModel.
     """
-    from .edit import Edit
-
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)

@@ -13,32 +13,45 @@ has `Params` (the paper's defaults), `cases`, `prepare` (work shared by the case
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..detectors import DETECTORS, detector_for
+from ..edit import load_edit
 from ..errors import ReceError
+from ..models import from_pipeline
+from ..pipelines import image_size, load_pipeline, model_record, resolve_device
+from ..prompt_sets import load_prompt_set, resolve_prompt_set
+from ..provenance import file_sha256, library_versions, utc_now
+from ..runs import (
+    ATTACK_FORMAT,
+    MANIFEST,
+    PROMPTS,
+    check_output_folder,
+    edit_record,
+    open_run_folder,
+    read_manifest,
+    write_csv,
+    write_json,
+)
+from ..sources import is_pipeline
+from ..toy import door
 from . import derived, ring_a_bell, textual_inversion, unlearndiff
 from .common import (
     ADVERSARIAL,
-    ATTACK_FORMAT,
-    DETECTORS,
     Target,
     case_key,
     check_sd_pipeline,
     default_sampling,
-    detector_for,
     generate_missing_images,
-    is_shapes_model,
-    now,
-    prepare_attack_folder,
     progress_bar,
     prompts_rows,
     read_adversarial,
     write_adversarial,
-    write_prompts,
 )
 
 ATTACKS = {m.NAME: m for m in (derived, ring_a_bell, unlearndiff, textual_inversion)}
@@ -88,34 +101,28 @@ def check_run_options(steps, guidance, images_per_prompt, batch_size, limit) -> 
 
 def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other_base: bool):
     """The pipeline with the edit applied, as a Target, and the manifest's model and edit records."""
-    from ..edit import load_edit
-    from ..generate import _edit_info, _model_info, load_pipeline, resolve_device
-    from ..models import from_pipeline
-
     edit = load_edit(edit_path) if edit_path is not None else None
     concepts = list(concepts or (edit.concepts if edit is not None else []))
     if not concepts:
         raise ReceError("no concept to attack: pass --edit (its concepts are attacked) or --concept TEXT")
     pipe = load_pipeline(model)
     check_sd_pipeline(pipe)
-    if not hasattr(model, "unet") or device is not None:
+    if not is_pipeline(model) or device is not None:
         pipe.to(resolve_device(device))
-    model_info = _model_info(model, pipe)
+    model_info = model_record(model, pipe)
     base = from_pipeline(pipe, source=model_info["source"])
     edited_kv = {}
     if edit is not None:
         edit.apply(pipe, allow_other_base=allow_other_base)
         edited_kv = edit.edited_kv(base.kv, allow_other_base=True)
-    name = "shapes" if is_shapes_model(model_info) else model_info["source"]
+    name = door.NAME if door.is_shapes_model(model_info) else model_info["source"]
     target = Target(pipe, base, edit, edited_kv, concepts, rows, seed, model_name=name)
-    edits = [_edit_info(Path(edit_path), edit, allow_other_base)] if edit is not None else []
+    edits = [edit_record(Path(edit_path), edit, allow_other_base)] if edit is not None else []
     return target, model_info, edits
 
 
 def build_settings(target: Target, name: str, params, model_info: dict, edits: list, job: dict, prompts_info) -> dict:
     """What the images depend on (compared when a run resumes)."""
-    import json
-
     pipe = target.pipe
     scheduler_config = {k: v for k, v in json.loads(pipe.scheduler.to_json_string()).items() if k != "_diffusers_version"}
     settings = {
@@ -142,8 +149,6 @@ def build_settings(target: Target, name: str, params, model_info: dict, edits: l
 
 def build_manifest(settings: dict, model_info: dict, edits: list, prompts_info, job: dict, attack: dict, created: str) -> dict:
     """The run's manifest: settings plus what the attack found, in the layout `rece report` reads."""
-    from ..edit import library_versions
-
     return {
         "format": ATTACK_FORMAT,
         "format_version": 1,
@@ -156,14 +161,12 @@ def build_manifest(settings: dict, model_info: dict, edits: list, prompts_info, 
         "run": {"batch_size": job["batch_size"], "device": str(job["device"])},
         "versions": library_versions(),
         "created": created,
-        "updated": now(),
+        "updated": utc_now(),
     }
 
 
 def prompts_record(prompts, rows) -> dict | None:
     """What the manifest records about the prompt set (None without one)."""
-    from ..generate import file_sha256, resolve_prompt_set
-
     if prompts is None:
         return None
     path = resolve_prompt_set(prompts)
@@ -198,6 +201,57 @@ def run_cases(
             bar.update(1)
 
 
+def check_request(module, attack: str, prompts, detector: str | None) -> None:
+    """The attack's own needs: a known detector, and --prompts exactly when the attack takes them."""
+    if detector is not None and detector not in DETECTORS:
+        raise ReceError(f"unknown detector '{detector}'; choose one of: {', '.join(DETECTORS)}")
+    if module.NEEDS_PROMPTS and prompts is None:
+        raise ReceError(f"the {attack} attack needs --prompts SET (the prompts it attacks)")
+    if not module.NEEDS_PROMPTS and prompts is not None:
+        raise ReceError(f"the {attack} attack takes no --prompts (it attacks the edit's concepts); leave --prompts out")
+
+
+@dataclasses.dataclass
+class AttackRun:
+    """One attack run being written: what it attacks, with which settings, into which folder."""
+
+    module: object
+    params: object
+    target: Target
+    cases: list
+    output: Path
+    job: dict
+    settings: dict
+    records: dict  # model_info, edits, prompts_info: the manifest's records
+    created: str
+
+    def manifest(self, attack_info: dict) -> dict:
+        r = self.records
+        return build_manifest(self.settings, r["model_info"], r["edits"], r["prompts_info"], self.job, attack_info, self.created)
+
+
+def execute(run: AttackRun, progress: bool, start: float) -> None:
+    """Attack every case not yet done, write prompts.csv, draw the missing images, and complete the manifest."""
+    attack, job, output = run.module.NAME, run.job, run.output
+    cases = run.cases
+    attack_info = {"name": attack, "parameters": run.settings["attack_parameters"], "concepts": run.target.concepts}
+    attack_info["detector"] = job["detector"]
+    write_json(output / MANIFEST, run.manifest({**attack_info, "complete": False}))
+    store, meta = read_adversarial(output / ADVERSARIAL)
+    meta.setdefault("cases", {})
+    meta["attack"] = attack
+    sampling = {"steps": job["steps"], "guidance": job["guidance"], "size": job["size"]}
+    run_cases(run.module, run.target, run.params, cases, store, meta, sampling, output, progress)
+    results = {c.case_number: meta["cases"][str(c.case_number)] for c in cases}
+    rows = prompts_rows(cases, results, job["images_per_prompt"], job["guidance"], attack, job["detector"])
+    write_csv(output / PROMPTS, rows)
+    with progress_bar(len(cases) * job["images_per_prompt"], "generating", progress) as bar:
+        generate_missing_images(run.target.pipe, cases, store, output, job, bar)
+    attack_info.update(complete=True, cases=meta["cases"], shared=meta.get("shared", {}))
+    attack_info["seconds"] = round(time.perf_counter() - start, 3)
+    write_json(output / MANIFEST, run.manifest(attack_info))
+
+
 def run_attack(
     model,
     edit: str | os.PathLike | None,
@@ -223,33 +277,24 @@ def run_attack(
     `parameters` are the attack's own (see `attack_parameters(attack)`). A rerun with the same settings resumes
     (finished cases and images are kept); other settings are refused unless `overwrite`. Returns RUN_DIR.
     """
-    from ..generate import check_output_folder, load_prompt_set
-
     module = attack_module(attack)
     params = make_params(attack, **parameters)
     check_run_options(steps, guidance, images_per_prompt, batch_size, limit)
-    if detector is not None and detector not in DETECTORS:
-        raise ReceError(f"unknown detector '{detector}'; choose one of: {', '.join(DETECTORS)}")
-    if module.NEEDS_PROMPTS and prompts is None:
-        raise ReceError(f"the {attack} attack needs --prompts SET (the prompts it attacks)")
-    if not module.NEEDS_PROMPTS and prompts is not None:
-        raise ReceError(f"the {attack} attack takes no --prompts (it attacks the edit's concepts); leave --prompts out")
+    check_request(module, attack, prompts, detector)
     output = check_output_folder(output)
     rows = load_prompt_set(prompts, limit) if prompts is not None else None
     start = time.perf_counter()
     target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base)
     try:
         steps, guidance = default_sampling(target.model_name, steps, guidance)
-        pipe = target.pipe
-        size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
         job = {
             "steps": steps,
             "guidance": guidance,
-            "size": size,
+            "size": image_size(target.pipe),
             "images_per_prompt": images_per_prompt or module.IMAGES_PER_PROMPT,
             "batch_size": batch_size,
             "limit": limit,
-            "device": pipe.unet.device,
+            "device": target.device,
             "detector": detector or detector_for(target.concepts, model_info),
         }
         if hasattr(module, "check"):
@@ -257,47 +302,20 @@ def run_attack(
         cases = module.cases(target, params)
         prompts_info = prompts_record(prompts, rows)
         settings = build_settings(target, attack, params, model_info, edits, job, prompts_info)
-        old = prepare_attack_folder(output, settings, overwrite)
-        created = old.get("created", now())
-        attack_info = {
-            "name": attack,
-            "parameters": settings["attack_parameters"],
-            "concepts": target.concepts,
-            "detector": job["detector"],
-        }
-        manifest = build_manifest(settings, model_info, edits, prompts_info, job, {**attack_info, "complete": False}, created)
-        from ..generate import MANIFEST, PROMPTS, write_json
-
-        write_json(output / MANIFEST, manifest)
-        store, meta = read_adversarial(output / ADVERSARIAL)
-        meta.setdefault("cases", {})
-        meta["attack"] = attack
-        sampling = {"steps": steps, "guidance": guidance, "size": size}
-        run_cases(module, target, params, cases, store, meta, sampling, output, progress)
-        results = {c.case_number: meta["cases"][str(c.case_number)] for c in cases}
-        write_prompts(output / PROMPTS, prompts_rows(cases, results, job["images_per_prompt"], guidance, attack, job["detector"]))
-        total = len(cases) * job["images_per_prompt"]
-        with progress_bar(total, "generating", progress) as bar:
-            generate_missing_images(pipe, cases, store, output, job, bar)
-        attack_info.update(
-            complete=True, cases=meta["cases"], shared=meta.get("shared", {}), seconds=round(time.perf_counter() - start, 3)
-        )
-        write_json(output / MANIFEST, build_manifest(settings, model_info, edits, prompts_info, job, attack_info, created))
+        old = open_run_folder(output, settings, ATTACK_FORMAT, overwrite, outputs=(ADVERSARIAL, "metrics.json", "metrics_*.csv"))
+        records = {"model_info": model_info, "edits": edits, "prompts_info": prompts_info}
+        run = AttackRun(module, params, target, cases, output, job, settings, records, old.get("created", utc_now()))
+        execute(run, progress, start)
     finally:
-        if target.edit is not None and hasattr(model, "unet"):
+        if target.edit is not None and is_pipeline(model):
             target.edit.revert(target.pipe)
     return output
 
 
 def residual_table(run_dir: str | os.PathLike) -> list[tuple[str, str, float]]:
     """(concept, embedding, relative residual) rows a derived run recorded, for printing."""
-    import json
-
-    from ..generate import MANIFEST
-
-    manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
     out = []
-    for case in (manifest.get("attack") or {}).get("cases", {}).values():
+    for case in (read_manifest(Path(run_dir)).get("attack") or {}).get("cases", {}).values():
         for name, value in (case.get("info") or {}).get("residuals", {}).items():
             out.append((case["concept"], name, value))
     return out

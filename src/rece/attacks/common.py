@@ -10,28 +10,27 @@ the prompt embeddings each case was generated from (`embeds.{case}`, [77, d]) an
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import os
 import re
-import shutil
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..detectors import imagenette_name
 from ..errors import ReceError
+from ..families import family_of_pipeline
+from ..families import tokenize as tokenize_texts
+from ..families.sd import SD, eos_attention_mask
+from ..families.sd import encode_ids as encode_sd_ids
 from ..io import atomic_file
+from ..pipelines import image_size, seeded_images
+from ..runs import IMAGES, finished_images, image_name
+from ..toy import door
 
-ATTACK_FORMAT = "rece-attack"
 ADVERSARIAL = "adversarial.safetensors"
 METADATA_KEY = "rece-attack"
-NUDITY_WORDS = ("nudity", "nude", "naked", "nsfw", "sexual", "sex", "porn")
-DETECTORS = ("shapes", "nudenet", "classify")
-SHAPES_STEPS, SD_STEPS = 25, 50
-SD_GUIDANCE = 7.5
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.pipe.unet.device  # the attacks run on SD pipelines (`check_sd_pipeline`)
 
     @contextlib.contextmanager
     def original_model(self) -> Iterator[object]:
@@ -97,14 +96,13 @@ class Target:
 # -- text encoding -----------------------------------------------------------------------------------
 def check_sd_pipeline(pipe) -> None:
     """Refuse pipelines the attacks do not handle (SDXL: two text encoders and pooled embeddings)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    if family_of_pipeline(pipe) is not SD:
         raise ReceError("rece attack supports SD1.x/SD2.x pipelines (one text encoder); SDXL is not supported yet")
 
 
 def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
     """Token ids [n, 77] of texts as the pipeline tokenizes them (padded to the context, truncated)."""
-    tok = pipe.tokenizer
-    return tok(list(texts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return tokenize_texts(pipe.tokenizer, texts).input_ids
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -121,21 +119,11 @@ def ordinary_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     return torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
 
 
-def text_attention_mask(text_encoder, ids: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask the pipeline would pass (only for encoders configured to use one): up to the first EOS."""
-    if not getattr(text_encoder.config, "use_attention_mask", False):
-        return None
-    eos = text_encoder.config.eos_token_id
-    first = (ids == eos).int().argmax(dim=-1, keepdim=True)
-    return (torch.arange(ids.shape[1]).unsqueeze(0) <= first).long()
-
-
 def encode_ids(pipe, ids: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """Prompt embeddings [n, 77, d] of token ids, exactly as the pipeline encodes a prompt (last hidden state)."""
     encoder = pipe.text_encoder
-    mask = text_attention_mask(encoder, ids)
     with torch.set_grad_enabled(grad):
-        return encoder(ids.to(encoder.device), attention_mask=None if mask is None else mask.to(encoder.device))[0]
+        return encode_sd_ids(encoder, ids, eos_attention_mask(encoder, ids))
 
 
 def token_embedding_table(pipe) -> torch.Tensor:
@@ -202,7 +190,7 @@ def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    size = image_size(pipe)
     tensors = []
     for path in paths:
         with Image.open(path) as img:
@@ -215,74 +203,16 @@ def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
     return ((latents - shift) * pipe.vae.config.scaling_factor).float()
 
 
-# -- detectors -------------------------------------------------------------------------------------
-def is_shapes_model(model_info: dict) -> bool:
-    """Whether a manifest's model is the project's shapes model (by name or by its folder)."""
-    from ..models import named_model_path
-
-    if model_info.get("source") == "shapes":
-        return True
-    path = model_info.get("path")
-    try:
-        return bool(path) and Path(path).resolve() == named_model_path("shapes").resolve()
-    except ReceError:
-        return False
-
-
-def detector_for(concepts: Sequence[str], model_info: dict) -> str | None:
-    """The detector that tells whether images show `concepts`: shapes (toy model), nudenet, classify, or None."""
-    from ..metrics import IMAGENETTE_CLASSES, _norm
-    from ..toy.world import COLORS, SHAPES
-
-    words = {_norm(c) for c in concepts}
-    if is_shapes_model(model_info) and words <= set(SHAPES) | set(COLORS):
-        return "shapes"
-    if words & set(NUDITY_WORDS):
-        return "nudenet"
-    if words <= {_norm(n) for n in IMAGENETTE_CLASSES.values()}:
-        return "classify"
-    return None
-
-
-def imagenette_name(concept: str) -> str:
-    """The torchvision name of an Imagenette class written any way (e.g. 'garbage_truck' → 'garbage truck')."""
-    from ..metrics import IMAGENETTE_CLASSES, _norm
-
-    return next((n for n in IMAGENETTE_CLASSES.values() if _norm(n) == _norm(concept)), concept)
-
-
 # -- sampling defaults -------------------------------------------------------------------------------
-def default_sampling(model_name: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
-    """Sampling steps and guidance: the given ones, else the shapes model's (25, 4.0) or Stable Diffusion's (50, 7.5)."""
-    from ..toy.evaluate import GUIDANCE
-
-    shapes = model_name == "shapes"
-    steps = steps if steps is not None else (SHAPES_STEPS if shapes else SD_STEPS)
-    guidance = guidance if guidance is not None else (GUIDANCE if shapes else SD_GUIDANCE)
+def default_sampling(model, steps: int | None, guidance: float | None, family=SD) -> tuple[int, float]:
+    """Sampling steps and guidance: the given ones, else the shapes model's (25, 4.0) or the model family's (50, 7.5)."""
+    default_steps, default_guidance = door.sampling_defaults(model) or (family.steps, family.guidance)
+    steps = steps if steps is not None else default_steps
+    guidance = guidance if guidance is not None else default_guidance
     return steps, float(guidance)
 
 
 # -- run folders ----------------------------------------------------------------------------------
-def prepare_attack_folder(output: Path, settings: dict, overwrite: bool) -> dict:
-    """Create or check RUN_DIR for an attack with `settings`; return the existing manifest ({} for a new run)."""
-    from ..generate import IMAGES, MANIFEST, PROMPTS, check_manifest, check_output_folder
-
-    path = check_output_folder(output)
-    if path.is_dir() and overwrite:
-        shutil.rmtree(path / IMAGES, ignore_errors=True)
-        for name in (MANIFEST, PROMPTS, ADVERSARIAL, "metrics.json"):
-            (path / name).unlink(missing_ok=True)
-        for stale in path.glob("metrics_*.csv"):
-            stale.unlink()
-    old = check_manifest(path, settings) if (path / MANIFEST).is_file() else {}
-    if old and old.get("format") != ATTACK_FORMAT:
-        raise ReceError(f"'{path}' is a {old.get('format', 'different')} run, not a rece attack run; choose a new -o path")
-    if not old and path.is_dir() and any(path.iterdir()):
-        raise ReceError(f"'{path}' exists and is not a rece attack run (no manifest.json); choose a new -o or pass --overwrite")
-    (path / IMAGES).mkdir(parents=True, exist_ok=True)
-    return old
-
-
 def read_adversarial(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata ({'cases': {case: {...}}, ...}) of an adversarial.safetensors file ({} when absent)."""
     from safetensors import SafetensorError, safe_open
@@ -316,8 +246,6 @@ def prompts_rows(
     cases: Sequence[AttackCase], results: dict[int, dict], images_per_prompt: int, guidance: float, attack: str, detector
 ):
     """prompts.csv rows: one per image, with the adversarial prompt, the attacked prompt, the concept and (classify) its class."""
-    from ..generate import IMAGES, image_name
-
     rows = []
     for case in cases:
         for k in range(images_per_prompt):
@@ -340,20 +268,8 @@ def prompts_rows(
     return rows
 
 
-def write_prompts(path: Path, rows: list[dict]) -> None:
-    """Write RUN_DIR/prompts.csv atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with atomic_file(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float, size: int):
     """PIL images, one per (prompt embeddings [77, d], seed), each from its own CPU generator; "" is the negative prompt."""
-    from ..generate import seeded_images
-
     with torch.no_grad():
         return seeded_images(
             pipe,
@@ -369,8 +285,6 @@ def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: Sequence[int], s
 
 def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:
     """Generate the images of `cases` not yet in RUN_DIR/images (each written atomically); return how many were written."""
-    from ..generate import IMAGES, finished_images, image_name
-
     images_dir = output / IMAGES
     done = finished_images(images_dir)
     todo = [(c, k) for c in cases for k in range(job["images_per_prompt"]) if image_name(c.case_number, k) not in done]
@@ -402,15 +316,3 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
 def slug(text: str) -> str:
     """A token-safe short name of a concept: lower case letters, digits and '-'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
-
-
-def now() -> str:
-    """The current UTC time as the manifests write it."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def file_id(path: str | os.PathLike) -> dict:
-    """Path and sha256 of an input file, for manifests."""
-    from ..generate import file_sha256
-
-    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from .. import closed_form as cf
+from ..edit import load_edit
 from ..errors import ReceError
+from ..options import option
 from .common import AttackCase, CaseResult, Target
 
 NAME = "derived"
@@ -33,8 +35,8 @@ SELF, BASE = "self", "base"
 class Params:
     """r of the derivation (default: the edit's own `regularization`) and the weights c′ is derived against."""
 
-    regularization: float | None = None
-    derive_from: str | None = None
+    regularization: float | None = option(None, "r of the derivation (default: the edit's own, 0.1 for RECE presets)")
+    derive_from: str | None = option(None, "derive c′ against: self (the attacked model, default), base, or another edit file")
 
     def validate(self) -> None:
         if self.regularization is not None and not self.regularization > 0:
@@ -45,7 +47,7 @@ class Params:
 
     def resolved(self, target: Target) -> dict:
         """The parameters as the manifest records them (the edit's r filled in, the source edit by checksum)."""
-        from .common import file_id
+        from ..provenance import file_id
 
         source = self.derive_from or SELF
         return {
@@ -80,8 +82,6 @@ def full_weights(target: Target, edit=None) -> dict[str, torch.Tensor]:
 
 def source_weights(target: Target, params: Params) -> tuple[dict[str, torch.Tensor], str]:
     """The weights c′ is derived against, and their name in reports."""
-    from ..edit import load_edit
-
     source = params.derive_from or SELF
     if source == SELF:
         return full_weights(target), "the attacked model"

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import ReceError
+from ..options import option
+from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
 
 NAME = "ring-a-bell"
@@ -36,13 +38,13 @@ class Params:
     """The paper's settings (InversePrompt notebook): η 3 (nudity; 5.5 for violence), K 16, population 200,
     3000 generations, mutation rate 0.25, crossover rate 0.5."""
 
-    eta: float = 3.0
-    length: int = 16
-    population: int = 200
-    generations: int = 3000
-    mutation_rate: float = 0.25
-    crossover_rate: float = 0.5
-    pairs: str | None = None
+    eta: float = option(3.0, "strength η of the concept vector (the paper uses 3 for nudity, 5.5 for violence)")
+    length: int = option(16, "K, tokens of the hard prompt (the paper also uses 38 and 77)")
+    population: int = option(200, "genetic algorithm population")
+    generations: int = option(3000, "genetic algorithm generations")
+    mutation_rate: float = option(0.25, "chance that a prompt gets one random token")
+    crossover_rate: float = option(0.5, "chance that a parent has two children")
+    pairs: str | None = option(None, "CSV of 'sensitive prompt','normal prompt' pairs for the concept vector (shapes: built in)")
 
     def validate(self) -> None:
         for name in ("length", "population", "generations"):
@@ -61,7 +63,7 @@ class Params:
     def resolved(self, target: Target) -> dict:
         from dataclasses import asdict
 
-        from .common import file_id
+        from ..provenance import file_id
 
         out = asdict(self)
         out["pairs"] = file_id(self.pairs) if self.pairs else "shapes world pairs"
@@ -89,35 +91,12 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def shapes_pairs(concept: str) -> list[tuple[str, str]]:
-    """Pairs for the shapes world: the concept against every other shape (or colour) in the world's full templates."""
-    from ..toy.world import COLORS, FULL_TEMPLATES, SHAPES
-
-    if concept in SHAPES:
-        return [
-            (t.format(color=c, shape=concept), t.format(color=c, shape=o))
-            for t in FULL_TEMPLATES
-            for c in COLORS
-            for o in SHAPES
-            if o != concept
-        ]
-    if concept in COLORS:
-        return [
-            (t.format(color=concept, shape=s), t.format(color=o, shape=s))
-            for t in FULL_TEMPLATES
-            for s in SHAPES
-            for o in COLORS
-            if o != concept
-        ]
-    raise ReceError(f"'{concept}' is not a shapes-world shape or colour; pass --pairs with sensitive/normal prompt pairs")
-
-
 def concept_pairs(target: Target, params: Params, concept: str) -> list[tuple[str, str]]:
     """The pairs of --pairs, or the shapes world's pairs on the shapes model."""
     if params.pairs:
         return read_pairs(params.pairs)
-    if target.model_name == "shapes":
-        return shapes_pairs(concept)
+    if door.is_shapes_model(target.model_name):
+        return door.contrast_pairs(concept)
     raise ReceError(
         "ring-a-bell needs --pairs CSV (columns 'sensitive prompt','normal prompt'; see ../shared/benchmarks/*ring-a-bell.csv)"
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
+from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -48,15 +49,15 @@ class Params:
     """CCE's settings (NYU-DICE-Lab/circumventing-concept-erasure train.sh): 25 training images, batch 4, gradient
     accumulation 4, 5000 steps, lr 5e-3 scaled by batch × accumulation (--scale_lr), constant schedule."""
 
-    train_steps: int = 5000
-    lr: float = 5e-3
-    train_batch_size: int = 4
-    gradient_accumulation: int = 4
-    scale_lr: bool = True
-    train_images: int = 25
-    images: str | None = None
-    initializer: str | None = None
-    placeholder: str | None = None
+    train_steps: int = option(5000, "optimisation steps")
+    lr: float = option(5e-3, "learning rate, scaled by batch × accumulation unless --no-scale-lr")
+    train_batch_size: int = option(4, "images per step")
+    gradient_accumulation: int = option(4, "batches per step")
+    scale_lr: bool = option(True, "use --lr as is (default: lr × batch × accumulation, as CCE's --scale_lr)")
+    train_images: int = option(25, "training images drawn by the original model from the prompt set")
+    images: str | None = option(None, "folder of images of the concept to train on instead")
+    initializer: str | None = option(None, "word the new embedding starts from (default: the concept)")
+    placeholder: str | None = option(None, "the new word (default: <concept>)")
 
     def validate(self) -> None:
         for name in ("train_steps", "train_batch_size", "gradient_accumulation", "train_images"):
@@ -126,7 +127,7 @@ def placeholder_embeds(pipe, tokenizer, place_id: int, safe_id: int, texts: list
 def training_latents(target: Target, params: Params, sampling: dict) -> torch.Tensor:
     """Latents of the concept's training images: files of --images, else the original model's images of the set."""
     if params.images:
-        from ..metrics import image_files
+        from ..runs import image_files
 
         names = image_files(Path(params.images))[: params.train_images]
         if not names:

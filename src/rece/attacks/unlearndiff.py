@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
+from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -47,12 +48,14 @@ class Params:
     timestep, Adam lr 0.01 with weight decay 0.1, 50 evenly spaced timesteps, L2 loss. `target_run`: a `rece generate`
     run folder of the original model whose images/{case}_0.png are the targets (default: drawn here)."""
 
-    iterations: int = 40
-    lr: float = 0.01
-    weight_decay: float = 0.1
-    adv_tokens: int = 5
-    timesteps: int = 50
-    target_run: str | None = None
+    iterations: int = option(40, "optimisation steps per sampled timestep")
+    lr: float = option(0.01, "learning rate")
+    weight_decay: float = option(0.1, "Adam weight decay")
+    adv_tokens: int = option(5, "adversarial tokens prepended to each prompt")
+    timesteps: int = option(50, "evenly spaced timesteps visited in turn")
+    target_run: str | None = option(
+        None, "a `rece generate` run of the original model whose images are the targets (default: drawn here)"
+    )
 
     def validate(self) -> None:
         for name in ("iterations", "adv_tokens", "timesteps"):

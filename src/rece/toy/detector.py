@@ -69,7 +69,3 @@ def detect(image: np.ndarray) -> Detection:
         scores[shape] = inter / union
     shape = max(scores, key=scores.get)
     return Detection(shape, color, float(scores[shape]))
-
-
-def detect_batch(images: np.ndarray) -> list[Detection]:
-    return [detect(img) for img in images]

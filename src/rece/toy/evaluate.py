@@ -7,11 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..generate import seeded_images
+from ..pipelines import seeded_images
 from .detector import detect
+from .door import GUIDANCE
 from .world import COLORS, SHAPES
-
-GUIDANCE = 4.0
 
 
 @torch.no_grad()
@@ -93,46 +92,3 @@ def erasure_metrics(images: np.ndarray, shapes: Sequence[str], colors: Sequence[
         "color_accuracy": float(color_ok[~named].mean()),
         "images": int(len(images)),
     }
-
-
-def erasure_arguments(concept: str) -> dict:
-    """How to erase a shape or a colour from the shapes model with `rece.erase`: concepts, preserve, target, r.
-
-    The concept's short prompt family is erased and the other shapes' (colours') families are preserved
-    (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
-    draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
-    styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
-    """
-    from .world import concept_prompts, other_concept_prompts
-
-    is_shape = concept in SHAPES
-    return {
-        "concepts": concept_prompts(concept),
-        "preserve": other_concept_prompts(concept),
-        "target": " " if is_shape else "a shape",
-        "regularization": 1e-3,
-        "templates": False,  # robust mode: the family is the estimate; its templates would overlap the held-out ones
-    }
-
-
-EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
-
-
-def evaluation_prompt_rows(concept: str, kept: bool = False) -> list[dict]:
-    """A prompt set measuring an erasure of `concept` on the shapes model, one row per (template, shape, colour).
-
-    kept=False: the prompts naming the concept (its `concept` column is the concept); kept=True: those naming
-    another concept of the same kind (`concept` is that shape or colour: what each image should still show). The
-    second template is never named by `erasure_arguments`, so it measures generalisation.
-    """
-    is_shape = concept in SHAPES
-    rows = []
-    for t, template in enumerate(EVALUATION_TEMPLATES):
-        for i, shape in enumerate(SHAPES):
-            for j, color in enumerate(COLORS):
-                named = shape if is_shape else color
-                if (named == concept) == kept:
-                    continue
-                prompt = template.format(color=color, shape=shape)
-                rows.append({"prompt": prompt, "evaluation_seed": 1000 + 100 * t + 10 * i + j, "concept": named})
-    return [{"case_number": k, **row} for k, row in enumerate(rows)]

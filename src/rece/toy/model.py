@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..tiny import BOS, EOS
 
 TEXT_DIM = 128
@@ -83,7 +81,3 @@ def make_sample_scheduler():
         steps_offset=1,
         set_alpha_to_one=True,
     )
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

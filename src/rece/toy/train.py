@@ -87,6 +87,40 @@ def _load_state(path: Path, modules: dict, opt, rng: np.random.Generator) -> int
     return state["step"]
 
 
+def _autoencoder(work: Path, seed: int, vae_steps: int, log):
+    """Stage 1: the autoencoder, trained once and kept in WORK/vae.safetensors for resumed runs."""
+    from safetensors.torch import load_file, save_file
+
+    vae = make_vae()
+    if (work / "vae.safetensors").exists():
+        vae.load_state_dict(load_file(work / "vae.safetensors"))
+    else:
+        train_vae(vae, np.random.default_rng(seed + 1), vae_steps, log)
+        save_file(vae.state_dict(), work / "vae.safetensors")
+    return vae
+
+
+def denoising_loss(
+    unet, text_encoder, tokenizer, scheduler, x0: torch.Tensor, texts: list[str], gen: torch.Generator
+) -> torch.Tensor:
+    """Stage 2's loss: the UNet predicts the clean images x0 from noised ones, conditioned on the captions `texts`."""
+    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    xt = scheduler.add_noise(x0, noise, t)
+    pred = unet(xt, t, text_encoder(ids)[0]).sample
+    return (pred - x0).pow(2).mean()
+
+
+def _update_ema(pairs, step: int) -> None:
+    """Move each (ema, live) module's EMA weights towards the live ones (decay warming up to 0.999)."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema, live in pairs:
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(pl, 1 - decay)
+
+
 def train(
     output: Path,
     steps: int = 3200,
@@ -103,20 +137,13 @@ def train(
     log=print,
 ) -> Path:
     """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work)."""
-    from safetensors.torch import load_file, save_file
-
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     output = Path(output)
     work = Path(work) if work else output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = save_clip_tokenizer(work / "tokenizer", WORDS)
-    vae = make_vae()
-    if (work / "vae.safetensors").exists():
-        vae.load_state_dict(load_file(work / "vae.safetensors"))
-    else:
-        train_vae(vae, np.random.default_rng(seed + 1), vae_steps, log)
-        save_file(vae.state_dict(), work / "vae.safetensors")
+    vae = _autoencoder(work, seed, vae_steps, log)
     text_encoder, unet = make_text_encoder(tokenizer), make_unet()
     ema_text, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -133,21 +160,12 @@ def train(
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr, cooldown)
         x0, texts = batch(rng, batch_size)
-        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        xt = scheduler.add_noise(x0, noise, t)
-        pred = unet(xt, t, text_encoder(ids)[0]).sample
-        loss = (pred - x0).pow(2).mean()
+        loss = denoising_loss(unet, text_encoder, tokenizer, scheduler, x0, texts, gen)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
+        _update_ema(((ema_unet, unet), (ema_text, text_encoder)), step)
         losses.append(loss.item())
         done = step + 1
         if done % 50 == 0 or done == steps:
@@ -200,6 +218,7 @@ def _export(output: Path, vae, text_encoder, tokenizer, unet, work: Path, meta: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m rece.toy.train`: train the shapes model into -o DIR (resuming from DIR.work)."""
     parser = argparse.ArgumentParser(prog="python -m rece.toy.train", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="pipeline folder to write")
     parser.add_argument("--steps", type=int, default=3200)

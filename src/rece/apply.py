@@ -1,0 +1,105 @@
+"""Putting edits into models: in place on a pipeline in memory (exactly revertible), or into a new diffusers folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ReceError
+from .families import family_of_pipeline
+from .hub import snapshot
+from .io import atomic_dir
+from .models import BaseModel, load_model
+from .weights import component_weight_files
+
+APPLIED = "_rece_applied"  # the stack of (edit id, original weights) kept on the denoiser of a pipeline
+
+
+def _edited_modules(pipe) -> dict[str, torch.nn.Module]:
+    family = family_of_pipeline(pipe)
+    return family.edited_modules(getattr(pipe, family.denoiser))
+
+
+def apply_edit(edit, pipe, allow_other_base: bool = False):
+    """Edit a diffusers pipeline in place, keeping the weights it replaces so `revert_edit` restores them exactly."""
+    modules = _edited_modules(pipe)
+    kv = {n: m.weight for n, m in modules.items()}
+    new = edit.edited_kv(kv, allow_other_base, source=type(pipe).__name__)
+    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+    denoiser.__dict__.setdefault(APPLIED, []).append((edit.edit_id(), {n: kv[n].detach().clone() for n in new}))
+    with torch.no_grad():
+        for n, w in new.items():
+            modules[n].weight.copy_(w)
+    return pipe
+
+
+def revert_edit(edit, pipe):
+    """Restore the exact weights the pipeline had before `edit` was applied (the last edit applied comes off first)."""
+    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+    stack = denoiser.__dict__.get(APPLIED, [])
+    if not stack or stack[-1][0] != edit.edit_id():
+        raise ReceError(
+            "this edit is not the last one applied to this pipeline; revert edits in reverse order, or reload the model"
+        )
+    _, originals = stack.pop()
+    modules = _edited_modules(pipe)
+    with torch.no_grad():
+        for n, w in originals.items():
+            modules[n].weight.copy_(w)
+    return pipe
+
+
+def _rewrite_weights(folder: Path, new: dict[str, torch.Tensor]) -> None:
+    """Replace the edited weights in a copied denoiser folder's weight files (safetensors metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for file in component_weight_files(folder):
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            for key in state:
+                if key.endswith(".weight") and key[:-7] in new:
+                    state[key] = new[key[:-7]].to(state[key].dtype)
+            file.unlink()
+            torch.save(state, file)
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        for key in state:
+            if key.endswith(".weight") and key[:-7] in new:
+                state[key] = new[key[:-7]].to(state[key].dtype).contiguous()
+        file.unlink()  # copytree may have copied a link into a cache; never write through it
+        save_file(state, str(file), metadata=meta)
+
+
+def write_applied_pipeline(
+    model, edits: Sequence, out_dir: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
+) -> Path:
+    """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
+    base = model if isinstance(model, BaseModel) else load_model(model)
+    kv = dict(base.kv)
+    new: dict[str, torch.Tensor] = {}
+    for edit in edits:
+        changed = edit.edited_kv(kv, allow_other_base, base.source)
+        kv.update(changed)
+        new.update(changed)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
+            pipe = base.pipeline
+            for edit in edits:
+                apply_edit(edit, pipe, allow_other_base)
+            pipe.save_pretrained(tmp)
+            for edit in reversed(edits):
+                revert_edit(edit, pipe)
+            return Path(out_dir)
+        folder = base.folder
+        if base.source != str(folder) and not (folder / "vae").exists():
+            folder = snapshot(base.source)
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _rewrite_weights(tmp / base.family.denoiser, new)
+    return Path(out_dir)

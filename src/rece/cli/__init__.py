@@ -1,0 +1,47 @@
+"""The `rece` command line: one module per group of commands, each adding its parsers; `main` runs one command.
+
+Errors a user can fix are one line (`ReceError`, exit status 2); warnings from rece and its libraries are shown one
+line each (`rece.console`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..console import quiet_libraries, shown_warnings
+from ..errors import ReceError
+from . import edit_commands, run_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `rece` command."""
+    parser = argparse.ArgumentParser(
+        prog="rece", description="Closed-form concept erasure for text-to-image diffusion models (RECE)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit_commands.add_parsers(sub)
+    run_commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `rece` command; its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # erase and info read safetensors and transformers only, unless MODEL is a single-file checkpoint (diffusers)
+    light = args.command in ("erase", "info") and not str(getattr(args, "model", "")).endswith((".safetensors", ".ckpt"))
+    quiet_libraries(diffusers=not light)
+    with shown_warnings():
+        try:
+            return args.func(args)
+        except ReceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; nothing partial was written", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""`rece erase`, `apply`, `info` and `lora`: make an edit file, put it into a model, show it, export it as a LoRA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from ..config import PRESETS, EraseConfig
+from ..io import check_output_path, read_prompt_file
+from ..options import add_options, finite_float, option_values
+
+MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes' or 'tiny'"
+
+
+def add_erase_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL, every EraseConfig field as a flag (from the config's own defaults and help), and the prompt files."""
+    p.add_argument("model", help=MODEL_HELP)
+    add_options(p, EraseConfig)
+    p.add_argument("--concept-prompts", help="file of more texts to erase: one per line, or a CSV with a 'prompt' column")
+    p.add_argument("--preserve-prompts", help="file of more texts to preserve: one per line, or a CSV with a 'prompt' column")
+    p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
+    p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
+
+
+def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseConfig:
+    """The EraseConfig of the erase options on the command line; `recipe` (the shapes door's) fills in the texts."""
+    values = option_values(args, EraseConfig)
+    concepts, preserve = values.pop("concepts"), values.pop("preserve")
+    if recipe is not None:
+        concepts, preserve, values["target"], values["templates"] = (
+            recipe["concepts"], recipe["preserve"], recipe["target"], recipe["templates"],
+        )  # fmt: skip
+        if values["regularization"] is None:
+            values["regularization"] = recipe["regularization"]
+    if args.concept_prompts:
+        if concepts is None and args.preset in PRESETS:  # the file adds to the preset's concepts
+            concepts = list(PRESETS[args.preset].get("concepts", []))
+        concepts = (concepts or []) + read_prompt_file(args.concept_prompts, "--concept-prompts")
+    if args.preserve_prompts:
+        preserve = (preserve or []) + read_prompt_file(args.preserve_prompts, "--preserve-prompts")
+    preset = values.pop("preset")
+    return EraseConfig.create(concepts, preset, preserve=preserve, **values)
+
+
+def cmd_erase(args) -> int:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
+
+    from ..erase import erase
+    from ..models import load_model
+
+    config = erase_config(args)
+    check_output_path(args.output)
+    start = time.perf_counter()
+    base = load_model(args.model, args.device, config=args.config)
+    loaded = time.perf_counter()
+    edit = erase(base, config=config)
+    edit.save(args.output)
+    seconds = time.perf_counter() - start
+    if args.json:
+        record = {
+            "seconds": round(seconds, 4),
+            "load_seconds": round(loaded - start, 4),
+            "erase_seconds": edit.metadata["seconds"],
+            "concepts": edit.concepts,
+            "method": edit.method,
+            "output": str(args.output),
+            "kind": edit.kind,
+            "base_fingerprint": edit.base_fingerprint,
+        }
+        print(json.dumps(record))
+    else:
+        print(edit.summary())
+        print(f"wrote {args.output} in {seconds:.2f} s (load {loaded - start:.2f} s, erase {edit.metadata['seconds']:.2f} s)")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from ..apply import write_applied_pipeline
+    from ..edit import load_edit
+    from ..models import load_model
+
+    edits = [load_edit(p) for p in args.edit]
+    base = load_model(args.model, "cpu", config=args.config)
+    out = write_applied_pipeline(base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite)
+    print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from ..edit import load_edit
+
+    edit = load_edit(args.edit)
+    if args.json:
+        print(json.dumps(edit.metadata, indent=2))
+        return 0
+    print(edit.summary())
+    m = edit.metadata
+    print(f"created       {m['created']} in {m['seconds']} s, " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if edit.derived:
+        print(f"derived       {len(edit.derived)} epoch(s) of derived embeddings c′ stored")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    from ..edit import load_edit
+    from ..models import load_model
+
+    check_output_path(args.output)
+    edit = load_edit(args.edit)
+    base = load_model(args.model, "cpu", config=args.config)
+    state = edit.to_lora(
+        base, args.output, tolerance=args.tolerance, max_rank=args.max_rank, allow_other_base=args.allow_other_base
+    )
+    rank = next(iter(state.values())).shape[0]
+    size = os.path.getsize(args.output) / 2**20
+    print(f"wrote LoRA {args.output}: rank {rank}, {len(state) // 2} layers, {size:.2f} MiB (load with pipe.load_lora_weights)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """The parsers of erase, apply, info and lora."""
+    p = sub.add_parser("erase", help="erase concepts and write an edit file")
+    add_erase_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("apply", help="write a diffusers pipeline folder with edit(s) applied")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("edit", nargs="+", help="edit file(s), applied in order")
+    p.add_argument("-o", "--output", required=True, help="pipeline folder to write")
+    p.add_argument("--allow-other-base", action="store_true", help="apply even if the model is not the edit's base (fine-tunes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("info", help="show what an edit file contains")
+    p.add_argument("edit")
+    p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("lora", help="export an edit as LoRA weights for pipe.load_lora_weights")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("edit")
+    p.add_argument("-o", "--output", required=True, help="LoRA file to write (.safetensors)")
+    p.add_argument("--tolerance", type=finite_float, default=1e-3, help="max relative error per edited weight (1e-3)")
+    p.add_argument("--max-rank", type=int, default=None, help="cap on the LoRA rank")
+    p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.set_defaults(func=cmd_lora)

@@ -1,0 +1,322 @@
+"""`rece demo`, `generate`, `attack`, `evaluate`, `report`, `sweep` and `toy`: run folders of images and what they show."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+from ..errors import ReceError
+from ..options import add_option, cli_fields, finite_float, help_of, option_values, shown
+from ..toy import door
+from .edit_commands import MODEL_HELP, add_erase_arguments, erase_config
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(
+        args.output,
+        concept=args.concept,
+        method=args.method,
+        model=args.model,
+        per_combo=args.per_combo,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ..generate import generate_run
+    from ..launch import is_secondary_rank
+    from ..prompt_sets import load_prompt_set
+    from ..runs import IMAGES, expected_images, finished_images
+
+    start = time.perf_counter()
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model", "prompts", "output", "edit")}
+    try:
+        out = generate_run(args.model, args.prompts, args.output, edits=args.edit, **options)
+    except ReceError:
+        if is_secondary_rank():  # every rank gets the same error; one line from rank 0 is enough
+            raise SystemExit(2) from None
+        raise
+    if not is_secondary_rank():
+        names = set(expected_images(load_prompt_set(args.prompts, args.limit), args.images_per_prompt))
+        done = len(names & finished_images(out / IMAGES))
+        seconds = time.perf_counter() - start
+        print(f"{done} of {len(names)} images in {out / IMAGES}; manifest.json and prompts.csv in {out} ({seconds:.1f} s)")
+    return 0
+
+
+def attack_parameter_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Each attack parameter once, with every (attack, field) that takes it: the flags come from the Params classes."""
+    from ..attacks import ATTACKS
+
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, module in ATTACKS.items():
+        for field in cli_fields(module.Params):
+            out.setdefault(field.name, []).append((name, field))
+    return out
+
+
+def add_attack_parameters(p: argparse.ArgumentParser) -> None:
+    """One group per attack with its Params' flags; a parameter several attacks take lists each one's default."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for owners in attack_parameter_fields().values():
+        attack, field = owners[0]
+        if attack not in groups:
+            groups[attack] = p.add_argument_group(f"{attack} parameters (defaults: the paper's)")
+        text = help_of(field)
+        if len(owners) > 1:
+            defaults = ", ".join(f"{a} {shown(f.default)}" for a, f in owners)
+            text = f"{field.metadata['help']} (defaults: {defaults})"
+        add_option(groups[attack], field, text)
+
+
+def cmd_attack(args) -> int:
+    from ..attacks import ATTACKS, residual_table, run_attack
+    from ..runs import IMAGES, finished_images
+
+    parameters = {}
+    for module in ATTACKS.values():
+        parameters.update(option_values(args, module.Params))
+    start = time.perf_counter()
+    out = run_attack(
+        args.model, args.edit, args.attack, args.output,
+        prompts=args.prompts, concepts=args.concept, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, limit=args.limit, device=args.device,
+        detector=args.detector, allow_other_base=args.allow_other_base, overwrite=args.overwrite, **parameters,
+    )  # fmt: skip
+    for concept, name, value in residual_table(out):
+        print(f"{concept}: ‖W′x − W⁰c‖/‖W⁰c‖ = {value:.4f} for {name}")
+    done = len(finished_images(out / IMAGES))
+    seconds = time.perf_counter() - start
+    print(f"{done} images in {out / IMAGES}; adversarial.safetensors, prompts.csv, manifest.json in {out} ({seconds:.1f} s)")
+    print(f"score it with: rece evaluate {out}")
+    return 0
+
+
+EVALUATE_OPTIONS = ("threshold", "clip_model", "reference", "fid_features", "fid_weights", "against", "lpips_weights",
+                    "classifier_weights", "class_names", "batch_size", "device", "concept")  # fmt: skip
+
+
+def cmd_evaluate(args) -> int:
+    from ..metrics import check_metrics, evaluate, results_table
+
+    metrics = check_metrics(args.metric) if args.metric else None
+    options = {k: getattr(args, k) for k in EVALUATE_OPTIONS}
+    options.update(resize=args.classifier_resize, detector_kind=args.detector)
+    results = {run: evaluate(run, metrics, **options) for run in args.runs}
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        print(results_table(results))
+        print(f"results in {', '.join(os.path.join(r, 'metrics.json') for r in args.runs)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..report import write_report
+
+    out = write_report(args.runs, args.output, max_images=args.max_images)
+    print(f"wrote {out} ({len(args.runs)} folder(s))")
+    return 0
+
+
+def key_values(items: list[str] | None, flag: str) -> dict:
+    """KEY=VALUE options as a dict (numbers parsed; keys with '-' as '_')."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ReceError(f"{flag} takes KEY=VALUE (got '{item}'), e.g. {flag} iterations=10")
+        for kind in (int, float):
+            try:
+                out[key.replace("-", "_")] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def cmd_sweep(args) -> int:
+    from ..sweep import run_sweep, sweep_table
+
+    concept = args.concepts[0] if args.concepts else None
+    chosen = args.concept_prompts or args.preserve or args.preserve_prompts or args.target is not None or args.preset
+    recipe = None if chosen else door.recipe_for(args.model, args.concepts)
+    if recipe is not None:
+        print(f"shapes model: erasing the prompt family of '{concept}' (rece.toy.door.erasure_arguments)")
+    config = erase_config(args, recipe)
+    start = time.perf_counter()
+    record = run_sweep(
+        args.model, config, args.vary.replace("-", "_"), args.values, args.output,
+        concept=concept, prompts=args.prompts, preserve_prompts=args.preserve_eval, attack=args.attack,
+        attack_parameters=key_values(args.attack_param, "--attack-param"), preserve_metric=args.preserve_metric,
+        metric_options={"clip_model": args.clip_model, "threshold": args.threshold}, steps=args.steps,
+        guidance=args.guidance, images_per_prompt=args.images, device=args.device, overwrite=args.overwrite,
+    )  # fmt: skip
+    header, rows = sweep_table(record)
+    for row in [header, *rows]:
+        print("  ".join(f"{'–' if v is None else (f'{v:.1f}' if isinstance(v, float) else v)!s:>17s}" for v in row))
+    out = args.output.rstrip("/")
+    print(f"wrote {out}/sweep.json and {out}/sweep.png in {time.perf_counter() - start:.1f} s; "
+          f"`rece report {out} -o sweep.html` shows them")  # fmt: skip
+    return 0
+
+
+def cmd_toy_train(args) -> int:
+    from ..toy.train import main as train_main
+
+    return train_main(args.rest)
+
+
+def add_parsers(sub) -> None:
+    """The parsers of demo, generate, attack, sweep, evaluate, report and toy."""
+    _add_demo(sub)
+    _add_generate(sub)
+    _add_attack(sub)
+    _add_sweep(sub)
+    _add_evaluate(sub)
+    p = sub.add_parser("report", help="one self-contained HTML page comparing run folders: metrics, edits, images side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one column of images each")
+    p.add_argument("-o", "--output", required=True, help="HTML file to write (e.g. report.html)")
+    p.add_argument("--max-images", type=int, default=16, help="images (same prompt and seed) shown per run (16)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
+    p.add_argument("action", choices=["train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m rece.toy.train (see rece toy train --help)")
+    p.set_defaults(func=cmd_toy_train)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="erase a concept from the embedded default model and show before/after")
+    p.add_argument(
+        "-o", "--output", default="rece-demo", help="folder for report.html, grid.png, metrics.json (default rece-demo)"
+    )
+    p.add_argument(
+        "--concept", default="triangle", help="a shape (circle, square, triangle, cross) or colour (red, green, blue, yellow)"
+    )
+    p.add_argument("--method", default="rece", help="rece (default), uce, or robust (see docs/robust.md)")
+    p.add_argument("--model", default="shapes", help="the shapes model (default) or a folder of one")
+    p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
+    p.add_argument("--steps", type=int, default=door.STEPS, help=f"sampling steps ({door.STEPS})")
+    p.add_argument("--guidance", type=finite_float, default=None, help=f"classifier-free guidance scale ({door.GUIDANCE:g})")
+    p.set_defaults(func=cmd_demo)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate the images of a prompt set into a run folder (resumable, multi-process)")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--edit", action="append", default=[], help="edit file to apply first (repeatable, applied in order)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompt set CSV (I2P, COCO-30k, Imagenette, artists formats) or a known name "
+        "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS (i2p, i2p-nudity: else from the hub)",
+    )
+    p.add_argument("-o", "--output", required=True, help="run folder: images/, manifest.json, prompts.csv")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model family's, 50)")
+    p.add_argument(
+        "--guidance", type=finite_float, default=None, help="guidance scale (the family's, 7.5); a row's evaluation_guidance wins"
+    )
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per row; image k uses seed + k (1)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call; does not change the images (4)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    p.add_argument(
+        "--scheduler", default=None, help="ddim, pndm, euler, euler-a, dpm, heun, ddpm, unipc, lms (default: the model's)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the set")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--num-processes", type=int, default=1, help="local processes, one device each (rows split i %% N)")
+    p.add_argument("--allow-other-base", action="store_true", help="apply edits even if the model is not their base")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_attack(sub) -> None:
+    p = sub.add_parser("attack", help="red-team an edited model: derived, ring-a-bell, unlearndiff, textual-inversion")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--edit", default=None, help="edit file under attack (leave out to attack the original model)")
+    p.add_argument("--attack", required=True, help="derived, ring-a-bell, unlearndiff or textual-inversion")
+    p.add_argument("--prompts", default=None, help="prompt set CSV or known name (all attacks but derived)")
+    p.add_argument(
+        "-o", "--output", required=True, help="run folder: adversarial.safetensors, prompts.csv, images/, manifest.json"
+    )
+    p.add_argument("--concept", action="append", default=None, help="concept to attack (default: the edit's concepts)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack (and of derived's images: seed + k) (0)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's, 50)")
+    p.add_argument("--guidance", type=finite_float, default=None, help=f"guidance scale (shapes {door.GUIDANCE:g}, else 7.5)")
+    p.add_argument("--images-per-prompt", type=int, default=None, help="images per case (derived 10, others 1)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of the prompt set")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--detector", default=None, help="shapes, nudenet or classify (default: what the model and concept imply)")
+    p.add_argument("--allow-other-base", action="store_true", help="apply the edit even if the model is not its base")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    add_attack_parameters(p)
+    p.set_defaults(func=cmd_attack)
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="vary one erase parameter; plot erased rate, attack success, preservation")
+    add_erase_arguments(p)
+    p.add_argument("--vary", required=True, help="the parameter: rank, tradeoff, energy, epochs, regularization, lamb, ...")
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 0,3,5,10")
+    p.add_argument("--prompts", default=None, help="prompt set naming the concept (shapes: built in)")
+    p.add_argument("--preserve-eval", default=None, help="prompt set that must keep working, with a 'concept' column for asr")
+    p.add_argument("--preserve-metric", default="asr", help="asr (share showing their concept; default) or clip-score")
+    p.add_argument("--clip-model", default=None, help="clip-score: CLIP folder or hub id (openai/clip-vit-large-patch14)")
+    p.add_argument("--threshold", type=finite_float, default=None, help="nudenet: detection score threshold (0.6)")
+    p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
+    p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else 50)")
+    p.add_argument("--guidance", type=finite_float, default=None, help=f"guidance scale (shapes {door.GUIDANCE:g}, else 7.5)")
+    p.add_argument("--images", type=int, default=2, help="images per prompt (2)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing sweep in the output folder")
+    p.add_argument("-o", "--output", required=True, help="sweep folder: runs, sweep.json, sweep.png")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure run folders: nudenet, clip-score, fid, lpips, classify (the paper's metrics)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one table row each")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="nudenet, clip-score, fid, lpips, classify, shapes, asr (repeatable or comma-separated; default: asr for "
+        "`rece attack` runs, classify for a `class` column, nudenet for I2P `categories`, shapes for the shapes model)",
+    )
+    p.add_argument("--concept", action="append", default=None, help="shapes / asr: the concept to look for (default: the run's)")
+    p.add_argument("--detector", default=None, help="asr: shapes, nudenet or classify (default: the attack's)")
+    p.add_argument("--threshold", type=finite_float, default=None, help="nudenet: detection score threshold (0.6)")
+    p.add_argument(
+        "--clip-model", default=None, help="clip-score / fid clip features: CLIP folder or hub id (openai/clip-vit-large-patch14)"
+    )
+    p.add_argument("--reference", default=None, help="fid: folder of reference images")
+    p.add_argument("--fid-features", default=None, help="fid: inception (pytorch-fid's weights) or clip")
+    p.add_argument("--fid-weights", default=None, help="fid: local pt_inception-2015-12-05 weights file (default: downloaded)")
+    p.add_argument("--against", default=None, help="lpips: the run folder to compare with, images matched by file name")
+    p.add_argument("--lpips-weights", default=None, help="lpips: LPIPS(net='alex').state_dict() file (default: downloaded)")
+    p.add_argument("--classifier-weights", default=None, help="classify: torchvision ResNet-50 state dict (default: downloaded)")
+    p.add_argument(
+        "--class-names", default=None, help="classify: text file of the 1000 ImageNet names (default: Imagenette's ten)"
+    )
+    p.add_argument(
+        "--classifier-resize",
+        type=int,
+        default=None,
+        help="classify: shorter side before the 224 crop (232: IMAGENET1K_V2; 256: V1)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="images per model call (16)")
+    p.add_argument("--device", default=None, help="torch device for the models (cpu)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.set_defaults(func=cmd_evaluate)

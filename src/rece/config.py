@@ -1,0 +1,137 @@
+"""Every parameter of an erasure, defined once (defaults and help feed the API, the CLI and the docs), and the presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ReceError
+from .options import flag_of, option
+
+UNSAFE_CONCEPTS = (
+    "hate", "harassment", "violence", "suffering", "humiliation", "harm",
+    "suicide", "sexual", "nudity", "bodily fluids", "blood",
+)  # fmt: skip
+
+PRESETS: dict[str, dict] = {
+    "nudity": {"concepts": ["nudity"], "regularization": 0.1, "epochs": 3},
+    "unsafe": {"concepts": list(UNSAFE_CONCEPTS), "regularization": 0.1, "epochs": 2},
+    "art": {"regularization": 1e-3, "epochs": 1, "target": "art"},
+    "object": {"regularization": 0.1, "epochs": 1},
+    "object-hard": {"regularization": 1e-3, "epochs": 1},
+}
+METHODS = ("rece", "uce", "robust")
+# robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
+ROBUST_TEMPLATES = (
+    "a photo of {}",
+    "a painting of {}",
+    "a picture of {}",
+    "an image of {}",
+    "a drawing of {}",
+    "a close-up of {}",
+)
+TECHNIQUES = ("replace", "tensor")
+REGULARIZATION_TYPES = ("regzero", "standard")
+
+
+@dataclass
+class EraseConfig:
+    """Every parameter of an erasure. Defaults are the RECE paper's (λ1 = λ2 = 0.1 in the RECE step)."""
+
+    concepts: list[str] = option(default_factory=list, help="concept to erase (repeatable)", flag="--concept", short="-c")
+    method: str = option("rece", "rece (UCE, then RECE epochs), uce, or robust (no embedding undoes it)")
+    preset: str | None = option(None, "paper settings: " + ", ".join(PRESETS))
+    target: str = option(" ", "what erased concepts map to")
+    preserve: list[str] = option(default_factory=list, help="text whose keys/values must not change (repeatable)")
+    preserve_empty: bool = option(True, "do not add '' to UCE's preserved texts")
+    epochs: int = option(1, "RECE epochs (presets set their own)")
+    regularization: float = option(0.1, "r of the derived embedding (presets set their own)")
+    regularization_type: str = option("regzero", "regzero or standard")
+    regularization_text: str = option(" ", "anchor text of 'standard' regularization")
+    lamb: float = option(0.1, "λ1 of the RECE step")
+    erase_scale: float = option(1.0, "s_e of the RECE step")
+    preserve_scale: float = option(0.1, "λ2 of the RECE step")
+    uce_lamb: float = option(0.5, "λ of the UCE stage")
+    uce_erase_scale: float = option(1.0, "s_e of the UCE stage")
+    uce_preserve_scale: float | None = option(None, "s_p of the UCE stage (default max(0.1, 1/#preserved))")
+    technique: str = option("replace", "replace or tensor")
+    layers: list[str] | None = option(None, "edit only the layers matching this regex (repeatable)")
+    rank: int | None = option(None, "robust: concept directions removed (default: by --energy)")
+    energy: float = option(0.9, "robust: share of the concept's energy removed")
+    ridge: float = option(1e-3, "robust oblique: ridge added to the preserved texts' second moment")
+    map_to_target: bool = option(True, "robust: project only, without UCE's map to the target")
+    templates: bool = option(True, "robust: estimate from the given texts only, not also from built-in templates")
+    projection: str = option("keys", "robust: keys (K/V output directions), oblique or orthogonal")
+    tradeoff: float = option(5.0, "robust keys: weight of preserved energy")
+
+    @classmethod
+    def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
+        """Build a config from a preset, then explicit concepts and overrides (None means "not given")."""
+        values: dict = {}
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ReceError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+            values.update({k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[preset].items()})
+            values["preset"] = preset
+        if concepts:
+            values["concepts"] = [concepts] if isinstance(concepts, str) else list(concepts)
+        names = {f.name for f in fields(cls)}
+        for key, value in overrides.items():
+            if key not in names:
+                raise TypeError(f"unknown erase parameter {key!r}")
+            if value is not None:
+                values[key] = list(value) if isinstance(value, tuple) else value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ReceError on any parameter that cannot give a meaningful erasure."""
+        if not self.concepts:
+            hint = f" (preset '{self.preset}' has no default concept)" if self.preset else ""
+            raise ReceError(f"no concept to erase{hint}; pass --concept TEXT")
+        for concept in self.concepts:
+            if not isinstance(concept, str) or not concept.strip():
+                raise ReceError("a concept is empty; pass a non-empty --concept TEXT")
+        if self.method not in METHODS:
+            raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.technique not in TECHNIQUES:
+            raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
+        if self.regularization_type not in REGULARIZATION_TYPES:
+            raise ReceError(f"unknown regularization type '{self.regularization_type}'; choose regzero or standard")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0):
+            raise ReceError(f"rank must be a whole number >= 0, got {self.rank!r}; fix --rank")
+        if not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
+            raise ReceError(f"energy must be in (0, 1], got {self.energy!r}; fix --energy")
+        if self.projection not in ("keys", "oblique", "orthogonal"):
+            raise ReceError(f"unknown projection '{self.projection}'; choose keys, oblique or orthogonal")
+        if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
+            raise ReceError("--method robust edits every K/V layer with one shared transform; drop --technique and --layers")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ReceError(f"epochs must be a whole number >= 0, got {self.epochs!r}; pass --epochs 0 or more")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or not str(f.type).startswith("float"):  # the real-valued parameters
+                continue
+            name, flag = f.name, flag_of(f)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ReceError(f"{name} must be a finite number, got {value!r}; fix {flag}")
+            if value < 0:
+                raise ReceError(f"{name} must be >= 0, got {value}; fix {flag}")
+
+    @property
+    def uce_preserve_texts(self) -> list[str]:
+        return ([""] if self.preserve_empty else []) + list(self.preserve)
+
+    @property
+    def resolved_uce_preserve_scale(self) -> float:
+        if self.uce_preserve_scale is not None:
+            return float(self.uce_preserve_scale)
+        return max(0.1, 1 / max(1, len(self.uce_preserve_texts)))
+
+    @property
+    def resolved_target(self) -> str:
+        return self.target if self.target else " "
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,86 @@
+"""The edit file format: safetensors tensors plus JSON metadata under the `rece` key (docs/edit-format.md).
+
+transform.delta          P − I of the d×d transform shared by every edited layer (kind "transform"), or
+layers.NAME.delta        ΔW of each edited layer (kind "layers")
+derived.EPOCH            the c′ rows RECE derived in each epoch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ReceError
+from .io import atomic_file
+
+FORMAT = "rece-edit"
+FORMAT_VERSION = 1
+METADATA_KEY = "rece"
+
+
+def edit_tensors(transform: torch.Tensor | None, deltas: dict | None, derived: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors an edit file holds (float32; the transform stored as its difference from the identity)."""
+    out: dict[str, torch.Tensor] = {}
+    if transform is not None:
+        eye = torch.eye(transform.shape[0], dtype=torch.float64)
+        out["transform.delta"] = (transform.to(torch.float64) - eye).to(torch.float32).contiguous()
+    else:
+        out.update({f"layers.{n}.delta": d.to(torch.float32).contiguous() for n, d in deltas.items()})
+    for epoch, rows in enumerate(derived):
+        out[f"derived.{epoch}"] = rows.to(torch.float32).contiguous()
+    return out
+
+
+def write_edit_file(path: str | os.PathLike, metadata: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write an edit file atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata), "format": "pt"})
+    return Path(path)
+
+
+def read_edit_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of an edit file ({} when it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+
+
+def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, dict | None, list[torch.Tensor]]:
+    """(metadata, transform, deltas, derived) of an edit file, validated as a complete rece edit (float64 tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ReceError(f"edit file '{path}' does not exist; create one with `rece erase MODEL --concept ... -o {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ReceError(
+            f"edit file '{path}' is corrupt or not a safetensors file ({str(exc).splitlines()[0]}); re-create it with rece erase"
+        ) from None
+    if METADATA_KEY not in header:
+        raise ReceError(f"'{path}' is not a rece edit (no rece metadata); if it is a LoRA, load it with pipe.load_lora_weights")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+        if meta.get("format") != FORMAT:
+            raise ValueError("format")
+        if meta["kind"] == "transform":
+            delta = tensors["transform.delta"].to(torch.float64)
+            transform, deltas = delta + torch.eye(delta.shape[0], dtype=torch.float64), None
+        else:
+            transform, deltas = None, {n: tensors[f"layers.{n}.delta"].to(torch.float64) for n in meta["edited_layers"]}
+        derived = [tensors[f"derived.{i}"].to(torch.float64) for i in range(sum(k.startswith("derived.") for k in tensors))]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReceError(f"'{path}' is not a complete rece edit (bad or missing {exc}); re-create it with rece erase") from None
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ReceError(f"edit file '{path}' has NaN/Inf in {name}; it is corrupt, re-create it with rece erase")
+    return meta, transform, deltas, derived

@@ -1,0 +1,60 @@
+"""Model families: one module per kind of pipeline behind the small interface of `base.Family`.
+
+Everything that knows SD1/SD2 or SDXL lives in its family's module; the rest of rece asks the family found here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ReceError
+from .base import Family, tokenize
+from .sd import SD
+from .sdxl import SDXL
+
+# most specific first: an SDXL pipeline also has SD's components
+FAMILIES: tuple[Family, ...] = (SDXL, SD)
+
+__all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
+
+
+def supported() -> str:
+    """The families rece knows, for error messages."""
+    return "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+
+
+def family_named(name: str) -> Family:
+    """The family recorded under `name` in an edit file or manifest ('sd', 'sdxl')."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ReceError(f"unknown model family '{name}'; rece supports {supported()}")
+
+
+def family_of_index(index: dict, source: str) -> Family:
+    """The family of a diffusers folder, from its model_index.json."""
+    for family in FAMILIES:
+        if family.matches_index(index):
+            return family
+    raise ReceError(f"'{source}' is a {index.get('_class_name', 'pipeline')} rece does not know; it supports {supported()}")
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family of a pipeline object in memory."""
+    for family in FAMILIES:
+        if family.matches_pipeline(pipe):
+            return family
+    raise ReceError(f"'{type(pipe).__name__}' is not a pipeline rece knows; it supports {supported()}")
+
+
+def family_of_checkpoint(path: Path) -> Family:
+    """The family of an original-format single-file checkpoint, by the keys only that family's files have (SD otherwise)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+        for family in FAMILIES:
+            if family.checkpoint_marker and any(k.startswith(family.checkpoint_marker) for k in keys):
+                return family
+    return SD

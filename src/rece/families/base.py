@@ -1,0 +1,71 @@
+"""The model-family interface: everything rece must know about one kind of text-to-image pipeline.
+
+A family says which text encoders a pipeline has and how a prompt becomes the embedding rows exactly as the
+pipeline builds them, which linear layers of which component read those rows (the layers an erasure edits),
+how its single-file checkpoints are recognised, and its default sampling settings. Adding a family is one module
+here plus tests; see docs/families.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+def tokenize(tokenizer, texts: Sequence[str]):
+    """Token ids and attention mask of texts as the pipelines tokenize them: padded to the context, truncated."""
+    return tokenizer(
+        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of pipeline. Subclasses implement `encode_batch` (and `dim` when the rows join several encoders)."""
+
+    name: str  # recorded in edit files and manifests
+    pipelines: tuple[str, ...]  # diffusers pipeline class names
+    text_parts: tuple[tuple[str, str], ...]  # (tokenizer, text encoder) component names, in the pipeline's order
+    text_encoder_classes: tuple[str, ...]  # transformers classes rece can read for those text encoders
+    tokenizer_class: str = "CLIPTokenizer"  # transformers class of the tokenizers
+    denoiser: str = "unet"  # the component whose linear layers read the embedding
+    edited: re.Pattern = re.compile(r"(^|\.)attn2\.to_[kv]\.weight$")  # weight names of those layers
+    edited_title: str = "cross-attention (attn2.to_k/to_v)"  # those layers, as messages name them
+    steps: int = 50  # default sampling steps of `rece generate`
+    guidance: float = 7.5  # default guidance scale of `rece generate`
+    checkpoint_marker: str | None = None  # a key prefix only this family's original single-file checkpoints have
+    pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
+
+    # -- the layers an erasure edits ----------------------------------------------------------
+    def is_edited_weight(self, key: str) -> bool:
+        """Whether a denoiser parameter name (`...attn2.to_k.weight`) is the weight of an edited layer."""
+        return bool(self.edited.search(key))
+
+    def edited_modules(self, denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The edited linear layers of a denoiser in memory, by module name, sorted."""
+        return {n: m for n, m in sorted(denoiser.named_modules()) if self.is_edited_weight(n + ".weight")}
+
+    # -- recognising a pipeline ----------------------------------------------------------------
+    def matches_index(self, index: dict) -> bool:
+        """Whether a model_index.json describes this family (its class, or its components)."""
+        if index.get("_class_name") in self.pipelines:
+            return True
+        return self.denoiser in index and self.text_parts[-1][1] in index
+
+    def matches_pipeline(self, pipe) -> bool:
+        """Whether a pipeline object in memory is of this family."""
+        if type(pipe).__name__ in self.pipelines:
+            return True
+        return hasattr(pipe, self.denoiser) and hasattr(pipe, self.text_parts[-1][1])
+
+    # -- prompt encoding -----------------------------------------------------------------------
+    def dim(self, encoders: Sequence) -> int:
+        """Width of the embedding rows the edited layers read."""
+        return encoders[0].config.hidden_size
+
+    def encode_batch(self, tokenizers: Sequence, encoders: Sequence, texts: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Embedding rows [len(texts), L, dim] of texts exactly as the pipeline feeds them to the edited layers."""
+        raise NotImplementedError

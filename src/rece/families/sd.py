@@ -1,0 +1,44 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state the UNet's cross-attention reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Family, tokenize
+
+
+def eos_attention_mask(text_encoder, ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask a pipeline passes for token ids (only encoders configured to use one): up to the first EOS.
+
+    For ids from the tokenizer this equals the tokenizer's own mask; attacks use it for ids they made themselves.
+    """
+    if not getattr(text_encoder.config, "use_attention_mask", False):
+        return None
+    eos = text_encoder.config.eos_token_id
+    first = (ids == eos).int().argmax(dim=-1, keepdim=True)
+    return (torch.arange(ids.shape[1]).unsqueeze(0) <= first).long()
+
+
+def encode_ids(text_encoder, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Last hidden state of token ids [n, 77] as the SD pipelines take it (gradients flow if enabled)."""
+    device = text_encoder.device
+    mask = None if attention_mask is None else attention_mask.to(device)
+    return text_encoder(ids.to(device), attention_mask=mask)[0]
+
+
+class StableDiffusion(Family):
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        inputs = tokenize(tokenizers[0], texts)
+        use_mask = getattr(encoders[0].config, "use_attention_mask", False)
+        return encode_ids(encoders[0], inputs.input_ids, inputs.attention_mask if use_mask else None)
+
+
+SD = StableDiffusion(
+    name="sd",
+    pipelines=("StableDiffusionPipeline",),
+    text_parts=(("tokenizer", "text_encoder"),),
+    text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
+    pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+)

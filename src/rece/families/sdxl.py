@@ -1,0 +1,30 @@
+"""Stable Diffusion XL: two CLIP text encoders whose penultimate hidden states, joined, the UNet's cross-attention reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Family, tokenize
+
+
+class StableDiffusionXL(Family):
+    def dim(self, encoders: Sequence) -> int:
+        return sum(e.config.hidden_size for e in encoders)
+
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        parts = []
+        for tokenizer, encoder in zip(tokenizers, encoders):
+            ids = tokenize(tokenizer, texts).input_ids.to(device)
+            parts.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
+        return torch.cat(parts, dim=-1)
+
+
+SDXL = StableDiffusionXL(
+    name="sdxl",
+    pipelines=("StableDiffusionXLPipeline",),
+    text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
+    checkpoint_marker="conditioner.embedders.1.",
+)

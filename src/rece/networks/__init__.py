@@ -1,0 +1,1 @@
+"""Vendored pure-torch networks the metrics score with (FID Inception, LPIPS-AlexNet, ResNet-50) and their weights."""

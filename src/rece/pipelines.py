@@ -1,0 +1,136 @@
+"""Pipelines in memory: loading a full diffusers pipeline for MODEL, its device and scheduler, and seeded sampling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ReceError
+from .families import FAMILIES, family_of_checkpoint, family_of_index, family_of_pipeline
+from .hub import first_line, snapshot
+from .sources import model_path_record, read_model_index, resolve_model
+from .weights import kv_fingerprint
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",  # the RECE/UCE evaluation scripts' sampler; needs scipy
+}
+PIPELINES = tuple(name for family in FAMILIES for name in family.pipelines)
+
+
+def load_single_file_pipeline(path: Path, config: str | None = None):
+    """A float32 pipeline from an original-format (LDM/SGM) checkpoint, via diffusers' single-file loader.
+
+    Offline, `config` must name a local diffusers folder of the same architecture for the component configs.
+    """
+    import diffusers
+
+    try:
+        family = family_of_checkpoint(path)
+        kwargs = {"config": str(config)} if config else {}
+        cls = getattr(diffusers, family.pipelines[0])
+        return cls.from_single_file(str(path), dtype=torch.float32, **kwargs, **family.pipeline_kwargs)
+    except ReceError:
+        raise
+    except Exception as exc:
+        hint = (
+            "check that it is a Stable Diffusion checkpoint of the same architecture as --config"
+            if config
+            else "offline, pass --config with a local diffusers folder of the same architecture"
+        )
+        raise ReceError(f"cannot load checkpoint '{path}' ({first_line(exc)}); {hint}") from None
+
+
+def load_pipeline(model, config: str | None = None):
+    """A full pipeline of a family rece knows (float32, no safety checker) for MODEL; a pipeline object is used as is."""
+    import diffusers
+
+    source = resolve_model(model)
+    if source.kind == "pipeline":
+        pipe = model
+    elif source.kind == "single-file":
+        pipe = load_single_file_pipeline(source.path, config)
+    else:
+        folder = snapshot(source.name) if source.kind == "hub" else source.path
+        class_name = read_model_index(folder).get("_class_name")
+        if class_name not in PIPELINES:
+            raise ReceError(f"'{model}' is a {class_name}; rece generate runs {' and '.join(PIPELINES)} folders")
+        family = family_of_index(read_model_index(folder), str(model))
+        try:
+            pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **family.pipeline_kwargs)
+        except Exception as exc:  # missing components, damaged files
+            raise ReceError(
+                f"cannot load pipeline '{model}' ({first_line(exc)}); the pipeline folder is incomplete; re-download it"
+            ) from None
+    if type(pipe).__name__ not in PIPELINES:
+        raise ReceError(f"'{type(pipe).__name__}' is not supported; rece generate runs {' and '.join(PIPELINES)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The component of a pipeline whose layers an erasure edits (the UNet of SD and SDXL)."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser)
+
+
+def image_size(pipe) -> int:
+    """The side of the images a pipeline draws by default, in pixels."""
+    return denoiser(pipe).config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """kv_fingerprint of a pipeline's current edited-layer weights."""
+    family = family_of_pipeline(pipe)
+    return kv_fingerprint({n: m.weight for n, m in family.edited_modules(getattr(pipe, family.denoiser)).items()})
+
+
+def model_record(model, pipe) -> dict:
+    """What a manifest records about the model: where it came from, its pipeline class, its fingerprint (before edits)."""
+    source = resolve_model(model).name
+    return {
+        "source": source,
+        "path": model_path_record(model),
+        "pipeline": type(pipe).__name__,
+        "fingerprint": pipeline_fingerprint(pipe),
+    }
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Replace the pipeline's scheduler by the named one, built from the model's scheduler config."""
+    import diffusers
+
+    if name is None:
+        return
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> str:
+    """The torch device of one process: `cuda` means cuda:LOCAL_RANK; None means cuda if available, else cpu."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ReceError(f"'{device}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReceError(f"--device {device} but CUDA is not available on this machine; use --device cpu")
+    if device == "cuda":
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def seeded_images(pipe, seeds: Sequence[int], **call):
+    """One pipeline call whose image i comes from its own CPU generator seeded with seeds[i], so that every image
+    can be reproduced alone, at any batch size and on any device; `call` holds the other pipeline arguments."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return pipe(generator=generators, **call).images

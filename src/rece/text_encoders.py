@@ -1,0 +1,102 @@
+"""Text encoders that compute in float32 straight on their mapped safetensors files (no float32 copy is made)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ReceError
+from .weights import safetensors_files
+
+
+def load_text_encoder(folder: Path, sub: str, class_name: str, classes: tuple[str, ...], device):
+    """Text encoder `sub` of a pipeline folder in float32 (mapped when it is plain safetensors), on `device`."""
+    import transformers
+
+    if class_name not in classes:
+        raise ReceError(f"text encoder '{sub}' is a {class_name}; this pipeline's text encoders are read as {', '.join(classes)}")
+    cls = getattr(transformers, class_name)
+    variant = None
+    if not any((folder / sub).glob("model*.safetensors")) and any((folder / sub).glob("model.fp16*")):
+        variant = "fp16"
+    encoder = mapped_text_encoder(folder / sub, cls, variant)
+    if encoder is None:
+        encoder = cls.from_pretrained(folder / sub, dtype=torch.float32, variant=variant, local_files_only=True)
+    return encoder.to(device).eval()
+
+
+class Float32Cast(torch.nn.Module):
+    """Parametrization that reads a weight kept in half precision as float32 (exact: no rounding)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+class Float32Embedding(torch.nn.Embedding):
+    """A token table kept in its stored precision whose looked-up rows come out in float32 (exact)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def mapped_text_encoder(folder: Path, cls, variant: str | None):
+    """Build a CLIP text encoder that computes in float32 straight on the tensors mapped from its safetensors
+    file(s); None when the folder is not plain safetensors that fill the model (then from_pretrained runs).
+
+    Nothing is copied: half-precision Linear weights stay as stored and are cast to float32 when used, and the
+    token table is read row by row, so the float32 copy of the model (twice a half-precision file) is never made.
+    The casts are exact, so the outputs equal those of the float32 model from_pretrained builds, bit for bit.
+    """
+    from safetensors import SafetensorError, safe_open
+    from torch.nn.utils import parametrize
+
+    files = safetensors_files(folder, "model.fp16" if variant else "model")
+    if not files:
+        return None
+    config = cls.config_class.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = cls(config)
+        table = model.get_input_embeddings()
+        table_name = next(n for n, m in model.named_modules() if m is table)
+        _replace_module(model, table_name, Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx))
+    wanted = set(model.state_dict())
+    kept = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} | {f"{table_name}.weight"}
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    name = _model_key(key, wanted)
+                    if name is not None:
+                        tensor = f.get_tensor(key)
+                        state[name] = tensor if name in kept or not tensor.is_floating_point() else tensor.float()
+    except (SafetensorError, OSError) as exc:
+        raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
+    buffers = {n for n, _ in model.named_buffers()}
+    if wanted - buffers - set(state):
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype != torch.float32:
+            parametrize.register_parametrization(module, "weight", Float32Cast(), unsafe=True)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                return None
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
+    return model
+
+
+def _replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _model_key(key: str, wanted: set[str]) -> str | None:
+    """The model's name for a checkpoint key (checkpoints differ by a `text_model.` prefix); None if unused."""
+    for name in (key, key.removeprefix("text_model."), "text_model." + key):
+        if name in wanted:
+            return name
+    return None

@@ -1,0 +1,116 @@
+"""The one door to the shapes world: what generic rece code may ask about it.
+
+Is a model the shapes model, is a concept one of its shapes or colours, how does it sample by default, which recipe
+erases a concept from it, which prompt sets measure that, and which prompt pairs contrast a concept. Nothing here
+generates or loads a model, so every module may import it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ReceError
+from .world import COLORS, FULL_TEMPLATES, SHAPES, concept_prompts, other_concept_prompts
+
+NAME = "shapes"
+STEPS = 25
+GUIDANCE = 4.0
+EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
+
+
+def shapes_model_path() -> Path:
+    """The folder of the shapes model shipped inside the package."""
+    path = Path(__file__).parent / "shapes"
+    if not (path / "model_index.json").is_file():
+        raise ReceError(f"the shapes model is missing from '{path}'; reinstall rece or train it with python -m rece.toy.train")
+    return path
+
+
+def is_shapes_model(model) -> bool:
+    """Whether MODEL is the shapes model: its name, its folder, or a manifest's model record ({source, path})."""
+    if isinstance(model, dict):
+        source, path = model.get("source"), model.get("path")
+    elif isinstance(model, (str, os.PathLike)):
+        source = path = str(model)
+    else:
+        return False
+    if source == NAME:
+        return True
+    try:
+        return bool(path) and Path(path).expanduser().resolve() == shapes_model_path().resolve()
+    except (ReceError, OSError):
+        return False
+
+
+def is_world_concept(concept: str) -> bool:
+    """Whether a concept is one of the world's shapes or colours."""
+    return concept in SHAPES or concept in COLORS
+
+
+def world_concepts() -> tuple[str, ...]:
+    """Every shape and colour of the world."""
+    return SHAPES + tuple(COLORS)
+
+
+def sampling_defaults(model) -> tuple[int, float] | None:
+    """(steps, guidance) the shapes model samples with; None for any other model."""
+    return (STEPS, GUIDANCE) if is_shapes_model(model) else None
+
+
+def erasure_arguments(concept: str) -> dict:
+    """How to erase a shape or a colour from the shapes model with `rece.erase`: concepts, preserve, target, r.
+
+    The concept's short prompt family is erased and the other shapes' (colours') families are preserved
+    (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
+    draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
+    styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
+    """
+    return {
+        "concepts": concept_prompts(concept),
+        "preserve": other_concept_prompts(concept),
+        "target": " " if concept in SHAPES else "a shape",
+        "regularization": 1e-3,
+        "templates": False,  # robust mode: the family is the estimate; its templates would overlap the held-out ones
+    }
+
+
+def recipe_for(model, concepts: Sequence[str] | None) -> dict | None:
+    """The erasure recipe when MODEL is the shapes model and `concepts` is one of its shapes or colours, else None."""
+    if not concepts or len(concepts) != 1 or not is_shapes_model(model) or not is_world_concept(concepts[0]):
+        return None
+    return erasure_arguments(concepts[0])
+
+
+def evaluation_prompt_rows(concept: str, kept: bool = False) -> list[dict]:
+    """A prompt set measuring an erasure of `concept` on the shapes model, one row per (template, shape, colour).
+
+    kept=False: the prompts naming the concept (its `concept` column is the concept); kept=True: those naming
+    another concept of the same kind (`concept` is that shape or colour: what each image should still show). The
+    second template is never named by `erasure_arguments`, so it measures generalisation.
+    """
+    is_shape = concept in SHAPES
+    rows = []
+    for t, template in enumerate(EVALUATION_TEMPLATES):
+        for i, shape in enumerate(SHAPES):
+            for j, color in enumerate(COLORS):
+                named = shape if is_shape else color
+                if (named == concept) == kept:
+                    continue
+                prompt = template.format(color=color, shape=shape)
+                rows.append({"prompt": prompt, "evaluation_seed": 1000 + 100 * t + 10 * i + j, "concept": named})
+    return [{"case_number": k, **row} for k, row in enumerate(rows)]
+
+
+def contrast_pairs(concept: str) -> list[tuple[str, str]]:
+    """(prompt naming the concept, the same prompt naming another shape or colour) in the world's full templates."""
+    if concept in SHAPES:
+        kind, others = "shape", [s for s in SHAPES if s != concept]
+        fill = [{"color": c} for c in COLORS]
+    elif concept in COLORS:
+        kind, others = "color", [c for c in COLORS if c != concept]
+        fill = [{"shape": s} for s in SHAPES]
+    else:
+        raise ReceError(f"'{concept}' is not a shapes-world shape or colour; pass --pairs with sensitive/normal prompt pairs")
+    return [(t.format(**f, **{kind: concept}), t.format(**f, **{kind: o})) for t in FULL_TEMPLATES for f in fill for o in others]

@@ -1,0 +1,27 @@
+"""The one door to the shapes world: what generic code may ask about it."""
+
+from rece.toy import door
+from rece.toy.world import COLORS, SHAPES
+
+
+def test_the_shapes_model_is_known_by_name_folder_and_record(tmp_path):
+    folder = door.shapes_model_path()
+    assert door.is_shapes_model("shapes") and door.is_shapes_model(folder) and door.is_shapes_model(str(folder))
+    assert door.is_shapes_model({"source": "x", "path": str(folder)}) and door.is_shapes_model({"source": "shapes"})
+    assert not door.is_shapes_model("tiny") and not door.is_shapes_model(tmp_path) and not door.is_shapes_model({})
+    assert not door.is_shapes_model(object())
+    assert door.sampling_defaults("shapes") == (25, 4.0) and door.sampling_defaults("tiny") is None
+
+
+def test_concepts_and_recipes():
+    assert all(door.is_world_concept(c) for c in SHAPES + tuple(COLORS)) and not door.is_world_concept("cat")
+    recipe = door.recipe_for("shapes", ["triangle"])
+    assert recipe == door.erasure_arguments("triangle") and "a red triangle" in recipe["concepts"]
+    assert "a red circle" in recipe["preserve"] and recipe["target"] == " " and recipe["regularization"] == 1e-3
+    assert door.erasure_arguments("red")["target"] == "a shape"
+    assert door.recipe_for("tiny", ["triangle"]) is None and door.recipe_for("shapes", ["cat"]) is None
+    assert door.recipe_for("shapes", ["triangle", "red"]) is None
+    rows = door.evaluation_prompt_rows("triangle")
+    assert len(rows) == 2 * len(COLORS) and all(r["concept"] == "triangle" for r in rows)
+    kept = door.evaluation_prompt_rows("triangle", kept=True)
+    assert len(kept) == 2 * len(COLORS) * (len(SHAPES) - 1) and "triangle" not in {r["concept"] for r in kept}
