@@ -19,7 +19,7 @@ from . import gram_cache
 from .errors import ReceError
 from .families import Family, family_of_index, family_of_pipeline
 from .hub import snapshot
-from .sources import read_model_index, resolve_model
+from .sources import NAMED_MODELS, read_model_index, resolve_model
 from .text import PromptEncoder
 from .text_encoders import load_text_encoder
 from .weights import check_finite, kv_fingerprint, read_edited_weights
@@ -81,7 +81,7 @@ def load_model(model, device: str | torch.device = "cpu", config: str | None = N
         return from_single_file(source.path, device, config=config)
     if source.kind == "hub":
         return from_folder(download(source.name), device, source=source.name)
-    return from_folder(source.path, device, source=source.name if source.name in ("shapes", "tiny") else None)
+    return from_folder(source.path, device, source=source.name if source.name in NAMED_MODELS else None)
 
 
 def download(repo_id: str) -> Path:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from .errors import ReceError
 from .hub import is_hub_id
+from .toy import door
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-NAMED_MODELS = ("shapes", "tiny")
+NAMED_MODELS = (door.NAME, "tiny")
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,7 @@ def named_model_path(name: str) -> Path:
         from .tiny import tiny_model_path
 
         return tiny_model_path()
-    from .toy.door import shapes_model_path
-
-    return shapes_model_path()
+    return door.shapes_model_path()
 
 
 def resolve_model(model) -> ModelSource:
