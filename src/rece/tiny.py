@@ -95,16 +95,18 @@ def save_clip_tokenizer(path: str | os.PathLike, words: Iterable[str] = DEFAULT_
     return tokenizer
 
 
-def _keep_bpe_files(src: Path, dst: Path) -> None:
+def keep_bpe_files(src: Path, dst: Path, remove: bool = True) -> None:
     """Keep vocab.json + merges.txt beside tokenizer.json so any CLIPTokenizer version loads the folder."""
     import shutil
 
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(src / name, dst / name)
-    shutil.rmtree(src)
+    if remove:
+        shutil.rmtree(src)
 
 
-def _text_config(tokenizer, hidden_size: int, layers: int, heads: int, projection_dim: int | None = None):
+def clip_text_config(tokenizer, hidden_size: int, layers: int, heads: int, projection_dim: int | None = None):
+    """A small CLIPTextConfig matching `tokenizer` (its vocabulary size and BOS, EOS and pad ids)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -122,7 +124,7 @@ def _text_config(tokenizer, hidden_size: int, layers: int, heads: int, projectio
     )
 
 
-def _init_clip_like(model: torch.nn.Module, seed: int) -> None:
+def init_clip_like(model: torch.nn.Module, seed: int) -> None:
     """Deterministic init with CLIP-like scales (token embeddings ~ N(0, 0.02))."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -146,8 +148,8 @@ def build_tiny_sd(
     path = Path(path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         tokenizer = save_clip_tokenizer(tmp / "_tok", words)
-        text_encoder = CLIPTextModel(_text_config(tokenizer, text_dim, layers=2, heads=4))
-        _init_clip_like(text_encoder, seed)
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, text_dim, layers=2, heads=4))
+        init_clip_like(text_encoder, seed)
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -184,7 +186,7 @@ def build_tiny_sd(
             requires_safety_checker=False,
         )
         pipe.save_pretrained(tmp)
-        _keep_bpe_files(tmp / "_tok", tmp / "tokenizer")
+        keep_bpe_files(tmp / "_tok", tmp / "tokenizer")
     return path
 
 
@@ -198,10 +200,10 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0, words: Iterable[str]
     with atomic_dir(path) as tmp:
         tokenizer = save_clip_tokenizer(tmp / "_tok1", words)
         tokenizer_2 = save_clip_tokenizer(tmp / "_tok2", words, pad_token="!")
-        text_encoder = CLIPTextModel(_text_config(tokenizer, 32, layers=2, heads=4))
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 48, layers=2, heads=4, projection_dim=32))
-        _init_clip_like(text_encoder, seed)
-        _init_clip_like(text_encoder_2, seed + 1)
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32, layers=2, heads=4))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, 48, layers=2, heads=4, projection_dim=32))
+        init_clip_like(text_encoder, seed)
+        init_clip_like(text_encoder_2, seed + 1)
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -240,8 +242,8 @@ def build_tiny_sdxl(path: str | os.PathLike, seed: int = 0, words: Iterable[str]
             scheduler=scheduler,
         )
         pipe.save_pretrained(tmp)
-        _keep_bpe_files(tmp / "_tok1", tmp / "tokenizer")
-        _keep_bpe_files(tmp / "_tok2", tmp / "tokenizer_2")
+        keep_bpe_files(tmp / "_tok1", tmp / "tokenizer")
+        keep_bpe_files(tmp / "_tok2", tmp / "tokenizer_2")
     return path
 
 
@@ -258,11 +260,11 @@ def build_random_sd14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype
     path = Path(path)
     with atomic_dir(path) as tmp:
         tokenizer = save_clip_tokenizer(tmp / "_tok")
-        config = _text_config(tokenizer, 768, layers=12, heads=12)
+        config = clip_text_config(tokenizer, 768, layers=12, heads=12)
         config.intermediate_size = 3072
         config.vocab_size = 49408  # CLIP's: the embedding table has its real size (token ids stay small)
         text_encoder = CLIPTextModel(config)
-        _init_clip_like(text_encoder, seed)
+        init_clip_like(text_encoder, seed)
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
@@ -285,7 +287,7 @@ def build_random_sd14(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype
         )
         pipe.to(dtype=dtype)
         pipe.save_pretrained(tmp)
-        _keep_bpe_files(tmp / "_tok", tmp / "tokenizer")
+        keep_bpe_files(tmp / "_tok", tmp / "tokenizer")
     return path
 
 
