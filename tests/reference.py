@@ -48,8 +48,13 @@ def reference_erase(
     technique="replace",
     edited=None,
     standard_text=None,
+    masked=False,
 ):
-    """Return the final weights {name: W} following the issue's procedure literally."""
+    """Return the final weights {name: W} following the issue's procedure literally.
+
+    `masked`: the model masks padding rows (PixArt): a text is its first counts(text) rows, UCE's slice runs from the
+    concept's last word to its last attended row, and the target supplies the rows at the same offsets."""
+    rows = (lambda t: encode(t)[: counts(t)]) if masked else encode
     W0 = {n: w.to(torch.float64) for n, w in kv.items()}
     W = dict(W0)
     edited = list(kv) if edited is None else edited
@@ -59,15 +64,20 @@ def reference_erase(
     pairs = []
     for x in concepts:
         Ex, Ey = encode(x), encode(target)
-        ix, iy = counts(x) - 2, counts(target) - 2
-        far = max(ix, iy)
-        pairs.append((Ex[ix : 77 - (far - ix)], Ey[iy : 77 - (far - iy)]))
-    preserve_rows = torch.cat([encode(p) for p in uce_preserve])
+        if masked:
+            ix, iy = max(counts(x) - 2, 0), max(counts(target) - 2, 0)
+            n = counts(x) - ix
+            pairs.append((Ex[ix : ix + n], Ey[iy : iy + n]))
+        else:
+            ix, iy = counts(x) - 2, counts(target) - 2
+            far = max(ix, iy)
+            pairs.append((Ex[ix : 77 - (far - ix)], Ey[iy : 77 - (far - iy)]))
+    preserve_rows = torch.cat([rows(p) for p in uce_preserve])
     for n in edited:
         W[n] = uce_layer(W[n], pairs, preserve_rows, uce_lamb, uce_s_e, uce_s_p, technique)
     if method != "rece":
         return W
-    rece_preserve = torch.cat([encode(" ") for _ in concepts] + [encode(p) for p in preserve])
+    rece_preserve = torch.cat([rows(" ") for _ in concepts] + [rows(p) for p in preserve])
     for _ in range(epochs):
         d = next(iter(W.values())).shape[1]
         A = r * torch.eye(d, dtype=torch.float64)
@@ -77,12 +87,12 @@ def reference_erase(
             B += W[n].T @ W0[n]
         derived = []
         for x in concepts:
-            c = encode(x)
+            c = rows(x)
             if standard_text is None:
                 derived.append(c @ torch.linalg.solve(A, B).T)
             else:
                 derived.append(torch.linalg.solve(A, r * encode(standard_text).T + B @ c.T).T)
-        rpairs = [(cp, encode(target)) for cp in derived]
+        rpairs = [(cp, encode(target)[: cp.shape[0]]) for cp in derived]
         for n in edited:
             W[n] = uce_layer(W[n], rpairs, rece_preserve, lamb, s_e, s_p, technique)
     return W

@@ -25,6 +25,9 @@ def test_folders_and_pipelines_are_recognised(sd_path, sdxl_path):
     # an index without the class name is recognised by its components (an SDXL refiner-like folder too)
     assert family_of_index({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": [None, None]}, "x") is SDXL
     assert family_of_index({"unet": [], "text_encoder": []}, "x") is SD
+    # a transformer family is known by its pipeline class only: FLUX has PixArt's components too
+    assert family_of_index({"_class_name": "PixArtSigmaPipeline"}, "x").name == "pixart-sigma"
+    assert family_of_index({"_class_name": "PixArtAlphaPipeline"}, "x").max_length == 120
 
 
 def test_unknown_families_are_one_line_errors(tmp_path, sd_path):
@@ -70,4 +73,4 @@ def test_every_family_encodes_as_its_pipeline(sd_path, sdxl_path):
             ours = family.encode_batch([t for t, _ in parts], [e for _, e in parts], prompts, torch.device("cpu"))
         theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         assert torch.equal(ours, theirs) and ours.shape[-1] == family.dim([e for _, e in parts])
-    assert {f.name for f in FAMILIES} == {"sd", "sdxl"}
+    assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha"}

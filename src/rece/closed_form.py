@@ -236,6 +236,17 @@ def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: to
     return concept_emb[i_x : length - (far - i_x)], target_emb[i_y : length - (far - i_y)]
 
 
+def attended_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int):
+    """UCE's row slices when the model masks padding: the concept's attended rows from its last word token on, and the
+    target's rows at the same offsets from its own last word token (its padded rows when it attends fewer).
+
+    `*_emb` are the padded [L, d] rows, `*_count` the attended rows (T5: tokens + EOS; CLIP: BOS + tokens + EOS).
+    """
+    i_x, i_y = max(concept_count - 2, 0), max(target_count - 2, 0)
+    length = min(concept_count - i_x, target_emb.shape[0] - i_y)
+    return concept_emb[i_x : i_x + length], target_emb[i_y : i_y + length]
+
+
 def relative_residual(weights, original_weights, rows: torch.Tensor, original_rows: torch.Tensor) -> float:
     """‖[W_l rows]_l − [W⁰_l original_rows]_l‖ / ‖[W⁰_l original_rows]_l‖ over all layers."""
     num = den = 0.0

@@ -31,27 +31,49 @@ class _Texts:
 
     embeddings: dict[str, torch.Tensor]
     counts: dict[str, int]
+    masked: bool = False  # the model masks padding rows: a text is its attended rows only
 
     @classmethod
     def encode(cls, base: BaseModel, texts: list[str]) -> _Texts:
         unique = list(dict.fromkeys(texts))
         emb = base.encoder.encode(unique)
         counts = base.encoder.token_counts(unique)
-        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)))
+        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), base.family.masks_padding)
+
+    def attended(self, text: str) -> torch.Tensor:
+        """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
+        return self.embeddings[text][: self.counts[text]] if self.masked else self.embeddings[text]
 
     def rows(self, texts: list[str]) -> torch.Tensor:
         if not texts:
             dim = next(iter(self.embeddings.values())).shape[-1]
             device = next(iter(self.embeddings.values())).device
             return torch.zeros(0, dim, dtype=torch.float64, device=device)
-        return torch.cat([self.embeddings[t] for t in texts])
+        return torch.cat([self.attended(t) for t in texts])
 
 
 def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing."""
-    return [
-        cf.uce_token_rows(texts.embeddings[c], texts.counts[c], texts.embeddings[target], texts.counts[target]) for c in concepts
-    ]
+    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked)."""
+    rows = cf.attended_token_rows if texts.masked else cf.uce_token_rows
+    return [rows(texts.embeddings[c], texts.counts[c], texts.embeddings[target], texts.counts[target]) for c in concepts]
+
+
+def derive_all(concept_rows: list[torch.Tensor], gram, cross, r: float, anchor: torch.Tensor | None) -> list[torch.Tensor]:
+    """RECE's c′ of each concept's rows against the edited grams (the anchor, if any, cut to each concept's rows)."""
+    return [cf.derive_embedding(c, gram, cross, r, None if anchor is None else anchor[: c.shape[0]]) for c in concept_rows]
+
+
+def positional_targets(derived_rows: list[torch.Tensor], target_rows: torch.Tensor) -> torch.Tensor:
+    """The target's row at each position of every c′ (all rows for SD; as many as the concept attends when masked)."""
+    return torch.cat([target_rows[: d.shape[0]] for d in derived_rows])
+
+
+def padded_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """[len(rows), length, d]: each c′ with zero rows where the model masks the padding (stored in the edit file)."""
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
 
 
 def erase(
@@ -70,6 +92,8 @@ def erase(
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)
+    if config.method == "robust" and base.family.masks_padding:
+        raise ReceError(f"--method robust does not support {base.family.name} models yet; use --method rece or uce")
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
@@ -101,7 +125,7 @@ def _rece_stage_args(config: EraseConfig, texts: _Texts):
     preserve_rows = texts.rows([" "] * len(config.concepts) + list(config.preserve))
     target_rows = texts.embeddings[config.resolved_target]
     anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
-    concept_rows = [texts.embeddings[c] for c in config.concepts]
+    concept_rows = [texts.attended(c) for c in config.concepts]
     return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
 
 
@@ -118,11 +142,10 @@ def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: lis
         gram0 = base.original_gram()
         for _ in range(config.epochs):
             cross, gram = cf.edited_grams(gram0, left, right)
-            derived_rows = [cf.derive_embedding(c, gram, cross, config.regularization, anchor) for c in concept_rows]
-            derived.append(torch.stack(derived_rows))
-            step = cf.shared_edit_factors(
-                torch.cat(derived_rows), target_one.repeat(len(derived_rows), 1), preserve_rows, lamb, s_e, s_p, "--lamb"
-            )
+            derived_rows = derive_all(concept_rows, gram, cross, config.regularization, anchor)
+            derived.append(padded_stack(derived_rows, target_one.shape[0]))
+            targets = positional_targets(derived_rows, target_one)
+            step = cf.shared_edit_factors(torch.cat(derived_rows), targets, preserve_rows, lamb, s_e, s_p, "--lamb")
             left, right = cf.compose_low_rank(left, right, *step)
     return cf.identity_plus(left, right), derived
 
@@ -144,9 +167,9 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
-            derived_rows = [cf.derive_embedding(c, gram, cross, config.regularization, anchor) for c in concept_rows]
-            derived.append(torch.stack(derived_rows))
-            rece_pairs = [(c, target_one) for c in derived_rows]
+            derived_rows = derive_all(concept_rows, gram, cross, config.regularization, anchor)
+            derived.append(padded_stack(derived_rows, target_one.shape[0]))
+            rece_pairs = [(c, target_one[: c.shape[0]]) for c in derived_rows]
             denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, target_one.shape[1])
             cf.check_conditioning(denominator, "--lamb", shift=lamb)
             for name in edited:

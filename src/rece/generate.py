@@ -241,7 +241,8 @@ def write_prompts_csv(path: Path, rows: Sequence[PromptRow], images_per_prompt: 
 
 
 def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float, steps: int, height: int, width: int):
-    """PIL images of (row, k) pairs, each from its own CPU generator seeded with row.seed + k."""
+    """PIL images of (row, k) pairs, each from its own CPU generator seeded with row.seed + k (and the family's fixed
+    call options, e.g. PixArt's caption cleaning off)."""
     return seeded_images(
         pipe,
         [row.seed + k for row, k in batch],
@@ -251,6 +252,7 @@ def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float
         height=height,
         width=width,
         output_type="pil",
+        **family_of_pipeline(pipe).call_kwargs,
     )
 
 

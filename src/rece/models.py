@@ -8,6 +8,7 @@ these are is the model family's business (`rece.families`).
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .hub import snapshot
 from .sources import NAMED_MODELS, read_model_index, resolve_model
 from .text import PromptEncoder
 from .text_encoders import load_text_encoder
-from .weights import check_finite, kv_fingerprint, read_edited_weights
+from .weights import check_finite, kv_fingerprint, read_component_tensors, read_edited_weights
 
 
 @dataclass
@@ -114,9 +115,19 @@ def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | 
         encoders.append(load_text_encoder(folder, sub_enc, entry[1], family.text_encoder_classes, device))
     if not encoders:
         raise ReceError(f"'{source}' has no text encoder; rece needs the pipeline's text encoder(s)")
-    encoder = PromptEncoder(family, tokenizers, encoders, device=device)
+    projection = _folder_projection(family, denoiser, config, device)
+    encoder = PromptEncoder(family, tokenizers, encoders, device=device, projection=projection)
     _check_dims(encoder, kv, source)
     return BaseModel(family=family, encoder=encoder, kv=kv, source=source, folder=folder)
+
+
+def _folder_projection(family: Family, denoiser: Path, config: dict, device):
+    """The family's denoiser modules between its text encoder and the edited layers, from the denoiser's files."""
+    if not family.text_modules:
+        return None
+    prefixes = tuple(m + "." for m in family.text_modules)
+    module = family.text_projection(config, read_component_tensors(denoiser, lambda key: key.startswith(prefixes)))
+    return module.to(device)
 
 
 def _check_dims(encoder: PromptEncoder, kv: dict[str, torch.Tensor], source: str) -> None:
@@ -139,7 +150,11 @@ def from_pipeline(pipe, source: str = "pipeline") -> BaseModel:
     parts = [(getattr(pipe, tok, None), getattr(pipe, enc, None)) for tok, enc in family.text_parts]
     tokenizers = [t for t, e in parts if e is not None]
     encoders = [e for _, e in parts if e is not None]
-    encoder = PromptEncoder(family, tokenizers, encoders, device=encoders[0].device)
+    projection = None
+    if family.text_modules:  # a float32 copy: the rows are computed in float32 whatever the pipeline's dtype
+        modules = [copy.deepcopy(getattr(getattr(pipe, family.denoiser), m)) for m in family.text_modules]
+        projection = torch.nn.Sequential(*modules).float().eval()
+    encoder = PromptEncoder(family, tokenizers, encoders, device=encoders[0].device, projection=projection)
     _check_dims(encoder, kv, source)
     return BaseModel(family=family, encoder=encoder, kv=kv, source=source, pipeline=pipe)
 

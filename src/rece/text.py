@@ -17,11 +17,19 @@ class TruncationWarning(UserWarning):
 class PromptEncoder:
     """Encode texts as the pipeline does, deduplicated and batched; the family builds the rows of each batch."""
 
-    def __init__(self, family: Family, tokenizers: Sequence, text_encoders: Sequence, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        family: Family,
+        tokenizers: Sequence,
+        text_encoders: Sequence,
+        device: str | torch.device = "cpu",
+        projection: torch.nn.Module | None = None,
+    ):
         self.family = family
         self.tokenizers = list(tokenizers)
         self.text_encoders = list(text_encoders)
         self.device = torch.device(device)
+        self.projection = projection  # the family's denoiser modules between the encoder and the edited layers
 
     @property
     def kind(self) -> str:
@@ -29,43 +37,50 @@ class PromptEncoder:
 
     @property
     def max_length(self) -> int:
-        return self.tokenizers[0].model_max_length
+        """Rows per text: the pipeline's sequence length."""
+        return self.family.max_length or self.tokenizers[0].model_max_length
 
     @property
     def dim(self) -> int:
+        """Width of the rows the edited layers read."""
+        if self.projection is not None:
+            return [m for m in self.projection.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
         return self.family.dim(self.text_encoders)
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Number of attention-mask ones (BOS + tokens + EOS) of each text, after truncation."""
-        return tokenize(self.tokenizers[0], texts).attention_mask.sum(dim=1).tolist()
+        return tokenize(self.tokenizers[0], texts, self.max_length).attention_mask.sum(dim=1).tolist()
 
     def warn_if_truncated(self, texts: Sequence[str]) -> None:
         """Warn (once per text) when a text is longer than the tokenizer's context."""
         tokenizer = self.tokenizers[0]
         for text in texts:
             n = len(tokenizer(text).input_ids)
-            if n > tokenizer.model_max_length:
+            if n > self.max_length:
                 warnings.warn(
-                    f"'{text[:40]}...' has {n} tokens; it was truncated to {tokenizer.model_max_length}",
+                    f"'{text[:40]}...' has {n} tokens; it was truncated to {self.max_length}",
                     TruncationWarning,
                     stacklevel=3,
                 )
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """Return float64 embeddings of shape [len(texts), 77, dim] on this encoder's device.
+        """Return float64 embeddings of shape [len(texts), max_length, dim] on this encoder's device.
 
         Texts with identical token ids in every tokenizer (e.g. "" and " ") are encoded once.
         """
         if not texts:
             return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device)
-        ids = [tokenize(t, texts).input_ids.tolist() for t in self.tokenizers]
+        ids = [tokenize(t, texts, self.max_length).input_ids.tolist() for t in self.tokenizers]
         keys = [tuple(tuple(per_tokenizer[i]) for per_tokenizer in ids) for i in range(len(texts))]
         unique = list(dict.fromkeys(keys))
         representative = {key: texts[keys.index(key)] for key in unique}
         out = []
         for start in range(0, len(unique), batch_size):
             chunk = [representative[k] for k in unique[start : start + batch_size]]
-            out.append(self.family.encode_batch(self.tokenizers, self.text_encoders, chunk, self.device).to(torch.float64))
+            rows = self.family.encode_batch(self.tokenizers, self.text_encoders, chunk, self.device)
+            if self.projection is not None:
+                rows = self.projection(rows.float())
+            out.append(rows.to(torch.float64))
         position = {k: i for i, k in enumerate(unique)}
         return torch.cat(out)[[position[k] for k in keys]]

@@ -37,24 +37,28 @@ def component_weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_edited_weights(folder: Path, family: Family) -> dict[str, torch.Tensor]:
-    """Only the weights of the layers `family` edits, from its denoiser folder: {module name: weight}, sorted."""
+def read_component_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
+    """The tensors of a component folder whose names `keep(name)` accepts, read without building the model."""
     from safetensors import SafetensorError, safe_open
 
-    kv: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for file in component_weight_files(folder):
         if file.suffix == ".bin":
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            kv.update({n[: -len(".weight")]: state[n].clone() for n in state if family.is_edited_weight(n)})
+            out.update({n: state[n].clone() for n in state if keep(n)})
             continue
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    if family.is_edited_weight(key):
-                        kv[key[: -len(".weight")]] = f.get_tensor(key)
+                out.update({key: f.get_tensor(key) for key in f.keys() if keep(key)})
         except (SafetensorError, OSError) as exc:
             raise ReceError(f"cannot read {folder.name} weights '{file}' ({exc}); the file is corrupt or incomplete") from None
-    return dict(sorted(kv.items()))
+    return out
+
+
+def read_edited_weights(folder: Path, family: Family) -> dict[str, torch.Tensor]:
+    """Only the weights of the layers `family` edits, from its denoiser folder: {module name: weight}, sorted."""
+    tensors = read_component_tensors(folder, family.is_edited_weight)
+    return dict(sorted((key[: -len(".weight")], w) for key, w in tensors.items()))
 
 
 def kv_fingerprint(kv: dict[str, torch.Tensor]) -> str:

@@ -9,18 +9,22 @@ from pathlib import Path
 
 from ..errors import ReceError
 from .base import Family, tokenize
+from .pixart import PIXART_ALPHA, PIXART_SIGMA
 from .sd import SD
 from .sdxl import SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
-FAMILIES: tuple[Family, ...] = (SDXL, SD)
+FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA)
 
 __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
 
 
 def supported() -> str:
     """The families rece knows, for error messages."""
-    return "Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+    return (
+        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and PixArt-α/Σ "
+        "(PixArtAlphaPipeline, PixArtSigmaPipeline)"
+    )
 
 
 def family_named(name: str) -> Family:

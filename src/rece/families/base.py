@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 
-def tokenize(tokenizer, texts: Sequence[str]):
-    """Token ids and attention mask of texts as the pipelines tokenize them: padded to the context, truncated."""
-    return tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
+def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None):
+    """Token ids and attention mask of texts as the pipelines tokenize them: padded to the context (the tokenizer's,
+    or the pipeline's `max_sequence_length`), truncated."""
+    length = max_length or tokenizer.model_max_length
+    return tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class Family:
     guidance: float = 7.5  # default guidance scale of `rece generate`
     checkpoint_marker: str | None = None  # a key prefix only this family's original single-file checkpoints have
     pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
+    call_kwargs: dict = field(default_factory=dict)  # what rece passes to every pipeline call (fixed preprocessing)
+    max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)
+    masks_padding: bool = False  # the denoiser masks padding rows: only each text's attended rows count
+    text_modules: tuple[str, ...] = ()  # denoiser modules the encoder's rows pass through before the edited layers
 
     # -- the layers an erasure edits ----------------------------------------------------------
     def is_edited_weight(self, key: str) -> bool:
@@ -62,6 +66,10 @@ class Family:
         return hasattr(pipe, self.denoiser) and hasattr(pipe, self.text_parts[-1][1])
 
     # -- prompt encoding -----------------------------------------------------------------------
+    def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module | None:
+        """The `text_modules` as one float32 module, from the denoiser's config and those modules' tensors."""
+        return None
+
     def dim(self, encoders: Sequence) -> int:
         """Width of the embedding rows the edited layers read."""
         return encoders[0].config.hidden_size
