@@ -49,11 +49,13 @@ def reference_erase(
     edited=None,
     standard_text=None,
     masked=False,
+    end_rows=1,
 ):
     """Return the final weights {name: W} following the issue's procedure literally.
 
     `masked`: the model masks padding rows (PixArt): a text is its first counts(text) rows, UCE's slice runs from the
-    concept's last word to its last attended row, and the target supplies the rows at the same offsets."""
+    concept's last word to its last attended row (`end_rows` rows follow the last word: EOS), and the target supplies
+    the rows at the same offsets."""
     rows = (lambda t: encode(t)[: counts(t)]) if masked else encode
     W0 = {n: w.to(torch.float64) for n, w in kv.items()}
     W = dict(W0)
@@ -65,7 +67,7 @@ def reference_erase(
     for x in concepts:
         Ex, Ey = encode(x), encode(target)
         if masked:
-            ix, iy = max(counts(x) - 2, 0), max(counts(target) - 2, 0)
+            ix, iy = max(counts(x) - 1 - end_rows, 0), max(counts(target) - 1 - end_rows, 0)
             n = counts(x) - ix
             pairs.append((Ex[ix : ix + n], Ey[iy : iy + n]))
         else:

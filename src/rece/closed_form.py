@@ -236,13 +236,16 @@ def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: to
     return concept_emb[i_x : length - (far - i_x)], target_emb[i_y : length - (far - i_y)]
 
 
-def attended_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int):
+def attended_token_rows(
+    concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int, end_rows: int = 1
+):
     """UCE's row slices when the model masks padding: the concept's attended rows from its last word token on, and the
     target's rows at the same offsets from its own last word token (its padded rows when it attends fewer).
 
-    `*_emb` are the padded [L, d] rows, `*_count` the attended rows (T5: tokens + EOS; CLIP: BOS + tokens + EOS).
+    `*_emb` are the padded [L, d] rows, `*_count` the attended rows, `end_rows` the attended rows after the last word
+    token (1 for T5's and CLIP's EOS, 0 for Gemma, which has none).
     """
-    i_x, i_y = max(concept_count - 2, 0), max(target_count - 2, 0)
+    i_x, i_y = max(concept_count - 1 - end_rows, 0), max(target_count - 1 - end_rows, 0)
     length = min(concept_count - i_x, target_emb.shape[0] - i_y)
     return concept_emb[i_x : i_x + length], target_emb[i_y : i_y + length]
 

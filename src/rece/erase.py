@@ -32,13 +32,14 @@ class _Texts:
     embeddings: dict[str, torch.Tensor]
     counts: dict[str, int]
     masked: bool = False  # the model masks padding rows: a text is its attended rows only
+    end_rows: int = 1  # attended rows after a text's last word token
 
     @classmethod
     def encode(cls, base: BaseModel, texts: list[str]) -> _Texts:
         unique = list(dict.fromkeys(texts))
         emb = base.encoder.encode(unique)
         counts = base.encoder.token_counts(unique)
-        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), base.family.masks_padding)
+        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), base.family.masks_padding, base.family.end_rows)
 
     def attended(self, text: str) -> torch.Tensor:
         """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
@@ -54,8 +55,10 @@ class _Texts:
 
 def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked)."""
-    rows = cf.attended_token_rows if texts.masked else cf.uce_token_rows
-    return [rows(texts.embeddings[c], texts.counts[c], texts.embeddings[target], texts.counts[target]) for c in concepts]
+    emb, counts = texts.embeddings, texts.counts
+    if texts.masked:
+        return [cf.attended_token_rows(emb[c], counts[c], emb[target], counts[target], texts.end_rows) for c in concepts]
+    return [cf.uce_token_rows(emb[c], counts[c], emb[target], counts[target]) for c in concepts]
 
 
 def derive_all(concept_rows: list[torch.Tensor], gram, cross, r: float, anchor: torch.Tensor | None) -> list[torch.Tensor]:

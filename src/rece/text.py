@@ -49,13 +49,13 @@ class PromptEncoder:
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Number of attention-mask ones (BOS + tokens + EOS) of each text, after truncation."""
-        return tokenize(self.tokenizers[0], texts, self.max_length).attention_mask.sum(dim=1).tolist()
+        return self.family.attention_counts(self.tokenizers, [self.family.preprocess(t) for t in texts])
 
     def warn_if_truncated(self, texts: Sequence[str]) -> None:
         """Warn (once per text) when a text is longer than the tokenizer's context."""
         tokenizer = self.tokenizers[0]
         for text in texts:
-            n = len(tokenizer(text).input_ids)
+            n = len(tokenizer(self.family.preprocess(text)).input_ids)
             if n > self.max_length:
                 warnings.warn(
                     f"'{text[:40]}...' has {n} tokens; it was truncated to {self.max_length}",
@@ -71,6 +71,7 @@ class PromptEncoder:
         """
         if not texts:
             return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device)
+        texts = [self.family.preprocess(t) for t in texts]
         ids = [tokenize(t, texts, self.max_length).input_ids.tolist() for t in self.tokenizers]
         keys = [tuple(tuple(per_tokenizer[i]) for per_tokenizer in ids) for i in range(len(texts))]
         unique = list(dict.fromkeys(keys))

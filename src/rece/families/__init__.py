@@ -10,11 +10,12 @@ from pathlib import Path
 from ..errors import ReceError
 from .base import Family, tokenize
 from .pixart import PIXART_ALPHA, PIXART_SIGMA
+from .sana import SANA
 from .sd import SD
 from .sdxl import SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
-FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA)
+FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA)
 
 __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
 
@@ -22,8 +23,8 @@ __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family
 def supported() -> str:
     """The families rece knows, for error messages."""
     return (
-        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline) and PixArt-α/Σ "
-        "(PixArtAlphaPipeline, PixArtSigmaPipeline)"
+        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), PixArt-α/Σ "
+        "(PixArtAlphaPipeline, PixArtSigmaPipeline) and Sana (SanaPipeline)"
     )
 
 

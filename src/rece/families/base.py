@@ -42,6 +42,7 @@ class Family:
     max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)
     masks_padding: bool = False  # the denoiser masks padding rows: only each text's attended rows count
     text_modules: tuple[str, ...] = ()  # denoiser modules the encoder's rows pass through before the edited layers
+    end_rows: int = 1  # attended rows after a text's last word token (CLIP and T5: EOS; Gemma: none)
 
     # -- the layers an erasure edits ----------------------------------------------------------
     def is_edited_weight(self, key: str) -> bool:
@@ -66,6 +67,14 @@ class Family:
         return hasattr(pipe, self.denoiser) and hasattr(pipe, self.text_parts[-1][1])
 
     # -- prompt encoding -----------------------------------------------------------------------
+    def preprocess(self, text: str) -> str:
+        """A prompt as the pipeline passes it to its tokenizer (PixArt and Sana lower-case and strip it)."""
+        return text
+
+    def attention_counts(self, tokenizers: Sequence, texts: Sequence[str]) -> list[int]:
+        """Rows each text attends among its encoded rows (for masked families; all rows' mask ones otherwise)."""
+        return tokenize(tokenizers[0], texts, self.max_length).attention_mask.sum(dim=1).tolist()
+
     def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module | None:
         """The `text_modules` as one float32 module, from the denoiser's config and those modules' tensors."""
         return None

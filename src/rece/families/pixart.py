@@ -30,6 +30,9 @@ class PixArt(Family):
     def matches_pipeline(self, pipe) -> bool:
         return type(pipe).__name__ in self.pipelines
 
+    def preprocess(self, text: str) -> str:
+        return text.lower().strip()  # the pipeline's _text_preprocessing with clean_caption=False
+
     def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The transformer's caption projection, built from its config and its `caption_projection.*` tensors."""
         inner = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]

@@ -1,0 +1,162 @@
+"""Families whose cross-attention reads projected rows and masks the padding: PixArt-Σ (T5 rows through
+caption_projection) and Sana (Gemma-2 rows, instruction prefix and select_index, through caption_projection and
+caption_norm), each as a tiny random pipeline with a locally made tokenizer (rece.tiny_dit)."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline, SanaPipeline
+from safetensors.torch import load_file
+
+import rece
+from rece import closed_form as cf
+from rece.cli import main
+from rece.families.pixart import PIXART_SIGMA
+from rece.families.sana import INSTRUCTION, SANA
+from rece.models import load_model
+from rece.tiny_dit import build_tiny_pixart, build_tiny_sana
+
+from .reference import reference_erase
+
+PROMPTS = ["a red cat", "Nudity", "", " ", "A photo of Van Gogh starry night"]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: object
+    build: object
+    pipeline: type
+    encode: dict  # what the pipeline's __call__ passes to encode_prompt
+    guidance: float
+
+    def projected(self, pipe, embeds):
+        rows = pipe.transformer.caption_projection(embeds)
+        return pipe.transformer.caption_norm(rows) if hasattr(pipe.transformer, "caption_norm") else rows
+
+
+CASES = {
+    "pixart-sigma": Case(PIXART_SIGMA, build_tiny_pixart, PixArtSigmaPipeline, {"clean_caption": False}, 4.5),
+    "sana": Case(
+        SANA, build_tiny_sana, SanaPipeline, {"clean_caption": False, "complex_human_instruction": list(INSTRUCTION)}, 4.5
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    c = CASES[request.param]
+    return c, c.build(tmp_path_factory.mktemp("models") / request.param)
+
+
+@pytest.fixture(scope="module")
+def model(case):
+    return load_model(case[1])
+
+
+def test_rows_are_what_the_pipeline_feeds_to_cross_attention(case, model):
+    c, path = case
+    pipe = c.pipeline.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():  # as the pipeline's __call__ runs
+        embeds, mask, *_ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, **c.encode)
+        theirs = c.projected(pipe, embeds)
+    for base in (model, load_model(pipe)):
+        assert base.family is c.family and base.kind == c.family.name
+        assert torch.equal(base.encoder.encode(PROMPTS), theirs.double())
+        assert base.encoder.token_counts(PROMPTS) == mask.sum(dim=1).tolist()
+    assert model.dim == theirs.shape[-1] and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in model.kv)
+
+
+def test_rece_equals_the_reference_on_attended_rows(model):
+    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)
+    encoder = model.encoder
+    expected = reference_erase(
+        model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], ["nudity"],
+        preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows,
+    )  # fmt: skip
+    ours = edit.edited_kv(model.kv)
+    for name, w in expected.items():
+        assert (ours[name].double() - w).norm() / w.norm() < 1e-5, name
+    attended = encoder.token_counts(["nudity"])[0]
+    assert edit.derived[0].shape == (1, 300, model.dim) and edit.derived[0][0, :attended].abs().sum() > 0
+    assert not edit.derived[0][0, attended:].any()  # c′ has the concept's attended rows only
+
+
+def test_uce_maps_the_concept_and_rece_undoes_the_derived_embedding(model):
+    names = list(model.kv)
+    w0 = [model.kv[n].double() for n in names]
+    uce = rece.erase(model, ["nudity"], method="uce")
+    rc = rece.erase(model, ["nudity"], epochs=1, regularization=1e-3)
+    w_uce = [uce.edited_kv(model.kv)[n].double() for n in names]
+    w_rece = [rc.edited_kv(model.kv)[n].double() for n in names]
+    enc = model.encoder
+    (c, t), (n_c, n_t) = enc.encode(["nudity", " "]), enc.token_counts(["nudity", " "])
+    rows, target = cf.attended_token_rows(c, n_c, t, n_t, model.family.end_rows)
+    assert cf.relative_residual(w_uce, w0, rows, target) < 0.6 * cf.relative_residual(w0, w0, rows, target)
+    # with nothing preserved and a small λ the closed form maps the erased rows onto the target's exactly
+    exact = rece.erase(model, ["nudity"], method="uce", uce_lamb=1e-4, preserve_empty=False)
+    w_exact = [exact.edited_kv(model.kv)[n].double() for n in names]
+    assert cf.relative_residual(w_exact, w0, rows, target) < 1e-3
+    derived = cf.derive_against(c[:n_c], w_uce, w0, 1e-3, None)  # the embedding that brings the concept back after UCE
+    after_uce = cf.relative_residual(w_uce, w0, derived, c[:n_c])
+    assert after_uce < 0.05  # it reproduces the original keys and values on the UCE model ...
+    assert cf.relative_residual(w_rece, w0, derived, c[:n_c]) > 10 * after_uce  # ... and RECE erased it
+
+
+def test_only_cross_attention_changes_apply_reverts_and_lora_loads_with_peft(case, model, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    edit = rece.erase(model, ["nudity"])
+    pipe = case[0].pipeline.from_pretrained(case[1], dtype=torch.float32)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    edit.apply(pipe)
+    after = pipe.transformer.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {n + ".weight" for n in model.kv}
+    edit.revert(pipe)
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+
+    state = edit.to_lora(model, tmp_path / "lora.safetensors", tolerance=1e-6)
+    assert set(load_file(tmp_path / "lora.safetensors")) == set(state)
+    assert all(k.startswith("transformer.") and ".attn2.to_" in k for k in state)
+    modules, new = dict(pipe.transformer.named_modules()), edit.edited_kv(model.kv)
+    if hasattr(pipe, "load_lora_weights"):  # Sana: the pipeline's own loader
+        pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+        pipe.fuse_lora()
+        fused = {n: modules[n].base_layer.weight if hasattr(modules[n], "base_layer") else modules[n].weight for n in edit.layers}
+    else:  # PixArt pipelines have no load_lora_weights: peft loads it (docs/families.md)
+        rank = next(iter(state.values())).shape[0]
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=edit.layers), pipe.transformer)
+        set_peft_model_state_dict(pipe.transformer, {k.removeprefix("transformer."): v for k, v in state.items()})
+        modules = dict(pipe.transformer.named_modules())
+        for name in edit.layers:
+            modules[name].merge()
+        fused = {n: modules[n].base_layer.weight for n in edit.layers}
+    for name in edit.layers:
+        assert (fused[name] - new[name]).norm() / new[name].norm() < 1e-4
+
+
+def test_cli_erase_info_apply_generate(capsys, case, tmp_path):
+    c, path = case
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    edit = tmp_path / "nudity.safetensors"
+    run("erase", path, "--preset", "nudity", "-o", edit)
+    assert c.family.name in run("info", edit)
+    run("apply", path, edit, "-o", tmp_path / "applied")
+    applied, expected = load_model(tmp_path / "applied").kv, rece.load_edit(edit).edited_kv(load_model(path).kv)
+    assert all(torch.equal(applied[n], w) for n, w in expected.items())
+    (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na red cat,1\nnudity,2\n")
+    out = run("generate", path, "--edit", edit, "--prompts", tmp_path / "p.csv", "-o", tmp_path / "run", "--steps", "2")
+    assert "2 of 2 images" in out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["settings"]["pipeline"] == c.pipeline.__name__ and manifest["settings"]["guidance"] == c.guidance
+    assert manifest["settings"]["steps"] == 2 and c.family.steps == 20
+    with pytest.raises(rece.ReceError, match=f"robust does not support {c.family.name}"):
+        rece.erase(load_model(path), ["nudity"], method="robust")
