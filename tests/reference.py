@@ -50,12 +50,13 @@ def reference_erase(
     standard_text=None,
     masked=False,
     end_rows=1,
+    whole=False,
 ):
     """Return the final weights {name: W} following the issue's procedure literally.
 
     `masked`: the model masks padding rows (PixArt): a text is its first counts(text) rows, UCE's slice runs from the
     concept's last word to its last attended row (`end_rows` rows follow the last word: EOS), and the target supplies
-    the rows at the same offsets."""
+    the rows at the same offsets. `whole`: a pooled space, whose one row is paired as it is."""
     rows = (lambda t: encode(t)[: counts(t)]) if masked else encode
     W0 = {n: w.to(torch.float64) for n, w in kv.items()}
     W = dict(W0)
@@ -66,14 +67,16 @@ def reference_erase(
     pairs = []
     for x in concepts:
         Ex, Ey = encode(x), encode(target)
-        if masked:
+        if whole:  # a pooled space: every row
+            pairs.append((Ex, Ey))
+        elif masked:
             ix, iy = max(counts(x) - 1 - end_rows, 0), max(counts(target) - 1 - end_rows, 0)
             n = counts(x) - ix
             pairs.append((Ex[ix : ix + n], Ey[iy : iy + n]))
         else:
-            ix, iy = counts(x) - 2, counts(target) - 2
-            far = max(ix, iy)
-            pairs.append((Ex[ix : 77 - (far - ix)], Ey[iy : 77 - (far - iy)]))
+            ix, iy = max(counts(x) - 2, 0), max(counts(target) - 2, 0)
+            far, length = max(ix, iy), Ex.shape[0]
+            pairs.append((Ex[ix : length - (far - ix)], Ey[iy : length - (far - iy)]))
     preserve_rows = torch.cat([rows(p) for p in uce_preserve])
     for n in edited:
         W[n] = uce_layer(W[n], pairs, preserve_rows, uce_lamb, uce_s_e, uce_s_p, technique)

@@ -26,20 +26,21 @@ def test_folders_and_pipelines_are_recognised(sd_path, sdxl_path):
     assert family_of_index({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder_2": [None, None]}, "x") is SDXL
     assert family_of_index({"unet": [], "text_encoder": []}, "x") is SD
     # a transformer family is known by its pipeline class only: FLUX has PixArt's components too
+    assert family_of_index({"_class_name": "FluxPipeline", "transformer": [], "text_encoder": []}, "x").name == "flux"
     assert family_of_index({"_class_name": "PixArtSigmaPipeline"}, "x").name == "pixart-sigma"
     assert family_of_index({"_class_name": "PixArtAlphaPipeline"}, "x").max_length == 120
 
 
 def test_unknown_families_are_one_line_errors(tmp_path, sd_path):
-    with pytest.raises(ReceError, match="FluxPipeline rece does not know; it supports Stable Diffusion") as info:
-        family_of_index({"_class_name": "FluxPipeline", "transformer": [], "text_encoder": []}, "flux")
+    with pytest.raises(ReceError, match="HunyuanDiTPipeline rece does not know; it supports Stable Diffusion") as info:
+        family_of_index({"_class_name": "HunyuanDiTPipeline", "transformer": [], "text_encoder": []}, "hunyuan")
     assert "\n" not in str(info.value)
-    with pytest.raises(ReceError, match="unknown model family 'flux'"):
-        family_named("flux")
-    folder = tmp_path / "flux"
+    with pytest.raises(ReceError, match="unknown model family 'hunyuan'"):
+        family_named("hunyuan")
+    folder = tmp_path / "hunyuan"
     shutil.copytree(sd_path, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "HunyuanDiTPipeline"
     index["transformer"] = index.pop("unet")
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ReceError, match="rece does not know"):
@@ -73,4 +74,4 @@ def test_every_family_encodes_as_its_pipeline(sd_path, sdxl_path):
             ours = family.encode_batch([t for t, _ in parts], [e for _, e in parts], prompts, torch.device("cpu"))
         theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         assert torch.equal(ours, theirs) and ours.shape[-1] == family.dim([e for _, e in parts])
-    assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha", "sana"}
+    assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha", "sana", "flux"}

@@ -228,10 +228,11 @@ def derive_against(
 def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int):
     """UCE's row slices for an erase pair: from each text's last word token, aligned to the same length.
 
-    `*_count` is the number of attention-mask ones (BOS + tokens + EOS) of each text.
+    `*_count` is the number of attention-mask ones (BOS + tokens + EOS) of each text; a T5 text has no BOS, so an
+    empty one (EOS alone) starts at row 0.
     """
     length = concept_emb.shape[0]
-    i_x, i_y = concept_count - 2, target_count - 2
+    i_x, i_y = max(concept_count - 2, 0), max(target_count - 2, 0)
     far = max(i_x, i_y)
     return concept_emb[i_x : length - (far - i_x)], target_emb[i_y : length - (far - i_y)]
 

@@ -33,13 +33,15 @@ class _Texts:
     counts: dict[str, int]
     masked: bool = False  # the model masks padding rows: a text is its attended rows only
     end_rows: int = 1  # attended rows after a text's last word token
+    whole: bool = False  # UCE pairs every row (a pooled space)
 
     @classmethod
     def encode(cls, base: BaseModel, texts: list[str]) -> _Texts:
         unique = list(dict.fromkeys(texts))
         emb = base.encoder.encode(unique)
         counts = base.encoder.token_counts(unique)
-        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), base.family.masks_padding, base.family.end_rows)
+        family = base.family
+        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), family.masks_padding, family.end_rows, family.whole_rows)
 
     def attended(self, text: str) -> torch.Tensor:
         """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
@@ -56,6 +58,8 @@ class _Texts:
 def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked)."""
     emb, counts = texts.embeddings, texts.counts
+    if texts.whole:  # a pooled vector: the concept's one row to the target's
+        return [(emb[c], emb[target]) for c in concepts]
     if texts.masked:
         return [cf.attended_token_rows(emb[c], counts[c], emb[target], counts[target], texts.end_rows) for c in concepts]
     return [cf.uce_token_rows(emb[c], counts[c], emb[target], counts[target]) for c in concepts]
@@ -95,27 +99,48 @@ def erase(
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)
-    if config.method == "robust" and base.family.masks_padding:
+    if config.method == "robust" and (base.family.masks_padding or base.spaces):
         raise ReceError(f"--method robust does not support {base.family.name} models yet; use --method rece or uce")
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
+    edited = select_layers(list(base.kv), config.layers)
+    if base.spaces:  # each space on its own; the edit holds every layer's change (the first space's c′)
+        deltas, derived = {}, []
+        for i, view in enumerate(base.spaces):
+            mine = [n for n in edited if n in view.kv]
+            if mine:
+                transform, changes, space_derived, _ = _erase_space(view, config, mine)
+                deltas.update(changes if transform is None else transform_deltas(view.kv, transform))
+                derived = space_derived if i == 0 else derived
+        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
+    transform, deltas, derived, report = _erase_space(base, config, edited)
+    if transform is None:
+        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
+    return Edit.from_transform(transform, base, config, derived, time.perf_counter() - start, robust=report)
+
+
+def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str]):
+    """The procedure on one space's rows and layers: (transform or None, per-layer deltas or None, c′ per epoch,
+    robust report or None)."""
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     texts = _Texts.encode(
         base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra
     )
-    names = list(base.kv)
-    edited = select_layers(names, config.layers)
-    fast = config.technique == "replace" and len(edited) == len(names)
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
-        return Edit.from_transform(transform, base, config, [], time.perf_counter() - start, robust=report)
-    run = _run_shared if fast else _run_per_layer
-    result, derived = run(base, config, texts, edited)
-    seconds = time.perf_counter() - start
-    if fast:
-        return Edit.from_transform(result, base, config, derived, seconds)
-    return Edit.from_deltas(result, base, config, derived, seconds)
+        return transform, None, [], report
+    if config.technique == "replace" and len(edited) == len(base.kv):
+        transform, derived = _run_shared(base, config, texts, edited)
+        return transform, None, derived, None
+    deltas, derived = _run_per_layer(base, config, texts, edited)
+    return None, deltas, derived, None
+
+
+def transform_deltas(kv: dict[str, torch.Tensor], transform: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W⁰(P − I) of every layer: a shared transform P as per-layer changes (float64)."""
+    eye = torch.eye(transform.shape[0], dtype=torch.float64, device=transform.device)
+    return {n: w.to(transform.device, torch.float64) @ (transform - eye) for n, w in kv.items()}
 
 
 def _uce_stage_args(config: EraseConfig, texts: _Texts):

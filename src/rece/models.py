@@ -40,6 +40,7 @@ class BaseModel:
     source: str
     folder: Path | None = None
     pipeline: object | None = field(default=None, repr=False)
+    spaces: list[BaseModel] = field(default_factory=list, repr=False)  # one view per space of a multi-space family
     _fingerprint: str | None = field(default=None, repr=False)
     _gram: torch.Tensor | None = field(default=None, repr=False)
 
@@ -107,18 +108,32 @@ def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | 
         raise ReceError(f"the {family.denoiser} of '{source}' has no {family.edited_title}; it cannot be conditioned on text")
     check_finite(kv, source)
     tokenizers, encoders = [], []
-    for sub_tok, sub_enc in family.text_parts:
+    for i, (sub_tok, sub_enc) in enumerate(family.text_parts):
         entry = index.get(sub_enc)
         if not entry or entry[1] is None:
             continue
-        tokenizers.append(getattr(transformers, family.tokenizer_class).from_pretrained(folder / sub_tok, local_files_only=True))
+        tokenizer_class = getattr(transformers, family.tokenizer_class_of(i))
+        tokenizers.append(tokenizer_class.from_pretrained(folder / sub_tok, local_files_only=True))
         encoders.append(load_text_encoder(folder, sub_enc, entry[1], family.text_encoder_classes, device))
     if not encoders:
         raise ReceError(f"'{source}' has no text encoder; rece needs the pipeline's text encoder(s)")
     projection = _folder_projection(family, denoiser, config, device)
-    encoder = PromptEncoder(family, tokenizers, encoders, device=device, projection=projection)
-    _check_dims(encoder, kv, source)
-    return BaseModel(family=family, encoder=encoder, kv=kv, source=source, folder=folder)
+    return _assemble(family, tokenizers, encoders, device, projection, kv, source, folder=folder)
+
+
+def _assemble(family: Family, tokenizers, encoders, device, projection, kv, source: str, **where) -> BaseModel:
+    """The BaseModel of a family's encoders and edited weights; a multi-space family gets one view per space, each
+    with its own rows and layers (the model's own encoder and gram are the first space's)."""
+    spaces = []
+    for space in family.spaces:
+        own = {n: w for n, w in kv.items() if space.is_edited_weight(n + ".weight")}
+        encoder = PromptEncoder(space, tokenizers, encoders, device=device)
+        _check_dims(encoder, own, source)
+        spaces.append(BaseModel(family=space, encoder=encoder, kv=own, source=source, **where))
+    encoder = spaces[0].encoder if spaces else PromptEncoder(family, tokenizers, encoders, device=device, projection=projection)
+    if not spaces:
+        _check_dims(encoder, kv, source)
+    return BaseModel(family=family, encoder=encoder, kv=kv, source=source, spaces=spaces, **where)
 
 
 def _folder_projection(family: Family, denoiser: Path, config: dict, device):
@@ -154,9 +169,7 @@ def from_pipeline(pipe, source: str = "pipeline") -> BaseModel:
     if family.text_modules:  # a float32 copy: the rows are computed in float32 whatever the pipeline's dtype
         modules = [copy.deepcopy(getattr(getattr(pipe, family.denoiser), m)) for m in family.text_modules]
         projection = torch.nn.Sequential(*modules).float().eval()
-    encoder = PromptEncoder(family, tokenizers, encoders, device=encoders[0].device, projection=projection)
-    _check_dims(encoder, kv, source)
-    return BaseModel(family=family, encoder=encoder, kv=kv, source=source, pipeline=pipe)
+    return _assemble(family, tokenizers, encoders, encoders[0].device, projection, kv, source, pipeline=pipe)
 
 
 def from_single_file(path: Path, device="cpu", config: str | None = None) -> BaseModel:

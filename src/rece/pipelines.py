@@ -84,7 +84,8 @@ def denoiser(pipe) -> torch.nn.Module:
 
 def image_size(pipe) -> int:
     """The side of the images a pipeline draws by default, in pixels."""
-    return denoiser(pipe).config.sample_size * getattr(pipe, "vae_scale_factor", 8)
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size  # FLUX's config has none
+    return size * getattr(pipe, "vae_scale_factor", 8)
 
 
 def pipeline_fingerprint(pipe) -> str:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from ..errors import ReceError
 from .base import Family, tokenize
+from .flux import FLUX
 from .pixart import PIXART_ALPHA, PIXART_SIGMA
 from .sana import SANA
 from .sd import SD
 from .sdxl import SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
-FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA)
+FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX)
 
 __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
 
@@ -24,7 +25,7 @@ def supported() -> str:
     """The families rece knows, for error messages."""
     return (
         "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), PixArt-α/Σ "
-        "(PixArtAlphaPipeline, PixArtSigmaPipeline) and Sana (SanaPipeline)"
+        "(PixArtAlphaPipeline, PixArtSigmaPipeline), Sana (SanaPipeline) and FLUX.1 (FluxPipeline)"
     )
 
 

@@ -30,7 +30,7 @@ class Family:
     pipelines: tuple[str, ...]  # diffusers pipeline class names
     text_parts: tuple[tuple[str, str], ...]  # (tokenizer, text encoder) component names, in the pipeline's order
     text_encoder_classes: tuple[str, ...]  # transformers classes rece can read for those text encoders
-    tokenizer_class: str = "CLIPTokenizer"  # transformers class of the tokenizers
+    tokenizer_class: str | tuple[str, ...] = "CLIPTokenizer"  # transformers class of the tokenizers (one, or one per part)
     denoiser: str = "unet"  # the component whose linear layers read the embedding
     edited: re.Pattern = re.compile(r"(^|\.)attn2\.to_[kv]\.weight$")  # weight names of those layers
     edited_title: str = "cross-attention (attn2.to_k/to_v)"  # those layers, as messages name them
@@ -43,6 +43,12 @@ class Family:
     masks_padding: bool = False  # the denoiser masks padding rows: only each text's attended rows count
     text_modules: tuple[str, ...] = ()  # denoiser modules the encoder's rows pass through before the edited layers
     end_rows: int = 1  # attended rows after a text's last word token (CLIP and T5: EOS; Gemma: none)
+    whole_rows: bool = False  # UCE pairs every row (a pooled vector), not the rows from the last word on
+    spaces: tuple[Family, ...] = ()  # several spaces read the prompt (MMDiT: token rows, pooled vector), one each
+
+    def tokenizer_class_of(self, part: int) -> str:
+        """The transformers tokenizer class of text part `part`."""
+        return self.tokenizer_class if isinstance(self.tokenizer_class, str) else self.tokenizer_class[part]
 
     # -- the layers an erasure edits ----------------------------------------------------------
     def is_edited_weight(self, key: str) -> bool:

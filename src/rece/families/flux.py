@@ -1,0 +1,70 @@
+"""FLUX.1: the prompt reaches the transformer in two spaces. The T5 rows (512, padding not masked) through
+`context_embedder`, the last place where every text row is a linear function of the prompt alone (the double blocks
+mix text and image tokens), and CLIP's pooled vector through `time_text_embed.text_embedder.linear_1` (the
+modulation). Each space is erased on its own, with the same procedure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .base import Family, tokenize
+
+CONTEXT = re.compile(r"^context_embedder\.weight$")
+POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1\.weight$")
+
+
+class FluxContext(Family):
+    """The T5 rows `context_embedder` reads: T5 (text_encoder_2) last hidden state, no attention mask."""
+
+    def attention_counts(self, tokenizers, texts: Sequence[str]) -> list[int]:
+        return tokenize(tokenizers[1], texts, self.max_length).attention_mask.sum(dim=1).tolist()
+
+    def dim(self, encoders: Sequence) -> int:
+        return encoders[1].config.d_model
+
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        ids = tokenize(tokenizers[1], texts, self.max_length).input_ids.to(device)
+        return encoders[1](ids, output_hidden_states=False)[0]
+
+
+class FluxPooled(Family):
+    """The pooled vector `text_embedder.linear_1` reads: CLIP's `pooler_output`, one row per text."""
+
+    def attention_counts(self, tokenizers, texts: Sequence[str]) -> list[int]:
+        return [1] * len(texts)
+
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        ids = tokenize(tokenizers[0], texts).input_ids.to(device)
+        return encoders[0](ids, output_hidden_states=False).pooler_output[:, None]
+
+
+class Flux(Family):
+    def matches_index(self, index: dict) -> bool:
+        return index.get("_class_name") in self.pipelines
+
+    def matches_pipeline(self, pipe) -> bool:
+        return type(pipe).__name__ in self.pipelines
+
+
+_SHARED = dict(
+    pipelines=("FluxPipeline",),
+    text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+    text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),
+    tokenizer_class=("CLIPTokenizer", "T5Tokenizer"),
+    denoiser="transformer",
+    steps=28,
+    guidance=3.5,
+)
+FLUX = Flux(
+    name="flux",
+    edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
+    edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
+    spaces=(
+        FluxContext(name="flux:context", edited=CONTEXT, max_length=512, **_SHARED),
+        FluxPooled(name="flux:pooled", edited=POOLED, whole_rows=True, **_SHARED),
+    ),
+    **_SHARED,
+)
