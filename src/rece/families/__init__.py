@@ -13,10 +13,11 @@ from .flux import FLUX
 from .pixart import PIXART_ALPHA, PIXART_SIGMA
 from .sana import SANA
 from .sd import SD
+from .sd3 import SD3
 from .sdxl import SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
-FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX)
+FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX, SD3)
 
 __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
 
@@ -25,7 +26,8 @@ def supported() -> str:
     """The families rece knows, for error messages."""
     return (
         "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), PixArt-α/Σ "
-        "(PixArtAlphaPipeline, PixArtSigmaPipeline), Sana (SanaPipeline) and FLUX.1 (FluxPipeline)"
+        "(PixArtAlphaPipeline, PixArtSigmaPipeline), Sana (SanaPipeline), FLUX.1 (FluxPipeline) and SD3/SD3.5 "
+        "(StableDiffusion3Pipeline)"
     )
 
 

@@ -1,0 +1,72 @@
+"""SD3 / SD3.5: the prompt reaches the MMDiT in two spaces, as in FLUX. The joint token rows (CLIP-L ‖ CLIP-G
+penultimate states, zero-padded to the T5 width, then T5's 256 rows) through `context_embedder`, and the two CLIPs'
+joined `text_embeds` through `time_text_embed.text_embedder.linear_1`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .base import Family, tokenize
+from .flux import CONTEXT, POOLED, Flux
+
+T5_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
+def _clip_outputs(tokenizers, encoders, texts: Sequence[str], device):
+    """Each CLIP's output (penultimate hidden states and text_embeds) of texts, as `_get_clip_prompt_embeds` computes."""
+    outputs = []
+    for tokenizer, encoder in zip(tokenizers[:2], encoders[:2]):
+        ids = tokenize(tokenizer, texts).input_ids.to(device)
+        outputs.append(encoder(ids, output_hidden_states=True))
+    return outputs
+
+
+class SD3Context(Family):
+    """The joint rows `context_embedder` reads; the last word is found in the CLIP part (BOS + words + EOS)."""
+
+    def dim(self, encoders: Sequence) -> int:
+        return encoders[2].config.d_model
+
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        clip = torch.cat([out.hidden_states[-2] for out in _clip_outputs(tokenizers, encoders, texts, device)], dim=-1)
+        t5 = encoders[2](tokenize(tokenizers[2], texts, T5_ROWS).input_ids.to(device))[0]
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2)
+
+
+class SD3Pooled(Family):
+    """The pooled vector `text_embedder.linear_1` reads: both CLIPs' text_embeds, joined, one row per text."""
+
+    def attention_counts(self, tokenizers, texts: Sequence[str]) -> list[int]:
+        return [1] * len(texts)
+
+    def dim(self, encoders: Sequence) -> int:
+        return sum(e.config.projection_dim for e in encoders[:2])
+
+    def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
+        outputs = _clip_outputs(tokenizers, encoders, texts, device)
+        return torch.cat([out[0] for out in outputs], dim=-1)[:, None]
+
+
+_SHARED = dict(
+    pipelines=("StableDiffusion3Pipeline",),
+    text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")),
+    text_encoder_classes=("CLIPTextModelWithProjection", "T5EncoderModel"),
+    tokenizer_class=("CLIPTokenizer", "CLIPTokenizer", "T5Tokenizer"),
+    denoiser="transformer",
+    steps=28,
+    guidance=7.0,
+)
+SD3 = Flux(
+    name="sd3",
+    edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
+    edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
+    spaces=(
+        SD3Context(name="sd3:context", edited=CONTEXT, **_SHARED),
+        SD3Pooled(name="sd3:pooled", edited=POOLED, whole_rows=True, **_SHARED),
+    ),
+    **_SHARED,
+)
