@@ -306,8 +306,9 @@ def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sd
     assert flags == {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     with pytest.raises(ReceError, match="unknown attack"):
         make_params("jailbreak")
-    with pytest.raises(ReceError, match="SDXL is not supported"):
-        run_attack(sdxl_path, None, "derived", tmp_path / "xl", concepts=["cat"], progress=False)
+    (tmp_path / "cat.csv").write_text("prompt\ncat\n")
+    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x pipelines; StableDiffusionXLPipeline"):
+        run_attack(sdxl_path, None, "unlearndiff", tmp_path / "xl", concepts=["cat"], prompts=tmp_path / "cat.csv")
 
 
 def test_recipe_family_texts_are_scored_on_the_world_concept():

@@ -45,7 +45,7 @@ from .common import (
     ADVERSARIAL,
     Target,
     case_key,
-    check_sd_pipeline,
+    check_family,
     default_sampling,
     generate_missing_images,
     progress_bar,
@@ -99,14 +99,14 @@ def check_run_options(steps, guidance, images_per_prompt, batch_size, limit) -> 
         raise ReceError(f"--guidance must be a finite number (got {guidance})")
 
 
-def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other_base: bool):
+def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other_base: bool, attack: str = "derived"):
     """The pipeline with the edit applied, as a Target, and the manifest's model and edit records."""
     edit = load_edit(edit_path) if edit_path is not None else None
     concepts = list(concepts or (edit.concepts if edit is not None else []))
     if not concepts:
         raise ReceError("no concept to attack: pass --edit (its concepts are attacked) or --concept TEXT")
     pipe = load_pipeline(model)
-    check_sd_pipeline(pipe)
+    check_family(pipe, attack, any_family=getattr(attack_module(attack), "ANY_FAMILY", False))
     if not is_pipeline(model) or device is not None:
         pipe.to(resolve_device(device))
     model_info = model_record(model, pipe)
@@ -284,7 +284,7 @@ def run_attack(
     output = check_output_folder(output)
     rows = load_prompt_set(prompts, limit) if prompts is not None else None
     start = time.perf_counter()
-    target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base)
+    target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base, attack)
     try:
         steps, guidance = default_sampling(target.model_name, steps, guidance)
         job = {

@@ -25,7 +25,7 @@ from ..families import tokenize as tokenize_texts
 from ..families.sd import SD, eos_attention_mask
 from ..families.sd import encode_ids as encode_sd_ids
 from ..io import atomic_file
-from ..pipelines import image_size, seeded_images
+from ..pipelines import denoiser, image_size, seeded_images
 from ..runs import IMAGES, finished_images, image_name
 from ..toy import door
 
@@ -78,7 +78,7 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device  # the attacks run on SD pipelines (`check_sd_pipeline`)
+        return denoiser(self.pipe).device
 
     @contextlib.contextmanager
     def original_model(self) -> Iterator[object]:
@@ -94,10 +94,14 @@ class Target:
 
 
 # -- text encoding -----------------------------------------------------------------------------------
-def check_sd_pipeline(pipe) -> None:
-    """Refuse pipelines the attacks do not handle (SDXL: two text encoders and pooled embeddings)."""
-    if family_of_pipeline(pipe) is not SD:
-        raise ReceError("rece attack supports SD1.x/SD2.x pipelines (one text encoder); SDXL is not supported yet")
+def check_family(pipe, attack: str, any_family: bool = False) -> None:
+    """Refuse pipelines an attack does not handle: all but derived need an SD1.x/SD2.x pipeline (one CLIP encoder)."""
+    family = family_of_pipeline(pipe)
+    if not any_family and family is not SD:
+        raise ReceError(
+            f"the {attack} attack supports Stable Diffusion 1.x/2.x pipelines; {type(pipe).__name__} ({family.name}) "
+            "is not supported yet (the derived attack is)"
+        )
 
 
 def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
@@ -268,19 +272,34 @@ def prompts_rows(
     return rows
 
 
-def generate_from_embeddings(pipe, embeds: torch.Tensor, seeds: Sequence[int], steps: int, guidance: float, size: int):
-    """PIL images, one per (prompt embeddings [77, d], seed), each from its own CPU generator; "" is the negative prompt."""
+def space_key(case: AttackCase, space: int) -> str:
+    """The name of a case's rows in space `space` (0: the token rows, `case_key`) in adversarial.safetensors."""
+    return case_key(case) if space == 0 else f"embeds{space}.{case.case_number}"
+
+
+def generate_from_embeddings(pipe, rows: list[torch.Tensor], attended: list[int], texts: list[str], seeds: Sequence[int],
+                             steps: int, guidance: float, size: int):  # fmt: skip
+    """PIL images, one per (rows in each space, seed), each from its own CPU generator; "" is the negative prompt.
+
+    `rows` holds one [n, L, d] tensor per space the family reads, `attended` each case's attended rows."""
+    family = family_of_pipeline(pipe)
     with torch.no_grad():
-        return seeded_images(
-            pipe,
-            seeds,
-            prompt_embeds=embeds.to(pipe.unet.device, pipe.unet.dtype),
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=size,
-            width=size,
-            output_type="pil",
-        )
+        call = family.embeds_call(pipe, rows, attended, texts)
+        with family.rows_as_input(pipe):
+            return seeded_images(
+                pipe, seeds, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="pil",
+                **call, **family.call_kwargs,
+            )  # fmt: skip
+
+
+def case_rows(tensors: dict, batch: Sequence[AttackCase]) -> tuple[list[torch.Tensor], list[int]]:
+    """The rows of each space (stacked over the batch) and each case's attended rows, from adversarial.safetensors."""
+    rows, space = [], 0
+    while all(space_key(c, space) in tensors for c in batch):
+        rows.append(torch.stack([tensors[space_key(c, space)] for c in batch]))
+        space += 1
+    attended = [int(tensors.get(f"attended.{c.case_number}", torch.tensor(rows[0].shape[1]))) for c in batch]
+    return rows, attended
 
 
 def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:
@@ -293,10 +312,10 @@ def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, ou
     written = 0
     for start in range(0, len(todo), job["batch_size"]):
         batch = todo[start : start + job["batch_size"]]
-        embeds = torch.stack([tensors[case_key(c)] for c, _ in batch])
-        images = generate_from_embeddings(
-            pipe, embeds, [c.seed + k for c, k in batch], job["steps"], job["guidance"], job["size"]
-        )
+        rows, attended = case_rows(tensors, [c for c, _ in batch])
+        seeds = [c.seed + k for c, k in batch]
+        texts = [c.concept for c, _ in batch]
+        images = generate_from_embeddings(pipe, rows, attended, texts, seeds, job["steps"], job["guidance"], job["size"])
         for (case, k), image in zip(batch, images):
             with atomic_file(images_dir / image_name(case.case_number, k)) as tmp:
                 image.save(tmp, format="PNG")

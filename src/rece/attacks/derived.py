@@ -28,6 +28,7 @@ from .common import AttackCase, CaseResult, Target
 NAME = "derived"
 NEEDS_PROMPTS = False
 IMAGES_PER_PROMPT = 10
+ANY_FAMILY = True  # closed form on the family's own rows and layers: every family rece knows
 SELF, BASE = "self", "base"
 
 
@@ -92,10 +93,11 @@ def source_weights(target: Target, params: Params) -> tuple[dict[str, torch.Tens
     return full_weights(target, other), f"{other.method} edit {Path(source).name}"
 
 
-def residuals(target: Target, concept: str, concept_rows: torch.Tensor, derived_rows: torch.Tensor) -> dict[str, float]:
-    """‖W′x − W⁰c‖/‖W⁰c‖ on the attacked model for x = c, the c′ stored at each RECE iteration, and the attack's c′."""
+def residuals(target: Target, view, concept: str, concept_rows: torch.Tensor, derived_rows: torch.Tensor) -> dict[str, float]:
+    """‖W′x − W⁰c‖/‖W⁰c‖ on the attacked model's layers of one space (the token rows' for a model with several) for
+    x = c, the c′ stored at each RECE iteration, and the attack's c′."""
     weights = full_weights(target)
-    names = list(target.original_kv)
+    names = list(view.kv)
     attacked = [weights[n] for n in names]
     originals = [target.original_kv[n] for n in names]
     out = {"concept c": cf.relative_residual(attacked, originals, concept_rows, concept_rows)}
@@ -103,7 +105,7 @@ def residuals(target: Target, concept: str, concept_rows: torch.Tensor, derived_
     index = erased.index(concept) if concept in erased else None
     for epoch, stored in enumerate(target.edit.derived if index is not None else []):
         if index < stored.shape[0]:
-            rows = stored[index].to(concept_rows)
+            rows = stored[index, : concept_rows.shape[0]].to(concept_rows)
             out[f"c′ of RECE iteration {epoch + 1} (stored in the edit)"] = cf.relative_residual(
                 attacked, originals, rows, concept_rows
             )
@@ -116,26 +118,39 @@ def prepare(target: Target, params: Params, store: dict, sampling: dict) -> tupl
     return {}, {}
 
 
-def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
-    """Derive c′ for the case's concept and report the residuals."""
-    start = time.perf_counter()
-    encoder = target.base.encoder
-    concept_rows = encoder.encode([case.concept])[0]
-    config = edit_config(target)
+def derive_in_space(target: Target, view, weights: dict, concept: str, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the concept's attended rows, c′) in one space: c′ against `weights` on that space's layers."""
+    encoder = view.encoder
+    count = encoder.token_counts([concept])[0] if view.family.masks_padding else None
+    concept_rows = encoder.encode([concept])[0][:count]
     anchor = None
+    config = edit_config(target)
     if config.get("regularization_type") == "standard":
-        anchor = encoder.encode([config.get("regularization_text", " ")])[0]
-    weights, source = source_weights(target, params)
+        anchor = encoder.encode([config.get("regularization_text", " ")])[0][: concept_rows.shape[0]]
     device = concept_rows.device
-    weights = {n: w.to(device) for n, w in weights.items()}
-    originals = {n: w.to(device) for n, w in target.original_kv.items()}
-    edited = [weights[n] for n in originals]  # the same layer order as the originals
-    rows = cf.derive_against(concept_rows, edited, originals.values(), regularization(params, target), anchor)
+    originals = [target.original_kv[n].to(device) for n in view.kv]
+    edited = [weights[n].to(device) for n in view.kv]
+    return concept_rows, cf.derive_against(concept_rows, edited, originals, r, anchor)
+
+
+def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
+    """Derive c′ for the case's concept in every space the model reads the prompt in, and report the residuals."""
+    start = time.perf_counter()
+    weights, source = source_weights(target, params)
+    r = regularization(params, target)
+    views = target.base.spaces or [target.base]
+    derived = [derive_in_space(target, view, weights, case.concept, r) for view in views]
+    (concept_rows, rows), length = derived[0], max(derived[0][1].shape[0], views[0].encoder.max_length)
+    padded = rows.new_zeros(length, rows.shape[-1])  # rows the model masks stay zero
+    padded[: rows.shape[0]] = rows
+    tensors = {f"embeds{i}.{case.case_number}": d.to(torch.float32) for i, (_, d) in enumerate(derived) if i > 0}
+    if views[0].family.masks_padding:
+        tensors[f"attended.{case.case_number}"] = torch.tensor(rows.shape[0])
     info = {
         "derived_against": source,
-        "residuals": residuals(target, case.concept, concept_rows, rows),
+        "residuals": residuals(target, views[0], case.concept, concept_rows, rows),
         "attack_steps": 1,
         "seconds": round(time.perf_counter() - start, 4),
     }
-    prompt = f"c′ of '{case.concept}' derived against {source} (r {regularization(params, target):g})"
-    return CaseResult(prompt=prompt, embeds=rows.to(torch.float32), info=info)
+    prompt = f"c′ of '{case.concept}' derived against {source} (r {r:g})"
+    return CaseResult(prompt=prompt, embeds=padded.to(torch.float32), tensors=tensors, info=info)

@@ -8,8 +8,9 @@ here plus tests; see docs/families.md.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,3 +93,15 @@ class Family:
     def encode_batch(self, tokenizers: Sequence, encoders: Sequence, texts: Sequence[str], device: torch.device) -> torch.Tensor:
         """Embedding rows [len(texts), L, dim] of texts exactly as the pipeline feeds them to the edited layers."""
         raise NotImplementedError
+
+    # -- drawing from rows instead of prompts (the derived attack) -----------------------------
+    def embeds_call(self, pipe, rows: list[torch.Tensor], attended: list[int], texts: list[str]) -> dict:
+        """Pipeline arguments that draw from rows (one [n, L, d] tensor per space, as `encode_batch` gives them)
+        instead of prompts; `attended` holds each row set's attended rows, `texts` the prompts they stand for."""
+        denoiser = getattr(pipe, self.denoiser)
+        return {"prompt_embeds": rows[0].to(denoiser.device, denoiser.dtype)}
+
+    @contextlib.contextmanager
+    def rows_as_input(self, pipe) -> Iterator[None]:
+        """While drawing from rows, bypass the denoiser modules between the text encoder and the edited layers."""
+        yield

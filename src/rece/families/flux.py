@@ -42,6 +42,11 @@ class FluxPooled(Family):
 
 
 class Flux(Family):
+    def embeds_call(self, pipe, rows, attended, texts) -> dict:
+        """The token rows and the pooled vector, each where the pipeline takes it."""
+        device, dtype = pipe.transformer.device, pipe.transformer.dtype
+        return {"prompt_embeds": rows[0].to(device, dtype), "pooled_prompt_embeds": rows[1][:, 0].to(device, dtype)}
+
     def matches_index(self, index: dict) -> bool:
         return index.get("_class_name") in self.pipelines
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -39,6 +40,42 @@ class PixArt(Family):
         module = CaptionProjection(denoiser_config["caption_channels"], inner)
         module.load_state_dict({k.removeprefix("caption_projection."): v.float() for k, v in tensors.items()})
         return module.eval()
+
+    def negative_rows(self, pipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected rows and mask of the pipeline's own negative prompt "" (what its __call__ uses)."""
+        with torch.no_grad():
+            out = pipe.encode_prompt([""] * n, do_classifier_free_guidance=True, negative_prompt="", **self.prompt_options())
+            rows = out[2]
+            for name in self.text_modules:
+                rows = getattr(pipe.transformer, name)(rows)
+        return rows, out[3]
+
+    def prompt_options(self) -> dict:
+        """What the pipeline's __call__ passes to encode_prompt besides the prompts."""
+        return {"clean_caption": False, "max_sequence_length": self.max_length}
+
+    def embeds_call(self, pipe, rows, attended, texts) -> dict:
+        n, length = rows[0].shape[:2]
+        mask = (torch.arange(length)[None] < torch.tensor(attended)[:, None]).long().to(pipe.transformer.device)
+        negative, negative_mask = self.negative_rows(pipe, n)
+        call = {
+            "prompt_attention_mask": mask,
+            "negative_prompt_embeds": negative,
+            "negative_prompt_attention_mask": negative_mask,
+            "negative_prompt": None,  # the pipeline's default "" would be encoded again beside the rows given
+        }
+        return {**super().embeds_call(pipe, rows, attended, texts), **call}
+
+    @contextlib.contextmanager
+    def rows_as_input(self, pipe) -> Iterator[None]:
+        saved = {name: getattr(pipe.transformer, name) for name in self.text_modules}
+        for name in saved:  # the rows already are what these modules output
+            setattr(pipe.transformer, name, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            for name, module in saved.items():
+                setattr(pipe.transformer, name, module)
 
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
         inputs = tokenize(tokenizers[0], texts, self.max_length)

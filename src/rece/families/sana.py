@@ -7,8 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Family
-from .pixart import CaptionProjection
+from .pixart import CaptionProjection, PixArt
 
 # SanaPipeline.__call__'s default `complex_human_instruction` (diffusers 0.42.1), which rece generate keeps
 INSTRUCTION = (
@@ -36,15 +35,9 @@ class RMSNorm(torch.nn.Module):
         return (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype) * self.weight
 
 
-class Sana(Family):
-    def matches_index(self, index: dict) -> bool:
-        return index.get("_class_name") in self.pipelines
-
-    def matches_pipeline(self, pipe) -> bool:
-        return type(pipe).__name__ in self.pipelines
-
-    def preprocess(self, text: str) -> str:
-        return text.lower().strip()
+class Sana(PixArt):
+    def prompt_options(self) -> dict:
+        return {"clean_caption": False, "max_sequence_length": self.max_length, "complex_human_instruction": list(INSTRUCTION)}
 
     def _inputs(self, tokenizer, texts: Sequence[str]):
         """Token ids and mask of instruction + text, as `_get_gemma_prompt_embeds` builds them (right padding)."""

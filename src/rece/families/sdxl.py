@@ -20,6 +20,11 @@ class StableDiffusionXL(Family):
             parts.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
         return torch.cat(parts, dim=-1)
 
+    def embeds_call(self, pipe, rows, attended, texts) -> dict:
+        """SDXL also reads the pooled vector of text_encoder_2 (not edited): the prompts' own."""
+        pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
+        return {**super().embeds_call(pipe, rows, attended, texts), "pooled_prompt_embeds": pooled}
+
 
 SDXL = StableDiffusionXL(
     name="sdxl",

@@ -1,0 +1,65 @@
+"""The derived attack on every family: c′ in each space the family reads, drawn by the family's own pipeline from
+rows instead of a prompt; the other attacks refuse families other than SD1/SD2 in one line."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+import rece
+from rece.attacks import run_attack
+from rece.attacks.common import generate_from_embeddings
+from rece.errors import ReceError
+from rece.models import load_model
+from rece.runs import read_manifest
+from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
+
+BUILDERS = {"pixart": build_tiny_pixart, "sana": build_tiny_sana, "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", *BUILDERS])
+def folder(request, tmp_path_factory):
+    if request.param in BUILDERS:
+        return BUILDERS[request.param](tmp_path_factory.mktemp("models") / request.param)
+    return request.getfixturevalue(f"{request.param}_path")
+
+
+def test_rows_draw_what_the_prompt_draws(folder):
+    """The family's rows, passed as embeddings, give the prompt's own images: the path the derived attack uses."""
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base = load_model(pipe)
+    family, views = base.family, base.spaces or [base]
+    prompts = ["a red cat", "nudity"]
+    rows = [v.encoder.encode(prompts).float() for v in views]
+    attended = views[0].encoder.token_counts(prompts)
+    size = 32 if family.name in ("flux", "sd3", "sana") else 16
+    call = dict(num_inference_steps=2, guidance_scale=4.0, height=size, width=size, output_type="np", **family.call_kwargs)
+    expected = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **call).images
+    got = generate_from_embeddings(pipe, rows, attended, prompts, [0, 1], 2, 4.0, size)
+    assert np.abs(np.asarray(got[0], np.float32) / 255 - expected[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_derived_attack_runs_on_every_family(folder, tmp_path):
+    edit = rece.erase(load_model(folder), ["nudity"])
+    edit.save(tmp_path / "edit.safetensors")
+    out = run_attack(folder, tmp_path / "edit.safetensors", "derived", tmp_path / "run", steps=2, images_per_prompt=2,
+                     progress=False)  # fmt: skip
+    manifest = read_manifest(out)
+    assert manifest["attack"]["complete"] and len(list((out / "images").glob("*.png"))) == 2
+    residuals = manifest["attack"]["cases"]["0"]["info"]["residuals"]
+    assert set(residuals) >= {"concept c", "attack c′"} and all(0 <= v < 10 for v in residuals.values())
+    base = load_model(folder)
+    stored = load_file(out / "adversarial.safetensors")
+    assert stored["embeds.0"].shape[-1] == (base.spaces or [base])[0].dim  # c′ in the token space ...
+    assert ("embeds1.0" in stored) == bool(base.spaces)  # ... and, for FLUX and SD3, in the pooled space
+    if base.family.name != "sd":
+        with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x pipelines.*the derived attack is"):
+            run_attack(folder, tmp_path / "edit.safetensors", "unlearndiff", tmp_path / "u", prompts=_prompts(tmp_path))
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\nnudity\n")
+    return path
