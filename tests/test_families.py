@@ -74,4 +74,4 @@ def test_every_family_encodes_as_its_pipeline(sd_path, sdxl_path):
             ours = family.encode_batch([t for t, _ in parts], [e for _, e in parts], prompts, torch.device("cpu"))
         theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         assert torch.equal(ours, theirs) and ours.shape[-1] == family.dim([e for _, e in parts])
-    assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha", "sana", "flux"}
+    assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha", "sana", "flux", "sd3"}

@@ -56,3 +56,23 @@ def test_tiny_pipeline_loads_encodes_and_draws(tmp_path, pipeline):
     first, second = load_file(folder / "transformer" / name), load_file(again / "transformer" / name)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 4 * 2**20
+
+
+def test_t5_encoders_compute_on_their_mapped_files(tmp_path):
+    """T5's token table is stored once (`shared`, tied to `encoder.embed_tokens`): rece maps it like CLIP's, with no
+    float32 copy, half precision cast on use, and the outputs of the float32 model bit for bit."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    from rece.text_encoders import Float32Embedding, mapped_text_encoder
+
+    folder = build_tiny_pixart(tmp_path / "pixart") / "text_encoder"
+    file = folder / "model.safetensors"
+    save_file({k: v.half() for k, v in load_file(file).items()}, file)
+    mapped = mapped_text_encoder(folder, T5EncoderModel, None).eval()
+    reference = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
+    assert isinstance(mapped.encoder.embed_tokens, Float32Embedding) and mapped.encoder.embed_tokens is mapped.shared
+    assert mapped.shared.weight.dtype == torch.float16
+    ids, mask = torch.tensor([[3, 4, 5, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(mapped(ids, attention_mask=mask)[0], reference(ids, attention_mask=mask)[0])

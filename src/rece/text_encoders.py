@@ -58,10 +58,17 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     with torch.device("meta"):
         model = cls(config)
         table = model.get_input_embeddings()
+        # the token table may be tied to others (T5: `encoder.embed_tokens` is `shared`): one table at each path
         table_name = next(n for n, m in model.named_modules() if m is table)
-        _replace_module(model, table_name, Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx))
+        table_names = [table_name] + [
+            t.removesuffix(".weight") for t, src in _ties(model).items() if src == f"{table_name}.weight"
+        ]
+        new_table = Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx)
+        for name in table_names:
+            _replace_module(model, name, new_table)
     wanted = set(model.state_dict())
-    kept = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} | {f"{table_name}.weight"}
+    kept = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)}
+    kept |= {f"{n}.weight" for n in table_names}
     state: dict[str, torch.Tensor] = {}
     try:
         for file in files:
@@ -74,7 +81,7 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     except (SafetensorError, OSError) as exc:
         raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
     buffers = {n for n, _ in model.named_buffers()}
-    if wanted - buffers - set(state):
+    if wanted - buffers - set(state) - _tied_names(model, set(state)):
         return None
     model.load_state_dict(state, strict=False, assign=True)
     for module in model.modules():
@@ -87,6 +94,17 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
             module = model.get_submodule(name.rsplit(".", 1)[0])
             module.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model
+
+
+def _ties(model: torch.nn.Module) -> dict[str, str]:
+    """The model's tied weights, {tied name: the name it is stored under} (transformers' `_tied_weights_keys`)."""
+    ties = getattr(model, "_tied_weights_keys", None)
+    return dict(ties) if isinstance(ties, dict) else {}
+
+
+def _tied_names(model: torch.nn.Module, loaded: set[str]) -> set[str]:
+    """Weight names that are tied to a loaded one (a tied weight is stored once)."""
+    return {tied for tied, source in _ties(model).items() if source in loaded}
 
 
 def _replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
