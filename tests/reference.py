@@ -101,3 +101,12 @@ def reference_erase(
         for n in edited:
             W[n] = uce_layer(W[n], rpairs, rece_preserve, lamb, s_e, s_p, technique)
     return W
+
+
+def best_reachable_residual(edit, base, names, rows):
+    """min over every embedding x of ‖W′x − W⁰c‖ / ‖W⁰c‖ over the layers `names` (least squares, float64 weights)."""
+    w0 = torch.cat([base.kv[n].to(torch.float64) for n in names])
+    edited = torch.cat([base.kv[n].to(torch.float64) + edit.delta64(n, base.kv[n]) for n in names])
+    wanted = w0 @ rows.T
+    x = torch.linalg.lstsq(edited, wanted).solution
+    return float(torch.linalg.norm(edited @ x - wanted) / torch.linalg.norm(wanted))

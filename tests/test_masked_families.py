@@ -18,7 +18,7 @@ from rece.families.sana import INSTRUCTION, SANA
 from rece.models import load_model
 from rece.tiny_dit import build_tiny_pixart, build_tiny_sana
 
-from .reference import reference_erase
+from .reference import best_reachable_residual, reference_erase
 
 PROMPTS = ["a red cat", "Nudity", "", " ", "A photo of Van Gogh starry night"]
 
@@ -158,5 +158,17 @@ def test_cli_erase_info_apply_generate(capsys, case, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["settings"]["pipeline"] == c.pipeline.__name__ and manifest["settings"]["guidance"] == c.guidance
     assert manifest["settings"]["steps"] == 2 and c.family.steps == 20
-    with pytest.raises(rece.ReceError, match=f"robust does not support {c.family.name}"):
-        rece.erase(load_model(path), ["nudity"], method="robust")
+    out = run("erase", path, "-c", "nudity", "--method", "robust", "--preserve", "a red cat", "-o", tmp_path / "r.safetensors")
+    assert "robust        rank" in out and (tmp_path / "r.safetensors").is_file()
+
+
+def test_robust_mode_leaves_no_embedding_that_brings_the_concept_back(model):
+    """UCE's edit is invertible in every space (some embedding gives the original outputs back); robust mode's is not."""
+    uce = rece.erase(model, ["nudity"], method="uce", preserve=["a red cat", "a photo of a dog"])
+    robust = rece.erase(model, ["nudity"], method="robust", preserve=["a red cat", "a photo of a dog"])
+    assert robust.metadata["robust"]["rank"] >= 1 and "fresh_residual" in robust.metadata["robust"]
+    for view in model.spaces or [model]:
+        names, enc = list(view.kv), view.encoder
+        rows = enc.encode(["nudity"])[0][: enc.token_counts(["nudity"])[0] if view.family.masks_padding else None]
+        assert best_reachable_residual(uce, model, names, rows) < 1e-6, view.family.name
+        assert best_reachable_residual(robust, model, names, rows) > 0.02, view.family.name

@@ -17,7 +17,7 @@ from rece.families.sd3 import SD3
 from rece.models import load_model
 from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
 
-from .reference import reference_erase
+from .reference import best_reachable_residual, reference_erase
 
 PROMPTS = ["a red cat", "nudity", "", "a photo of van gogh starry night"]  # distinct token ids: one batch as the pipeline's
 LAYERS = {"context_embedder", "time_text_embed.text_embedder.linear_1"}
@@ -152,5 +152,17 @@ def test_cli_and_what_is_refused(capsys, case, tmp_path):
     assert "1 of 1 images" in out
     settings = json.loads((tmp_path / "run" / "manifest.json").read_text())["settings"]
     assert settings["pipeline"] == c.pipeline.__name__ and settings["guidance"] == c.guidance
-    err = run("erase", path, "-c", "cat", "--method", "robust", "-o", tmp_path / "r.safetensors", code=2)
-    assert f"robust does not support {c.family.name}" in err and not (tmp_path / "r.safetensors").exists()
+    out = run("erase", path, "-c", "cat", "--method", "robust", "--preserve", "a red cat", "-o", tmp_path / "r.safetensors")
+    assert "robust        rank" in out and rece.load_edit(tmp_path / "r.safetensors").metadata["robust"]["spaces"]
+
+
+def test_robust_mode_leaves_no_embedding_that_brings_the_concept_back(flux):
+    """UCE's edit is invertible in every space (some embedding gives the original outputs back); robust mode's is not."""
+    uce = rece.erase(flux, ["nudity"], method="uce", preserve=["a red cat", "a photo of a dog"])
+    robust = rece.erase(flux, ["nudity"], method="robust", preserve=["a red cat", "a photo of a dog"])
+    assert robust.metadata["robust"]["rank"] >= 1 and "fresh_residual" in robust.metadata["robust"]
+    for view in flux.spaces or [flux]:
+        names, enc = list(view.kv), view.encoder
+        rows = enc.encode(["nudity"])[0][: enc.token_counts(["nudity"])[0] if view.family.masks_padding else None]
+        assert best_reachable_residual(uce, flux, names, rows) < 1e-6, view.family.name
+        assert best_reachable_residual(robust, flux, names, rows) > 0.02, view.family.name

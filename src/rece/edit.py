@@ -43,8 +43,10 @@ class Edit:
         return cls(meta, transform=transform.cpu(), derived=[d.cpu() for d in derived])
 
     @classmethod
-    def from_deltas(cls, deltas, base: BaseModel, config, derived, seconds: float) -> Edit:
+    def from_deltas(cls, deltas, base: BaseModel, config, derived, seconds: float, robust: dict | None = None) -> Edit:
         meta = cls._metadata("layers", base, config, list(deltas), seconds)
+        if robust is not None:
+            meta["robust"] = robust
         return cls(meta, deltas={n: d.cpu() for n, d in deltas.items()}, derived=[d.cpu() for d in derived])
 
     @staticmethod

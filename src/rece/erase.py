@@ -99,19 +99,20 @@ def erase(
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)
-    if config.method == "robust" and (base.family.masks_padding or base.spaces):
-        raise ReceError(f"--method robust does not support {base.family.name} models yet; use --method rece or uce")
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     edited = select_layers(list(base.kv), config.layers)
     if base.spaces:  # each space on its own; the edit holds every layer's change (the first space's c′)
-        deltas, derived = {}, []
+        deltas, derived, reports = {}, [], {}
         for i, view in enumerate(base.spaces):
             mine = [n for n in edited if n in view.kv]
             if mine:
-                transform, changes, space_derived, _ = _erase_space(view, config, mine)
+                transform, changes, space_derived, report = _erase_space(view, config, mine)
                 deltas.update(changes if transform is None else transform_deltas(view.kv, transform))
                 derived = space_derived if i == 0 else derived
-        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
+                if report is not None:
+                    reports[view.family.name] = report
+        robust = {**next(iter(reports.values())), "spaces": reports} if reports else None
+        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start, robust=robust)
     transform, deltas, derived, report = _erase_space(base, config, edited)
     if transform is None:
         return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
@@ -209,9 +210,17 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
 
 
 def aligned_token_rows(texts: _Texts, names: list[str]) -> torch.Tensor:
-    """Each text's rows from its last word onward, cut to a common length: [len(names), L, d]."""
-    starts = [texts.counts[t] - 2 for t in names]
-    length = min(texts.embeddings[t].shape[0] - i for t, i in zip(names, starts))
+    """Each text's rows from its last word onward (attended ones, when the model masks padding; the one row of a pooled
+    space), cut to a common length: [len(names), L, d]."""
+    if texts.whole:
+        starts, ends = [0] * len(names), [1] * len(names)
+    elif texts.masked:
+        starts = [max(texts.counts[t] - 1 - texts.end_rows, 0) for t in names]
+        ends = [texts.counts[t] for t in names]
+    else:
+        starts = [max(texts.counts[t] - 2, 0) for t in names]
+        ends = [texts.embeddings[t].shape[0] for t in names]
+    length = min(e - i for e, i in zip(ends, starts))
     return torch.stack([texts.embeddings[t][i : i + length] for t, i in zip(names, starts)])
 
 
@@ -280,7 +289,7 @@ def fresh_derived_residuals(
     for r in (0.1, 1e-3):
         residuals = []
         for concept in concepts:
-            c = texts.embeddings[concept]
+            c = texts.attended(concept)
             derived = cf.derive_embedding(c, gram, cross, r)
             residuals.append(cf.relative_residual(edited, originals, derived, c))
         out[f"r={r:g}"] = round(sum(residuals) / len(residuals), 6)
