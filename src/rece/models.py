@@ -103,6 +103,7 @@ def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | 
     if family.denoiser not in index or not denoiser.is_dir():
         raise ReceError(f"'{folder}' has no {family.denoiser}; rece edits {family.denoiser}s of the pipelines it supports")
     config = json.loads((denoiser / "config.json").read_text()) if (denoiser / "config.json").is_file() else {}
+    family = family.variant(config)
     kv = read_edited_weights(denoiser, family)
     if not kv or not config.get("cross_attention_dim", 1):
         raise ReceError(f"the {family.denoiser} of '{source}' has no {family.edited_title}; it cannot be conditioned on text")

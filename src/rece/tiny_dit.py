@@ -77,8 +77,11 @@ def _vae(latent_channels: int, **extra):
     )  # fmt: skip
 
 
-def build_tiny_flux(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, overwrite: bool = False) -> Path:
-    """A tiny FluxPipeline folder: CLIP (pooled) + T5 text encoders, one double and one single transformer block."""
+def build_tiny_flux(
+    path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, overwrite: bool = False, schnell: bool = False
+) -> Path:
+    """A tiny FluxPipeline folder: CLIP (pooled) + T5 text encoders, one double and one single transformer block;
+    like FLUX.1-dev with guidance embeddings, like FLUX.1-schnell (`schnell`) without."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     path = Path(path)
@@ -89,6 +92,7 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS,
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+            guidance_embeds=not schnell,
         )  # fmt: skip
         pipe = FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ReceError
 from .base import Family, tokenize
-from .flux import FLUX
+from .flux import FLUX, FLUX_SCHNELL
 from .pixart import PIXART_ALPHA, PIXART_SIGMA
 from .sana import SANA
 from .sd import SD
@@ -18,6 +18,7 @@ from .sdxl import SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
 FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX, SD3)
+VARIANTS: tuple[Family, ...] = (FLUX_SCHNELL,)  # told apart from their pipeline's family by the denoiser's config
 
 __all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
 
@@ -33,7 +34,7 @@ def supported() -> str:
 
 def family_named(name: str) -> Family:
     """The family recorded under `name` in an edit file or manifest ('sd', 'sdxl')."""
-    for family in FAMILIES:
+    for family in FAMILIES + VARIANTS:
         if family.name == name:
             return family
     raise ReceError(f"unknown model family '{name}'; rece supports {supported()}")
@@ -48,10 +49,10 @@ def family_of_index(index: dict, source: str) -> Family:
 
 
 def family_of_pipeline(pipe) -> Family:
-    """The family of a pipeline object in memory."""
+    """The family of a pipeline object in memory (its variant, by its denoiser's config)."""
     for family in FAMILIES:
         if family.matches_pipeline(pipe):
-            return family
+            return family.variant(dict(getattr(getattr(pipe, family.denoiser, None), "config", None) or {}))
     raise ReceError(f"'{type(pipe).__name__}' is not a pipeline rece knows; it supports {supported()}")
 
 

@@ -42,6 +42,12 @@ class FluxPooled(Family):
 
 
 class Flux(Family):
+    def variant(self, denoiser_config: dict) -> Family:
+        """FLUX.1 [schnell] is the transformer without guidance embeddings: 256 T5 rows, 4 steps, guidance 0."""
+        if self.name == "flux" and denoiser_config.get("guidance_embeds") is False:
+            return FLUX_SCHNELL
+        return self
+
     def embeds_call(self, pipe, rows, attended, texts) -> dict:
         """The token rows and the pooled vector, each where the pipeline takes it."""
         device, dtype = pipe.transformer.device, pipe.transformer.dtype
@@ -72,4 +78,15 @@ FLUX = Flux(
         FluxPooled(name="flux:pooled", edited=POOLED, whole_rows=True, **_SHARED),
     ),
     **_SHARED,
+)
+FLUX_SCHNELL = Flux(
+    name="flux-schnell",
+    edited=FLUX.edited,
+    edited_title=FLUX.edited_title,
+    spaces=(
+        FluxContext(name="flux-schnell:context", edited=CONTEXT, max_length=256, **{**_SHARED, "steps": 4, "guidance": 0.0}),
+        FluxPooled(name="flux-schnell:pooled", edited=POOLED, whole_rows=True, **{**_SHARED, "steps": 4, "guidance": 0.0}),
+    ),
+    call_kwargs={"max_sequence_length": 256},  # what schnell is run with (the pipeline's own default is dev's 512)
+    **{**_SHARED, "steps": 4, "guidance": 0.0},
 )
