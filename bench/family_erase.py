@@ -67,6 +67,15 @@ def _linear(prefix: str, out_f: int, in_f: int) -> dict:
     return {f"{prefix}.weight": _random((out_f, in_f), in_f), f"{prefix}.bias": torch.zeros(out_f, dtype=torch.bfloat16)}
 
 
+def _cross_attention(blocks: int, width: int) -> dict:
+    """Every block's attn2.to_k / to_v (width × width, with bias)."""
+    out = {}
+    for block in range(blocks):
+        for kv in ("k", "v"):
+            out.update(_linear(f"transformer_blocks.{block}.attn2.to_{kv}", width, width))
+    return out
+
+
 def _text_encoders(root: Path, kinds: list[tuple[str, str, str]], layers: int) -> dict:
     """Text encoders of released widths and `layers` layers, bf16, with local tokenizers; returns model_index entries."""
     import torch
@@ -123,9 +132,7 @@ def build(family: str, root: Path, layers: int) -> Path:
     elif family == "pixart":
         index = _text_encoders(root / family, [("tokenizer", "text_encoder", "t5-xxl")], layers)
         tensors = {**_linear("caption_projection.linear_1", 1152, 4096), **_linear("caption_projection.linear_2", 1152, 1152)}
-        for block in range(28):
-            for kv in ("k", "v"):
-                tensors.update(_linear(f"transformer_blocks.{block}.attn2.to_{kv}", 1152, 1152))
+        tensors.update(_cross_attention(28, 1152))
         config = {"_class_name": "PixArtTransformer2DModel", "num_layers": 28, "attention_head_dim": 72, "sample_size": 128,
                   "num_attention_heads": 16, "caption_channels": 4096, "cross_attention_dim": 1152}  # fmt: skip
         pipeline = "PixArtSigmaPipeline"
@@ -135,9 +142,7 @@ def build(family: str, root: Path, layers: int) -> Path:
         index = _text_encoders(root / family, [("tokenizer", "text_encoder", "gemma-2-2b")], layers)
         tensors = {**_linear("caption_projection.linear_1", 2240, 2304), **_linear("caption_projection.linear_2", 2240, 2240)}
         tensors["caption_norm.weight"] = torch.ones(2240, dtype=torch.bfloat16)
-        for block in range(20):
-            for kv in ("k", "v"):
-                tensors.update(_linear(f"transformer_blocks.{block}.attn2.to_{kv}", 2240, 2240))
+        tensors.update(_cross_attention(20, 2240))
         config = {"_class_name": "SanaTransformer2DModel", "num_layers": 20, "attention_head_dim": 32, "num_attention_heads": 70,
                   "caption_channels": 2304, "cross_attention_dim": 2240, "sample_size": 32}  # fmt: skip
         pipeline = "SanaPipeline"

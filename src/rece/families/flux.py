@@ -69,24 +69,27 @@ _SHARED = dict(
     steps=28,
     guidance=3.5,
 )
-FLUX = Flux(
-    name="flux",
-    edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
-    edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
-    spaces=(
-        FluxContext(name="flux:context", edited=CONTEXT, max_length=512, **_SHARED),
-        FluxPooled(name="flux:pooled", edited=POOLED, whole_rows=True, **_SHARED),
-    ),
-    **_SHARED,
-)
-FLUX_SCHNELL = Flux(
-    name="flux-schnell",
-    edited=FLUX.edited,
-    edited_title=FLUX.edited_title,
-    spaces=(
-        FluxContext(name="flux-schnell:context", edited=CONTEXT, max_length=256, **{**_SHARED, "steps": 4, "guidance": 0.0}),
-        FluxPooled(name="flux-schnell:pooled", edited=POOLED, whole_rows=True, **{**_SHARED, "steps": 4, "guidance": 0.0}),
-    ),
-    call_kwargs={"max_sequence_length": 256},  # what schnell is run with (the pipeline's own default is dev's 512)
-    **{**_SHARED, "steps": 4, "guidance": 0.0},
+
+
+def two_space_family(name: str, context: type[Family], pooled: type[Family], shared: dict, rows: int | None = None,
+                     call_kwargs: dict | None = None) -> Flux:  # fmt: skip
+    """An MMDiT family: its token space (`context_embedder`, `rows` rows) and its pooled space (`text_embedder.linear_1`)."""
+    return Flux(
+        name=name,
+        edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
+        edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
+        spaces=(
+            context(name=f"{name}:context", edited=CONTEXT, max_length=rows, **shared),
+            pooled(name=f"{name}:pooled", edited=POOLED, whole_rows=True, **shared),
+        ),
+        call_kwargs=call_kwargs or {},
+        **shared,
+    )
+
+
+FLUX = two_space_family("flux", FluxContext, FluxPooled, _SHARED, rows=512)
+# what schnell is run with: 256 rows (the pipeline's own default is dev's 512), 4 steps, no guidance
+SCHNELL = {**_SHARED, "steps": 4, "guidance": 0.0}
+FLUX_SCHNELL = two_space_family(
+    "flux-schnell", FluxContext, FluxPooled, SCHNELL, rows=256, call_kwargs={"max_sequence_length": 256}
 )

@@ -4,13 +4,12 @@ joined `text_embeds` through `time_text_embed.text_embedder.linear_1`."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
 from .base import Family, tokenize
-from .flux import CONTEXT, POOLED, Flux
+from .flux import two_space_family
 
 T5_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
@@ -60,13 +59,4 @@ _SHARED = dict(
     steps=28,
     guidance=7.0,
 )
-SD3 = Flux(
-    name="sd3",
-    edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
-    edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
-    spaces=(
-        SD3Context(name="sd3:context", edited=CONTEXT, **_SHARED),
-        SD3Pooled(name="sd3:pooled", edited=POOLED, whole_rows=True, **_SHARED),
-    ),
-    **_SHARED,
-)
+SD3 = two_space_family("sd3", SD3Context, SD3Pooled, _SHARED)
