@@ -186,3 +186,21 @@ def test_flux_schnell_is_told_apart_by_its_transformer(tmp_path, capsys):
     assert main([str(a) for a in args]) == 0, capsys.readouterr().err
     settings = json.loads((tmp_path / "run" / "manifest.json").read_text())["settings"]
     assert (settings["steps"], settings["guidance"]) == (4, 0.0)
+
+
+def test_sd3_without_t5(tmp_path, capsys):
+    """The SD3 pipeline allows leaving text_encoder_3 out: its T5 rows are then zeros of context_embedder's width."""
+    path = build_tiny_sd3(tmp_path / "sd3-no-t5", t5=False)
+    base = load_model(path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    with torch.no_grad():
+        rows, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False)
+    context, pooled_space = base.spaces
+    assert torch.equal(context.encoder.encode(PROMPTS), rows.double()) and not rows[:, 77:].any()
+    assert torch.equal(pooled_space.encoder.encode(PROMPTS)[:, 0], pooled.double())
+    edit = tmp_path / "e.safetensors"
+    (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na red cat,1\n")
+    generate = ["generate", path, "--edit", edit, "--prompts", tmp_path / "p.csv", "-o", tmp_path / "run", "--steps", "2"]
+    for argv in (["erase", path, "-c", "nudity", "-o", edit], generate):
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) == 1

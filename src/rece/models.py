@@ -128,6 +128,7 @@ def _assemble(family: Family, tokenizers, encoders, device, projection, kv, sour
     spaces = []
     for space in family.spaces:
         own = {n: w for n, w in kv.items() if space.is_edited_weight(n + ".weight")}
+        space = space.bind(own)
         encoder = PromptEncoder(space, tokenizers, encoders, device=device)
         _check_dims(encoder, own, source)
         spaces.append(BaseModel(family=space, encoder=encoder, kv=own, source=source, **where))

@@ -64,9 +64,14 @@ def load_pipeline(model, config: str | None = None):
         class_name = read_model_index(folder).get("_class_name")
         if class_name not in PIPELINES:
             raise ReceError(f"'{model}' is a {class_name}; rece generate runs {' and '.join(PIPELINES)} folders")
-        family = family_of_index(read_model_index(folder), str(model))
+        index = read_model_index(folder)
+        family = family_of_index(index, str(model))
+        # components the folder leaves out ([null, null]) are passed as None: diffusers requires some (SD3's T5)
+        absent = {name: None for name, entry in index.items() if entry == [None, None]}
         try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **family.pipeline_kwargs)
+            pipe = diffusers.DiffusionPipeline.from_pretrained(
+                folder, dtype=torch.float32, **{**absent, **family.pipeline_kwargs}
+            )
         except Exception as exc:  # missing components, damaged files
             raise ReceError(
                 f"cannot load pipeline '{model}' ({first_line(exc)}); the pipeline folder is incomplete; re-download it"

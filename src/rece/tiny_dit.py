@@ -109,8 +109,9 @@ def build_tiny_flux(
     return path
 
 
-def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, overwrite: bool = False) -> Path:
-    """A tiny StableDiffusion3Pipeline folder: two CLIP text encoders with projection and a T5, one joint block."""
+def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, overwrite: bool = False, t5: bool = True) -> Path:
+    """A tiny StableDiffusion3Pipeline folder: two CLIP text encoders with projection and a T5 (left out, as the
+    pipeline allows, when not `t5`), one joint block."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = Path(path)
@@ -129,8 +130,8 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, words=DEFAULT_WORDS, 
             tokenizer=clip_tok,
             text_encoder_2=_clip(clip_tok, 32, seed + 1, projection=True),
             tokenizer_2=clip_tok,
-            text_encoder_3=_t5_encoder(t5_tok, 64, seed + 2),
-            tokenizer_3=t5_tok,
+            text_encoder_3=_t5_encoder(t5_tok, 64, seed + 2) if t5 else None,
+            tokenizer_3=t5_tok if t5 else None,
             transformer=transformer,
         )
         pipe.save_pretrained(tmp)

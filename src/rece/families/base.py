@@ -60,6 +60,10 @@ class Family:
         """The edited linear layers of a denoiser in memory, by module name, sorted."""
         return {n: m for n, m in sorted(denoiser.named_modules()) if self.is_edited_weight(n + ".weight")}
 
+    def bind(self, kv: dict[str, torch.Tensor]) -> Family:
+        """This family for one model, given the weights of its edited layers (SD3 without T5 reads their width)."""
+        return self
+
     def variant(self, denoiser_config: dict) -> Family:
         """The family a model of this pipeline class really is, from its denoiser's config (FLUX: dev or schnell)."""
         return self

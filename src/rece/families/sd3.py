@@ -5,6 +5,7 @@ joined `text_embeds` through `time_text_embed.text_embedder.linear_1`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,15 +24,27 @@ def _clip_outputs(tokenizers, encoders, texts: Sequence[str], device):
     return outputs
 
 
+@dataclass(frozen=True)
 class SD3Context(Family):
-    """The joint rows `context_embedder` reads; the last word is found in the CLIP part (BOS + words + EOS)."""
+    """The joint rows `context_embedder` reads; the last word is found in the CLIP part (BOS + words + EOS).
+
+    Without `text_encoder_3` (as the pipeline allows) the T5 rows are zeros of the joint width, which is then
+    `context_embedder`'s input width (`bind`)."""
+
+    joint_width: int | None = None
+
+    def bind(self, kv: dict[str, torch.Tensor]) -> Family:
+        return replace(self, joint_width=next(iter(kv.values())).shape[1]) if kv else self
 
     def dim(self, encoders: Sequence) -> int:
-        return encoders[2].config.d_model
+        return encoders[2].config.d_model if len(encoders) > 2 else self.joint_width
 
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
         clip = torch.cat([out.hidden_states[-2] for out in _clip_outputs(tokenizers, encoders, texts, device)], dim=-1)
-        t5 = encoders[2](tokenize(tokenizers[2], texts, T5_ROWS).input_ids.to(device))[0]
+        if len(encoders) > 2:
+            t5 = encoders[2](tokenize(tokenizers[2], texts, T5_ROWS).input_ids.to(device))[0]
+        else:
+            t5 = clip.new_zeros(clip.shape[0], T5_ROWS, self.joint_width)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2)
 
