@@ -58,21 +58,26 @@ def test_tiny_pipeline_loads_encodes_and_draws(tmp_path, pipeline):
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 4 * 2**20
 
 
-def test_t5_encoders_compute_on_their_mapped_files(tmp_path):
-    """T5's token table is stored once (`shared`, tied to `encoder.embed_tokens`): rece maps it like CLIP's, with no
-    float32 copy, half precision cast on use, and the outputs of the float32 model bit for bit."""
+@pytest.mark.parametrize("build, folder_name", [(build_tiny_pixart, "text_encoder"), (build_tiny_sana, "text_encoder")])
+def test_t5_and_gemma_encoders_compute_on_their_mapped_files(tmp_path, build, folder_name):
+    """T5's token table is stored once (`shared`, tied to `encoder.embed_tokens`) and Gemma-2 scales its embeddings and
+    computes rotary frequencies: rece maps both like CLIP, with no float32 copy (bf16 tensors cast on use) and the
+    outputs of the float32 model bit for bit."""
     from safetensors.torch import load_file, save_file
-    from transformers import T5EncoderModel
+    from transformers import Gemma2Model, T5EncoderModel
 
     from rece.text_encoders import Float32Embedding, mapped_text_encoder
 
-    folder = build_tiny_pixart(tmp_path / "pixart") / "text_encoder"
+    folder = build(tmp_path / "pipe") / folder_name
     file = folder / "model.safetensors"
-    save_file({k: v.half() for k, v in load_file(file).items()}, file)
-    mapped = mapped_text_encoder(folder, T5EncoderModel, None).eval()
-    reference = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
-    assert isinstance(mapped.encoder.embed_tokens, Float32Embedding) and mapped.encoder.embed_tokens is mapped.shared
-    assert mapped.shared.weight.dtype == torch.float16
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file)
+    cls = T5EncoderModel if build is build_tiny_pixart else Gemma2Model
+    mapped = mapped_text_encoder(folder, cls, None).eval()
+    reference = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    table = mapped.get_input_embeddings()
+    assert isinstance(table, Float32Embedding) and table.weight.dtype == torch.bfloat16
+    if cls is T5EncoderModel:
+        assert mapped.encoder.embed_tokens is mapped.shared
     ids, mask = torch.tensor([[3, 4, 5, 1, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
     with torch.no_grad():
         assert torch.equal(mapped(ids, attention_mask=mask)[0], reference(ids, attention_mask=mask)[0])

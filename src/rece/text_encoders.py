@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,14 +36,38 @@ class Float32Cast(torch.nn.Module):
 
 
 class Float32Embedding(torch.nn.Embedding):
-    """A token table kept in its stored precision whose looked-up rows come out in float32 (exact)."""
+    """A token table kept in its stored precision whose looked-up rows come out in float32 (exact), times the table's
+    `embed_scale` for models that scale their embeddings (Gemma)."""
+
+    def __init__(self, *args, embed_scale: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embed_scale = None if embed_scale is None else embed_scale.detach().to(torch.float32)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids).float()
+        rows = super().forward(ids).float()
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers as usual (rotary
+    frequencies, position ids and embedding scales are computed, not stored)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def mapped_text_encoder(folder: Path, cls, variant: str | None):
-    """Build a CLIP text encoder that computes in float32 straight on the tensors mapped from its safetensors
+    """Build a text encoder (CLIP, T5, Gemma-2) that computes in float32 straight on the tensors mapped from its safetensors
     file(s); None when the folder is not plain safetensors that fill the model (then from_pretrained runs).
 
     Nothing is copied: half-precision Linear weights stay as stored and are cast to float32 when used, and the
@@ -55,7 +81,7 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     if not files:
         return None
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = cls(config)
         table = model.get_input_embeddings()
         # the token table may be tied to others (T5: `encoder.embed_tokens` is `shared`): one table at each path
@@ -63,7 +89,8 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
         table_names = [table_name] + [
             t.removesuffix(".weight") for t, src in _ties(model).items() if src == f"{table_name}.weight"
         ]
-        new_table = Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx)
+        scale = getattr(table, "embed_scale", None)
+        new_table = Float32Embedding(table.num_embeddings, table.embedding_dim, table.padding_idx, embed_scale=scale)
         for name in table_names:
             _replace_module(model, name, new_table)
     wanted = set(model.state_dict())
@@ -87,12 +114,6 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype != torch.float32:
             parametrize.register_parametrization(module, "weight", Float32Cast(), unsafe=True)
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
-            if not name.endswith("position_ids"):
-                return None
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            module.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape), persistent=False)
     return model
 
 
