@@ -155,8 +155,9 @@ def build(family: str, root: Path, layers: int) -> Path:
 def measure(folder: Path, threads: int) -> dict:
     """One erasure of `folder` in a child process: its timings and peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(folder), str(Path(tmp) / "edit.safetensors"), str(threads)],
-                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RECE_GRAM_CACHE": "0"}  # a first erasure: G₀ multiplied out
+        cmd = [sys.executable, "-c", CHILD, str(folder), str(Path(tmp) / "edit.safetensors"), str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"{folder.name}: {out.stderr.strip().splitlines()[-1]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
