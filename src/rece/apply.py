@@ -19,17 +19,18 @@ from .weights import component_weight_files
 APPLIED = "_rece_applied"  # the stack of (edit id, original weights) kept on the denoiser of a pipeline
 
 
-def _edited_modules(pipe) -> dict[str, torch.nn.Module]:
+def _edited_modules(pipe) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """A pipeline's denoiser and its edited layers by name."""
     family = family_of_pipeline(pipe)
-    return family.edited_modules(getattr(pipe, family.denoiser))
+    denoiser = getattr(pipe, family.denoiser)
+    return denoiser, family.edited_modules(denoiser)
 
 
 def apply_edit(edit, pipe, allow_other_base: bool = False):
     """Edit a diffusers pipeline in place, keeping the weights it replaces so `revert_edit` restores them exactly."""
-    modules = _edited_modules(pipe)
+    denoiser, modules = _edited_modules(pipe)
     kv = {n: m.weight for n, m in modules.items()}
     new = edit.edited_kv(kv, allow_other_base, source=type(pipe).__name__)
-    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
     denoiser.__dict__.setdefault(APPLIED, []).append((edit.edit_id(), {n: kv[n].detach().clone() for n in new}))
     with torch.no_grad():
         for n, w in new.items():
@@ -39,14 +40,13 @@ def apply_edit(edit, pipe, allow_other_base: bool = False):
 
 def revert_edit(edit, pipe):
     """Restore the exact weights the pipeline had before `edit` was applied (the last edit applied comes off first)."""
-    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+    denoiser, modules = _edited_modules(pipe)
     stack = denoiser.__dict__.get(APPLIED, [])
     if not stack or stack[-1][0] != edit.edit_id():
         raise ReceError(
             "this edit is not the last one applied to this pipeline; revert edits in reverse order, or reload the model"
         )
     _, originals = stack.pop()
-    modules = _edited_modules(pipe)
     with torch.no_grad():
         for n, w in originals.items():
             modules[n].weight.copy_(w)

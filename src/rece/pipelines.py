@@ -61,10 +61,9 @@ def load_pipeline(model, config: str | None = None):
         pipe = load_single_file_pipeline(source.path, config)
     else:
         folder = snapshot(source.name) if source.kind == "hub" else source.path
-        class_name = read_model_index(folder).get("_class_name")
-        if class_name not in PIPELINES:
-            raise ReceError(f"'{model}' is a {class_name}; rece generate runs {' and '.join(PIPELINES)} folders")
         index = read_model_index(folder)
+        if index.get("_class_name") not in PIPELINES:
+            raise ReceError(f"'{model}' is a {index.get('_class_name')}; rece generate runs {' and '.join(PIPELINES)} folders")
         family = family_of_index(index, str(model))
         # components the folder leaves out ([null, null]) are passed as None: diffusers requires some (SD3's T5)
         absent = {name: None for name, entry in index.items() if entry == [None, None]}

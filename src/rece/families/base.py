@@ -46,6 +46,7 @@ class Family:
     end_rows: int = 1  # attended rows after a text's last word token (CLIP and T5: EOS; Gemma: none)
     whole_rows: bool = False  # UCE pairs every row (a pooled vector), not the rows from the last word on
     spaces: tuple[Family, ...] = ()  # several spaces read the prompt (MMDiT: token rows, pooled vector), one each
+    by_components: bool = True  # also recognised by its components (SD/SDXL); transformer families by class only
 
     def tokenizer_class_of(self, part: int) -> str:
         """The transformers tokenizer class of text part `part`."""
@@ -73,13 +74,13 @@ class Family:
         """Whether a model_index.json describes this family (its class, or its components)."""
         if index.get("_class_name") in self.pipelines:
             return True
-        return self.denoiser in index and self.text_parts[-1][1] in index
+        return self.by_components and self.denoiser in index and self.text_parts[-1][1] in index
 
     def matches_pipeline(self, pipe) -> bool:
         """Whether a pipeline object in memory is of this family."""
         if type(pipe).__name__ in self.pipelines:
             return True
-        return hasattr(pipe, self.denoiser) and hasattr(pipe, self.text_parts[-1][1])
+        return self.by_components and hasattr(pipe, self.denoiser) and hasattr(pipe, self.text_parts[-1][1])
 
     # -- prompt encoding -----------------------------------------------------------------------
     def preprocess(self, text: str) -> str:

@@ -53,12 +53,6 @@ class Flux(Family):
         device, dtype = pipe.transformer.device, pipe.transformer.dtype
         return {"prompt_embeds": rows[0].to(device, dtype), "pooled_prompt_embeds": rows[1][:, 0].to(device, dtype)}
 
-    def matches_index(self, index: dict) -> bool:
-        return index.get("_class_name") in self.pipelines
-
-    def matches_pipeline(self, pipe) -> bool:
-        return type(pipe).__name__ in self.pipelines
-
 
 _SHARED = dict(
     pipelines=("FluxPipeline",),
@@ -66,6 +60,7 @@ _SHARED = dict(
     text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),
     tokenizer_class=("CLIPTokenizer", "T5Tokenizer"),
     denoiser="transformer",
+    by_components=False,  # recognised by its pipeline class only
     steps=28,
     guidance=3.5,
 )

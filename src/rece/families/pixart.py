@@ -24,13 +24,12 @@ class CaptionProjection(torch.nn.Module):
         return self.linear_2(self.act_1(self.linear_1(caption)))
 
 
+def submodule_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The float32 state dict of the denoiser submodule `prefix` among `tensors` (read from the denoiser's files)."""
+    return {k.removeprefix(prefix + "."): v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 class PixArt(Family):
-    def matches_index(self, index: dict) -> bool:
-        return index.get("_class_name") in self.pipelines  # its components (transformer, T5) are not specific enough
-
-    def matches_pipeline(self, pipe) -> bool:
-        return type(pipe).__name__ in self.pipelines
-
     def preprocess(self, text: str) -> str:
         return text.lower().strip()  # the pipeline's _text_preprocessing with clean_caption=False
 
@@ -38,7 +37,7 @@ class PixArt(Family):
         """The transformer's caption projection, built from its config and its `caption_projection.*` tensors."""
         inner = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]
         module = CaptionProjection(denoiser_config["caption_channels"], inner)
-        module.load_state_dict({k.removeprefix("caption_projection."): v.float() for k, v in tensors.items()})
+        module.load_state_dict(submodule_state(tensors, "caption_projection"))
         return module.eval()
 
     def negative_rows(self, pipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +87,7 @@ _PIXART = dict(
     text_encoder_classes=("T5EncoderModel",),
     tokenizer_class="T5Tokenizer",
     denoiser="transformer",
+    by_components=False,  # its components (transformer, T5) are FLUX's too
     steps=20,
     guidance=4.5,
     masks_padding=True,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .pixart import CaptionProjection, PixArt
+from .pixart import CaptionProjection, PixArt, submodule_state
 
 # SanaPipeline.__call__'s default `complex_human_instruction` (diffusers 0.42.1), which rece generate keeps
 INSTRUCTION = (
@@ -57,12 +57,8 @@ class Sana(PixArt):
     def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         inner = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]
         projection, norm = CaptionProjection(denoiser_config["caption_channels"], inner), RMSNorm(inner)
-        projection.load_state_dict(
-            {k.removeprefix("caption_projection."): v.float() for k, v in tensors.items() if k.startswith("caption_projection.")}
-        )
-        norm.load_state_dict(
-            {k.removeprefix("caption_norm."): v.float() for k, v in tensors.items() if k.startswith("caption_norm.")}
-        )
+        projection.load_state_dict(submodule_state(tensors, "caption_projection"))
+        norm.load_state_dict(submodule_state(tensors, "caption_norm"))
         return torch.nn.Sequential(projection, norm).eval()
 
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
@@ -78,6 +74,7 @@ SANA = Sana(
     text_encoder_classes=("Gemma2Model",),
     tokenizer_class="GemmaTokenizer",
     denoiser="transformer",
+    by_components=False,
     steps=20,
     guidance=4.5,
     max_length=300,

@@ -69,6 +69,7 @@ _SHARED = dict(
     text_encoder_classes=("CLIPTextModelWithProjection", "T5EncoderModel"),
     tokenizer_class=("CLIPTokenizer", "CLIPTokenizer", "T5Tokenizer"),
     denoiser="transformer",
+    by_components=False,
     steps=28,
     guidance=7.0,
 )
