@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 import rece
 from rece import closed_form as cf
-from rece.cli import main
 from rece.families.pixart import PIXART_SIGMA
 from rece.families.sana import INSTRUCTION, SANA
 from rece.models import load_model
 from rece.tiny_dit import build_tiny_pixart, build_tiny_sana
 
+from .family_checks import assert_cli_erase_info_apply, assert_only_edited_layers_change, built_case, cli, fused_lora_weights
 from .reference import best_reachable_residual, reference_erase
 
 PROMPTS = ["a red cat", "Nudity", "", " ", "A photo of Van Gogh starry night"]
@@ -44,10 +44,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
-    c = CASES[request.param]
-    return c, c.build(tmp_path_factory.mktemp("models") / request.param)
+case = built_case(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -105,53 +102,23 @@ def test_uce_maps_the_concept_and_rece_undoes_the_derived_embedding(model):
 
 
 def test_only_cross_attention_changes_apply_reverts_and_lora_loads_with_peft(case, model, tmp_path):
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
     edit = rece.erase(model, ["nudity"])
     pipe = case[0].pipeline.from_pretrained(case[1], dtype=torch.float32)
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    edit.apply(pipe)
-    after = pipe.transformer.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {n + ".weight" for n in model.kv}
-    edit.revert(pipe)
-    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert_only_edited_layers_change(edit, pipe, model.kv)
 
     state = edit.to_lora(model, tmp_path / "lora.safetensors", tolerance=1e-6)
     assert set(load_file(tmp_path / "lora.safetensors")) == set(state)
     assert all(k.startswith("transformer.") and ".attn2.to_" in k for k in state)
-    modules, new = dict(pipe.transformer.named_modules()), edit.edited_kv(model.kv)
-    if hasattr(pipe, "load_lora_weights"):  # Sana: the pipeline's own loader
-        pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
-        pipe.fuse_lora()
-        fused = {n: modules[n].base_layer.weight if hasattr(modules[n], "base_layer") else modules[n].weight for n in edit.layers}
-    else:  # PixArt pipelines have no load_lora_weights: peft loads it (docs/families.md)
-        rank = next(iter(state.values())).shape[0]
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=edit.layers), pipe.transformer)
-        set_peft_model_state_dict(pipe.transformer, {k.removeprefix("transformer."): v for k, v in state.items()})
-        modules = dict(pipe.transformer.named_modules())
-        for name in edit.layers:
-            modules[name].merge()
-        fused = {n: modules[n].base_layer.weight for n in edit.layers}
+    # Sana: the pipeline's own load_lora_weights; PixArt pipelines have none: peft loads it (docs/families.md)
+    fused, new = fused_lora_weights(pipe, tmp_path / "lora.safetensors", state, edit.layers), edit.edited_kv(model.kv)
     for name in edit.layers:
         assert (fused[name] - new[name]).norm() / new[name].norm() < 1e-4
 
 
 def test_cli_erase_info_apply_generate(capsys, case, tmp_path):
     c, path = case
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert code == 0, err
-        return out
-
-    edit = tmp_path / "nudity.safetensors"
-    run("erase", path, "--preset", "nudity", "-o", edit)
-    assert c.family.name in run("info", edit)
-    run("apply", path, edit, "-o", tmp_path / "applied")
-    applied, expected = load_model(tmp_path / "applied").kv, rece.load_edit(edit).edited_kv(load_model(path).kv)
-    assert all(torch.equal(applied[n], w) for n, w in expected.items())
+    run = cli(capsys)
+    edit = assert_cli_erase_info_apply(run, path, c.family.name, tmp_path)
     (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na red cat,1\nnudity,2\n")
     out = run("generate", path, "--edit", edit, "--prompts", tmp_path / "p.csv", "-o", tmp_path / "run", "--steps", "2")
     assert "2 of 2 images" in out

@@ -17,6 +17,7 @@ from rece.families.sd3 import SD3
 from rece.models import load_model
 from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
 
+from .family_checks import assert_cli_erase_info_apply, assert_only_edited_layers_change, built_case, cli, fused_lora_weights
 from .reference import best_reachable_residual, reference_erase
 
 PROMPTS = ["a red cat", "nudity", "", "a photo of van gogh starry night"]  # distinct token ids: one batch as the pipeline's
@@ -46,10 +47,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request, tmp_path_factory):
-    c = CASES[request.param]
-    return c, c.build(tmp_path_factory.mktemp("models") / request.param)
+case = built_case(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -117,36 +115,18 @@ def test_uce_maps_the_concept_in_both_spaces_and_rece_undoes_the_derived_embeddi
 def test_only_the_two_layers_change_and_the_lora_loads_with_load_lora_weights(case, flux, tmp_path):
     edit = rece.erase(flux, ["nudity"])
     pipe = case[0].pipeline.from_pretrained(case[1], dtype=torch.float32)
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    edit.apply(pipe)
-    after = pipe.transformer.state_dict()
-    assert {k for k in before if not torch.equal(before[k], after[k])} == {n + ".weight" for n in LAYERS}
-    edit.revert(pipe)
-    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
-    edit.to_lora(flux, tmp_path / "lora.safetensors", tolerance=1e-6)
-    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
-    pipe.fuse_lora()
-    modules, new = dict(pipe.transformer.named_modules()), edit.edited_kv(flux.kv)
+    assert_only_edited_layers_change(edit, pipe, LAYERS)
+    state = edit.to_lora(flux, tmp_path / "lora.safetensors", tolerance=1e-6)
+    assert hasattr(pipe, "load_lora_weights")  # FLUX and SD3 load it themselves
+    fused, new = fused_lora_weights(pipe, tmp_path / "lora.safetensors", state, LAYERS), edit.edited_kv(flux.kv)
     for name in LAYERS:
-        fused = modules[name].base_layer.weight if hasattr(modules[name], "base_layer") else modules[name].weight
-        assert (fused - new[name]).norm() / new[name].norm() < 1e-4
+        assert (fused[name] - new[name]).norm() / new[name].norm() < 1e-4
 
 
 def test_cli_and_what_is_refused(capsys, case, tmp_path):
     c, path = case
-
-    def run(*argv, code=0):
-        result = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert result == code, err
-        return out + err
-
-    edit = tmp_path / "nudity.safetensors"
-    run("erase", path, "--preset", "nudity", "-o", edit)
-    assert c.family.name in run("info", edit)
-    run("apply", path, edit, "-o", tmp_path / "applied")
-    applied, expected = load_model(tmp_path / "applied").kv, rece.load_edit(edit).edited_kv(load_model(path).kv)
-    assert all(torch.equal(applied[n], w) for n, w in expected.items())
+    run = cli(capsys)
+    edit = assert_cli_erase_info_apply(run, path, c.family.name, tmp_path)
     (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na red cat,1\n")
     out = run("generate", path, "--edit", edit, "--prompts", tmp_path / "p.csv", "-o", tmp_path / "run", "--steps", "2",
               "--height", "32", "--width", "32")  # fmt: skip
