@@ -1,4 +1,5 @@
-"""Write a diffusers SD1.x pipeline folder as an original-format (CompVis/LDM) single-file checkpoint.
+"""Write a diffusers SD1.x pipeline folder as an original-format (CompVis/LDM) single-file checkpoint, and an SDXL one
+in Stability's SGM layout (`save_sgm_checkpoint`).
 
 This is the inverse of diffusers' single-file conversion (`convert_ldm_unet_checkpoint`,
 `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint` in `diffusers.loaders.single_file_utils`),
@@ -30,6 +31,10 @@ UNET_FIXED = {
     "conv_norm_out.bias": "out.0.bias",
     "conv_out.weight": "out.2.weight",
     "conv_out.bias": "out.2.bias",
+    "add_embedding.linear_1.weight": "label_emb.0.0.weight",  # SDXL only
+    "add_embedding.linear_1.bias": "label_emb.0.0.bias",
+    "add_embedding.linear_2.weight": "label_emb.0.2.weight",
+    "add_embedding.linear_2.bias": "label_emb.0.2.bias",
 }
 UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -170,6 +175,74 @@ def ldm_state_dict(pipeline_folder: str | os.PathLike) -> dict[str, torch.Tensor
     state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae, len(vae_config["down_block_types"])).items()})
     state.update({CLIP_PREFIX + k: v for k, v in clip_to_ldm(clip).items()})
     return state
+
+
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+OPEN_CLIP_FIXED = {
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def open_clip_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection state dict as OpenCLIP's text tower (SGM's `embedders.1.model`):
+    q/k/v joined into in_proj, the projection transposed (the inverse of diffusers' `convert_open_clip_checkpoint`)."""
+    state = clip_to_ldm({k: v for k, v in state.items() if k != "text_projection.weight"}) | {
+        "text_projection.weight": state["text_projection.weight"]
+    }
+    out: dict[str, torch.Tensor] = {"text_projection": state["text_projection.weight"].T.contiguous()}
+    joined: dict[str, list] = {}
+    for key, value in state.items():
+        if key in OPEN_CLIP_FIXED:
+            out[OPEN_CLIP_FIXED[key]] = value
+        elif key.startswith("text_model.encoder.layers."):
+            layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, param = rest.split(".")
+                slot = f"transformer.resblocks.{layer}.attn.in_proj_{param}"
+                joined.setdefault(slot, [None] * 3)[("q_proj", "k_proj", "v_proj").index(proj)] = value
+                continue
+            rest = rest.replace("self_attn.", "attn.")
+            for new, old in OPEN_CLIP_LAYER.items():
+                rest = rest.replace(new, old)
+            out[f"transformer.resblocks.{layer}.{rest}"] = value
+    out.update({k: torch.cat(parts) for k, parts in joined.items()})
+    return out
+
+
+def sgm_state_dict(pipeline_folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The SGM-format state dict (UNet with label_emb, VAE, CLIP-L under embedders.0, OpenCLIP under embedders.1) of a
+    diffusers SDXL pipeline folder; floating tensors cast to `dtype` when given."""
+    folder = Path(pipeline_folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    unet = _load_component(folder / "unet", ("diffusion_pytorch_model.safetensors",))
+    vae = _load_component(folder / "vae", ("diffusion_pytorch_model.safetensors",))
+    clip = _load_component(folder / "text_encoder", ("model.safetensors",))
+    open_clip = _load_component(folder / "text_encoder_2", ("model.safetensors",))
+    state: dict[str, torch.Tensor] = {}
+    state.update({UNET_PREFIX + k: v for k, v in unet_to_ldm(unet, unet_config["layers_per_block"]).items()})
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae, len(vae_config["down_block_types"])).items()})
+    state.update({SGM_CLIP_PREFIX + k: v for k, v in clip_to_ldm(clip).items()})
+    state.update({SGM_OPEN_CLIP_PREFIX + k: v for k, v in open_clip_from_transformers(open_clip).items()})
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return state
+
+
+def save_sgm_checkpoint(
+    pipeline_folder: str | os.PathLike, out_file: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """Write a diffusers SDXL pipeline folder as one SGM-format `.safetensors` checkpoint (in `dtype` when given)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in sorted(sgm_state_dict(pipeline_folder, dtype).items())}
+    save_file(state, str(out_file), metadata={"format": "pt", "modelspec.title": "tiny sdxl"})
+    return Path(out_file)
 
 
 def save_ldm_checkpoint(pipeline_folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:

@@ -172,11 +172,25 @@ def test_low_rank_products_match_the_dense_ones(ranks):
     left, right = cf.compose_low_rank(l1, r1, l2, r2)
     dense = cf.identity_plus(l1, r1) @ cf.identity_plus(l2, r2)
     assert torch.allclose(cf.identity_plus(left, right), dense, atol=1e-12) and left.shape[1] <= d
-    cross, gram = cf.edited_grams(gram0, left, right)
     edited = [w @ dense for w in w0]
-    assert torch.allclose(cross, cf.cross_gram(edited, w0), atol=1e-10)
-    assert torch.allclose(gram, cf.weight_gram(edited), atol=1e-10)
-    narrow_cross, narrow_gram = cf.edited_grams(gram0, l1[:, :1], r1[:, :1])  # the low-rank branch
-    narrow = [w @ cf.identity_plus(l1[:, :1], r1[:, :1]) for w in w0]
-    assert torch.allclose(narrow_cross, cf.cross_gram(narrow, w0), atol=1e-10)
-    assert torch.allclose(narrow_gram, cf.weight_gram(narrow), atol=1e-10)
+    concept = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    # kept current update by update, as the erasure does, and in one go (the dense branch: 9 + 5 columns > d)
+    step_gram = cf.transformed_gram(cf.transformed_gram(gram0, l1, r1), l2, r2)
+    step_products = cf.transpose_times(l2, r2, cf.transpose_times(l1, r1, gram0 @ concept))
+    for gram in (step_gram, cf.transformed_gram(gram0, left, right)):
+        assert torch.allclose(gram, cf.weight_gram(edited), atol=1e-10)
+    assert torch.allclose(step_products, cf.cross_gram(edited, w0) @ concept, atol=1e-10)
+    for w, w_edit in zip(w0, edited):
+        assert torch.allclose(cf.low_rank_delta(w, left, right), w_edit - w, atol=1e-10)
+        assert torch.allclose(cf.low_rank_delta(w, l1[:, :1], r1[:, :1]), w @ cf.identity_plus(l1[:, :1], r1[:, :1]) - w)
+    wide = torch.randn(30, d, generator=g, dtype=torch.float64)  # (5, 9): T − I is formed first
+    assert torch.allclose(cf.low_rank_delta(wide, left, right), wide @ dense - wide, atol=1e-10)
+
+
+def test_ridge_solve_is_the_dense_solve_and_refuses_a_singular_system():
+    rows = rand(6, 10, seed=3)
+    gram, rhs = rows.T @ rows, rand(10, 4, seed=4)
+    dense = torch.linalg.solve(0.05 * torch.eye(10, dtype=torch.float64) + gram, rhs)
+    assert (cf.ridge_solve(gram, rhs, 0.05) - dense).norm() <= 1e-10 * dense.norm()
+    with pytest.raises(ReceError, match="raise --regularization"):
+        cf.ridge_solve(gram, rhs, 0.0)

@@ -81,7 +81,8 @@ def test_fast_and_per_layer_paths_agree(base):
 
     config = EraseConfig.create(["nudity"], "nudity")
     texts = _Texts.encode(base, config.concepts + [" ", ""])
-    transform, fast_derived = _run_shared(base, config, texts, list(base.kv))
+    factors, fast_derived = _run_shared(base, config, texts, list(base.kv))
+    transform = cf.identity_plus(*factors)
     deltas, slow_derived = _run_per_layer(base, config, texts, list(base.kv))
     for name, w in base.kv.items():
         a, b = w.double() @ transform, w.double() + deltas[name]

@@ -215,7 +215,14 @@ def test_original_gram_is_cached_and_checked(sd_path, tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("RECE_CACHE", str(tmp_path))
     # a cache that does not match the weights (same name, other numbers) or is damaged is recomputed, never used
-    save_file({"gram": exact * (1 + 1e-6)}, str(path))
+    from rece.gram_cache import gram_checksum
+
+    save_file({"gram": exact * (1 + 1e-6)}, str(path))  # no checksum, or one of other bytes: damaged
+    assert torch.equal(load_model(sd_path).original_gram(), exact)
+    save_file({"gram": exact * (1 + 1e-6)}, str(path), metadata={"crc32": gram_checksum(exact)})
+    assert torch.equal(load_model(sd_path).original_gram(), exact)
+    other = exact * (1 + 1e-3)  # intact, but another model's numbers: the probe against the weights refuses it
+    save_file({"gram": other}, str(path), metadata={"crc32": gram_checksum(other)})
     assert torch.equal(load_model(sd_path).original_gram(), exact)
     path.write_bytes(b"not safetensors")
     assert torch.equal(load_model(sd_path).original_gram(), exact)

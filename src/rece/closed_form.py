@@ -118,18 +118,35 @@ def compose_low_rank(left: torch.Tensor, right: torch.Tensor, next_left: torch.T
     return left, right
 
 
-def edited_grams(gram0: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ W_lᵀW⁰_l, Σ W_lᵀW_l) = (TᵀG₀, TᵀG₀T) for W_l = W⁰_l·T, T = I + L Rᵀ, from G₀ = Σ W⁰ᵀW⁰.
+def transformed_gram(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """TᵀGT for a symmetric G and T = I + L Rᵀ, as G + Y Rᵀ + (Y Rᵀ)ᵀ with Y = GL + ½R(LᵀGL): about 4d²k work for
+    rank k (a symmetric rank-2k update) instead of 4d³; dense once k is near d.
 
-    With H = G₀L: TᵀG₀ = G₀ + R Hᵀ and TᵀG₀T = TᵀG₀ + (H + R(HᵀL))Rᵀ, about 3d²k work for rank k instead of 2d³.
+    With W_l = W⁰_l·T and G = Σ W⁰ᵀW⁰ this is the edited gram Σ W_lᵀW_l; applied epoch after epoch with each update's
+    factors it keeps the gram current without ever multiplying the composed transform out.
     """
-    if 3 * left.shape[1] >= 2 * left.shape[0]:  # no cheaper than the dense products
+    dim, rank = left.shape
+    if 4 * rank >= 3 * dim:  # no cheaper than the dense products
         transform = identity_plus(left, right)
-        cross = transform.T @ gram0
-        return cross, cross @ transform
-    h = gram0 @ left
-    cross = gram0 + right @ h.T
-    return cross, cross + (h + right @ (h.T @ left)) @ right.T
+        return transform.T @ gram @ transform
+    h = gram @ left
+    y = h + 0.5 * right @ (left.T @ h)
+    update = y @ right.T
+    return gram + update + update.T
+
+
+def transpose_times(left: torch.Tensor, right: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Tᵀ·columns for T = I + L Rᵀ: columns + R (Lᵀ columns), without forming T."""
+    return columns + right @ (left.T @ columns)
+
+
+def low_rank_delta(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """W(T − I) for T = I + L Rᵀ (float64): (W L) Rᵀ, or W (L Rᵀ) when the rank is so wide that this costs less."""
+    weight = weight.to(left.dtype)
+    out, (dim, rank) = weight.shape[0], left.shape
+    if 4 * out * dim * rank > 2 * dim * dim * (rank + out):
+        return weight @ (left @ right.T)
+    return (weight @ left) @ right.T
 
 
 def tensor_target_values(weight: torch.Tensor, erase_rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
@@ -190,6 +207,27 @@ def cross_gram(weights, original_weights) -> torch.Tensor:
     return out
 
 
+def ridge_is_well_conditioned(psd: torch.Tensor, shift: float) -> bool:
+    """Whether shift·I + psd (psd symmetric positive semi-definite) passes `check_conditioning`'s O(d²) bound."""
+    return shift > 0 and (shift + torch.linalg.matrix_norm(psd).item()) / shift < MAX_CONDITION
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, regularization: float, parameter: str = "--regularization"):
+    """(rI + gram)⁻¹ rhs for a symmetric positive semi-definite gram, after a conditioning check naming `parameter`.
+
+    The system is symmetric positive definite, so it is solved by a float64 Cholesky factorisation (half the work of
+    the LU in `torch.linalg.solve`, and as stable); LU is the fallback should the factorisation fail.
+    """
+    dim = gram.shape[0]
+    system = gram + regularization * torch.eye(dim, dtype=gram.dtype, device=gram.device)
+    if not ridge_is_well_conditioned(gram, regularization):
+        check_conditioning(system, parameter, shift=regularization)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info.item() != 0:
+        return torch.linalg.solve(system, rhs)
+    return torch.cholesky_solve(rhs, factor)
+
+
 def derive_embedding(
     concept_rows: torch.Tensor,
     gram: torch.Tensor,
@@ -202,13 +240,15 @@ def derive_embedding(
     `gram` = Σ W_lᵀW_l (edited), `cross` = Σ W_lᵀW⁰_l. With no anchor ("regzero"), a = 0:
     c′ = (rI + gram)⁻¹ cross c. With anchor rows a ("standard"): c′ = (rI + gram)⁻¹ (r a + cross c).
     """
-    dim = gram.shape[0]
-    system = regularization * torch.eye(dim, dtype=torch.float64, device=gram.device) + gram
-    check_conditioning(system, "--regularization", shift=regularization)
-    rhs = cross @ concept_rows.T
-    if anchor_rows is not None:
-        rhs = rhs + regularization * anchor_rows.T
-    return torch.linalg.solve(system, rhs).T
+    return derive_from_products(cross @ concept_rows.T, gram, regularization, anchor_rows)
+
+
+def derive_from_products(
+    products: torch.Tensor, gram: torch.Tensor, regularization: float, anchor_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`derive_embedding` from the columns Σ W_lᵀW⁰_l c (one per concept row) instead of the cross gram: [n, d]."""
+    rhs = products if anchor_rows is None else products + regularization * anchor_rows.T
+    return ridge_solve(gram, rhs, regularization).T
 
 
 def derive_against(

@@ -19,7 +19,7 @@ from . import apply as applying
 from .edit_file import FORMAT, FORMAT_VERSION, edit_tensors, read_edit_file, write_edit_file
 from .edit_summary import summarize
 from .errors import ReceError
-from .lora import lora_state, save_lora
+from .lora import LORA_FORMATS, kohya_modules, kohya_state, lora_state, save_lora, unet_layers_per_block
 from .models import BaseModel, load_model
 from .provenance import library_versions, utc_now
 from .weights import kv_fingerprint
@@ -165,18 +165,28 @@ class Edit:
         tolerance: float = 1e-3,
         max_rank: int | None = None,
         allow_other_base: bool = False,
+        format: str = "diffusers",
     ) -> dict[str, torch.Tensor]:
-        """LoRA weights that `pipe.load_lora_weights` loads and that reproduce the edited layers (written to `path`).
+        """LoRA weights that reproduce the edited layers (written to `path`): diffusers/PEFT keys for
+        `pipe.load_lora_weights` (default), kohya keys for ComfyUI / Automatic1111 / Forge, or kohya-named `.diff`
+        full differences (exact).
 
         One rank for all layers: the smallest at which every layer satisfies
         ‖W_lora − W_edit‖_F ≤ tolerance·‖W_edit‖_F (from each ΔW's SVD), capped by `max_rank`.
         """
+        if format not in LORA_FORMATS:
+            raise ReceError(f"unknown LoRA format '{format}'; choose one of {', '.join(LORA_FORMATS)}")
         base = model if isinstance(model, BaseModel) else load_model(model)
         self.check_base(base.kv, allow_other_base, base.source)
         deltas = {n: self.delta64(n, base.kv[n].to(torch.float64)) for n in self.layers}
-        state, rank = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
+        if format == "diffusers":
+            state, rank = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
+        else:
+            per_block = unet_layers_per_block(base) if base.family.kohya_names == "ldm" else None
+            modules = kohya_modules(base.family, list(self.layers), per_block)
+            state, rank = kohya_state(deltas, base.kv, modules, format, tolerance, max_rank)
         if path is not None:
-            save_lora(path, state, rank, tolerance, self.metadata)
+            save_lora(path, state, rank, tolerance, self.metadata, format)
         return state
 
 

@@ -65,9 +65,12 @@ def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[tor
     return [cf.uce_token_rows(emb[c], counts[c], emb[target], counts[target]) for c in concepts]
 
 
-def derive_all(concept_rows: list[torch.Tensor], gram, cross, r: float, anchor: torch.Tensor | None) -> list[torch.Tensor]:
-    """RECE's c′ of each concept's rows against the edited grams (the anchor, if any, cut to each concept's rows)."""
-    return [cf.derive_embedding(c, gram, cross, r, None if anchor is None else anchor[: c.shape[0]]) for c in concept_rows]
+def derive_all(concept_rows: list[torch.Tensor], products, gram, r: float, anchor: torch.Tensor | None) -> list[torch.Tensor]:
+    """RECE's c′ of each concept's rows, all in one solve against the edited gram; `products` = Σ W_lᵀW⁰_l c for every
+    concept row (as columns, the concepts in order); the anchor, if any, is cut to each concept's rows."""
+    anchors = None if anchor is None else torch.cat([anchor[: c.shape[0]] for c in concept_rows])
+    rows = cf.derive_from_products(products, gram, r, anchors)
+    return list(rows.split([c.shape[0] for c in concept_rows]))
 
 
 def positional_targets(derived_rows: list[torch.Tensor], target_rows: torch.Tensor) -> torch.Tensor:
@@ -116,12 +119,14 @@ def erase(
     transform, deltas, derived, report = _erase_space(base, config, edited)
     if transform is None:
         return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
+    if isinstance(transform, tuple):
+        transform = cf.identity_plus(*transform)
     return Edit.from_transform(transform, base, config, derived, time.perf_counter() - start, robust=report)
 
 
 def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str]):
-    """The procedure on one space's rows and layers: (transform or None, per-layer deltas or None, c′ per epoch,
-    robust report or None)."""
+    """The procedure on one space's rows and layers: (shared transform, dense or as factors (L, R), or None;
+    per-layer deltas or None; c′ per epoch; robust report or None)."""
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
@@ -132,14 +137,18 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str]):
         transform, report = _run_robust(base, config, texts)
         return transform, None, [], report
     if config.technique == "replace" and len(edited) == len(base.kv):
-        transform, derived = _run_shared(base, config, texts, edited)
-        return transform, None, derived, None
+        factors, derived = _run_shared(base, config, texts, edited)
+        return factors, None, derived, None
     deltas, derived = _run_per_layer(base, config, texts, edited)
     return None, deltas, derived, None
 
 
-def transform_deltas(kv: dict[str, torch.Tensor], transform: torch.Tensor) -> dict[str, torch.Tensor]:
-    """W⁰(P − I) of every layer: a shared transform P as per-layer changes (float64)."""
+def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.Tensor]:
+    """W⁰(P − I) of every layer: a shared transform P, dense or as the factors (L, R) of P = I + L Rᵀ, as per-layer
+    changes (float64)."""
+    if isinstance(transform, tuple):
+        left, right = transform
+        return {n: cf.low_rank_delta(w.to(left.device), left, right) for n, w in kv.items()}
     eye = torch.eye(transform.shape[0], dtype=torch.float64, device=transform.device)
     return {n: w.to(transform.device, torch.float64) @ (transform - eye) for n, w in kv.items()}
 
@@ -159,24 +168,30 @@ def _rece_stage_args(config: EraseConfig, texts: _Texts):
 
 
 def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
-    """Fast path: every update is W ← W·M with one d×d M shared by all layers; track P = Π M."""
+    """Fast path: every update is W ← W·M with one d×d M shared by all layers. Returns the factors (L, R) of their
+    product P = Π M = I + L Rᵀ, and the c′ of each epoch."""
     pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
     erase_rows = torch.cat([c for c, _ in pairs])
     target_rows = torch.cat([t for _, t in pairs])
-    # P = I + left·rightᵀ stays low-rank: each update adds as many columns as it erases rows
+    # P stays low-rank: each update adds as many columns as it erases rows
     left, right = cf.shared_edit_factors(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
         concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
         gram0 = base.original_gram()
-        for _ in range(config.epochs):
-            cross, gram = cf.edited_grams(gram0, left, right)
-            derived_rows = derive_all(concept_rows, gram, cross, config.regularization, anchor)
+        # the edited gram PᵀG₀P and the products PᵀG₀c are kept current update by update, each update a low-rank
+        # term, so the composed P is never multiplied out against G₀
+        gram = cf.transformed_gram(gram0, left, right)
+        products = cf.transpose_times(left, right, gram0 @ torch.cat(concept_rows).T)
+        for epoch in range(config.epochs):
+            derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
             derived.append(padded_stack(derived_rows, target_one.shape[0]))
             targets = positional_targets(derived_rows, target_one)
             step = cf.shared_edit_factors(torch.cat(derived_rows), targets, preserve_rows, lamb, s_e, s_p, "--lamb")
             left, right = cf.compose_low_rank(left, right, *step)
-    return cf.identity_plus(left, right), derived
+            if epoch + 1 < config.epochs:
+                gram, products = cf.transformed_gram(gram, *step), cf.transpose_times(*step, products)
+    return (left, right), derived
 
 
 def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
@@ -196,7 +211,8 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
-            derived_rows = derive_all(concept_rows, gram, cross, config.regularization, anchor)
+            products = cross @ torch.cat(concept_rows).T
+            derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
             derived.append(padded_stack(derived_rows, target_one.shape[0]))
             rece_pairs = [(c, target_one[: c.shape[0]]) for c in derived_rows]
             denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, target_one.shape[1])

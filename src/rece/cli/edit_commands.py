@@ -78,10 +78,18 @@ def cmd_erase(args) -> int:
 
 def cmd_apply(args) -> int:
     from ..apply import write_applied_pipeline
+    from ..checkpoint import write_applied_checkpoint
     from ..edit import load_edit
     from ..models import load_model
 
     edits = [load_edit(p) for p in args.edit]
+    single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
+    if single:
+        check_output_path(args.output)
+        out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
+        concepts = ", ".join(c for e in edits for c in e.concepts)
+        print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
+        return 0
     base = load_model(args.model, "cpu", config=args.config)
     out = write_applied_pipeline(base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite)
     print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
@@ -103,6 +111,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+LORA_HINTS = {
+    "diffusers": "load with pipe.load_lora_weights",
+    "kohya": "put it in ComfyUI's models/loras or the web UI's models/Lora",
+    "diff": "put it in ComfyUI's models/loras or the web UI's models/Lora",
+}
+
+
 def cmd_lora(args) -> int:
     from ..edit import load_edit
     from ..models import load_model
@@ -111,11 +126,25 @@ def cmd_lora(args) -> int:
     edit = load_edit(args.edit)
     base = load_model(args.model, "cpu", config=args.config)
     state = edit.to_lora(
-        base, args.output, tolerance=args.tolerance, max_rank=args.max_rank, allow_other_base=args.allow_other_base
+        base,
+        args.output,
+        tolerance=args.tolerance,
+        max_rank=args.max_rank,
+        allow_other_base=args.allow_other_base,
+        format=args.format,
     )
-    rank = next(iter(state.values())).shape[0]
     size = os.path.getsize(args.output) / 2**20
-    print(f"wrote LoRA {args.output}: rank {rank}, {len(state) // 2} layers, {size:.2f} MiB (load with pipe.load_lora_weights)")
+    layers = len(edit.layers)
+    if args.format == "diff":
+        print(f"wrote {args.output}: the exact change of {layers} layers, {size:.2f} MiB ({LORA_HINTS['diff']})")
+        return 0
+    rank = next(v for k, v in state.items() if "lora_A" in k or "lora_down" in k).shape[0]
+    print(f"wrote LoRA {args.output}: rank {rank}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
+    if args.format == "kohya" and edit.kind in ("flux", "flux-schnell", "sd3"):
+        print("note: this is for ComfyUI; with diffusers use the default --format diffusers (load_lora_weights)")
+    shapes = [edit.metadata["base"]["shapes"][n] for n in edit.layers]
+    if args.format == "kohya" and rank * sum(o + i for o, i in shapes) >= sum(o * i for o, i in shapes):
+        print("note: at this rank the factors hold as many numbers as the full change; --format diff is exact and no larger")
     return 0
 
 
@@ -127,10 +156,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("apply", help="write a diffusers pipeline folder with edit(s) applied")
+    p = sub.add_parser("apply", help="write a diffusers pipeline folder, or a single-file checkpoint, with edit(s) applied")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("edit", nargs="+", help="edit file(s), applied in order")
-    p.add_argument("-o", "--output", required=True, help="pipeline folder to write")
+    p.add_argument("-o", "--output", required=True, help="pipeline folder to write, or OUT.safetensors for one checkpoint file")
+    p.add_argument(
+        "--format",
+        choices=("folder", "single-file"),
+        default=None,
+        help="folder, or single-file: the input checkpoint's layout with only the edited tensors changed "
+        "(default: single-file when the output ends in .safetensors)",
+    )
     p.add_argument("--allow-other-base", action="store_true", help="apply even if the model is not the edit's base (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
@@ -141,12 +177,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("lora", help="export an edit as LoRA weights for pipe.load_lora_weights")
+    p = sub.add_parser("lora", help="export an edit as LoRA weights (diffusers, kohya) or exact differences")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("edit")
     p.add_argument("-o", "--output", required=True, help="LoRA file to write (.safetensors)")
     p.add_argument("--tolerance", type=finite_float, default=1e-3, help="max relative error per edited weight (1e-3)")
     p.add_argument("--max-rank", type=int, default=None, help="cap on the LoRA rank")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "kohya", "diff"),
+        default="diffusers",
+        help="diffusers: PEFT keys for pipe.load_lora_weights (default); kohya: lora_unet_* keys for ComfyUI, "
+        "Automatic1111, Forge (SD1/SD2/SDXL); diff: kohya-named exact full differences",
+    )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_lora)

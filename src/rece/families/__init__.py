@@ -57,13 +57,14 @@ def family_of_pipeline(pipe) -> Family:
 
 
 def family_of_checkpoint(path: Path) -> Family:
-    """The family of an original-format single-file checkpoint, by the keys only that family's files have (SD otherwise)."""
+    """The family of an original-format single-file checkpoint, by a key part only that family's files have (SD
+    otherwise); the part may follow a prefix (ComfyUI saves FLUX under model.diffusion_model.)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
         for family in FAMILIES:
-            if family.checkpoint_marker and any(k.startswith(family.checkpoint_marker) for k in keys):
+            if family.checkpoint_marker and any(family.checkpoint_marker in k for k in keys):
                 return family
     return SD

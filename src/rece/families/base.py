@@ -37,7 +37,10 @@ class Family:
     edited_title: str = "cross-attention (attn2.to_k/to_v)"  # those layers, as messages name them
     steps: int = 50  # default sampling steps of `rece generate`
     guidance: float = 7.5  # default guidance scale of `rece generate`
-    checkpoint_marker: str | None = None  # a key prefix only this family's original single-file checkpoints have
+    checkpoint_marker: str | None = None  # a key part only this family's original single-file checkpoints have
+    original_unet: bool = False  # its single files hold an original (LDM/SGM) UNet under model.diffusion_model.
+    original_names: tuple[tuple[str, str], ...] = ()  # (edited module, its name in the family's published single files)
+    kohya_names: str | None = None  # its kohya LoRAs' module names: "diffusers", "ldm" or "original" (None: none)
     pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
     call_kwargs: dict = field(default_factory=dict)  # what rece passes to every pipeline call (fixed preprocessing)
     max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)

@@ -63,6 +63,10 @@ _SHARED = dict(
     by_components=False,  # recognised by its pipeline class only
     steps=28,
     guidance=3.5,
+    # Black Forest Labs' single files (and kohya's FLUX LoRAs, lora_unet_txt_in / lora_unet_vector_in_in_layer)
+    checkpoint_marker="double_blocks.",
+    original_names=(("context_embedder", "txt_in"), ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")),
+    kohya_names="original",
 )
 
 

@@ -41,4 +41,6 @@ SD = StableDiffusion(
     text_parts=(("tokenizer", "text_encoder"),),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+    original_unet=True,
+    kohya_names="diffusers",  # kohya's scripts train SD1/SD2 on a UNet with diffusers' module names
 )

@@ -72,5 +72,9 @@ _SHARED = dict(
     by_components=False,
     steps=28,
     guidance=7.0,
+    # Stability's single files: the MMDiT under model.diffusion_model., the pooled projection as y_embedder.mlp.0
+    checkpoint_marker="joint_blocks.",
+    original_names=(("context_embedder", "context_embedder"), ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")),
+    kohya_names="original",  # lora_unet_context_embedder, lora_unet_y_embedder_mlp_0: as ComfyUI names its modules
 )
 SD3 = two_space_family("sd3", SD3Context, SD3Pooled, _SHARED)

@@ -32,4 +32,6 @@ SDXL = StableDiffusionXL(
     text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     checkpoint_marker="conditioner.embedders.1.",
+    original_unet=True,
+    kohya_names="ldm",  # kohya's SDXL scripts train on SGM's UNet: input_blocks / middle_block / output_blocks
 )
