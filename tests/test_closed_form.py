@@ -194,3 +194,36 @@ def test_ridge_solve_is_the_dense_solve_and_refuses_a_singular_system():
     assert (cf.ridge_solve(gram, rhs, 0.05) - dense).norm() <= 1e-10 * dense.norm()
     with pytest.raises(ReceError, match="raise --regularization"):
         cf.ridge_solve(gram, rhs, 0.0)
+
+
+@pytest.mark.parametrize("rows", [5, 30])  # fewer erased rows than d = 12, and more
+def test_dense_accumulated_update_equals_the_closed_form(rows):
+    """M − I accumulated a chunk of pairs at a time (as for 1,000 concepts) equals the one-shot transform."""
+    pairs = [(rand(k, 12, seed=k), rand(k, 12, seed=100 + k)) for k in (rows, 3, 4)]
+    preserve = rand(6, 12, seed=7)
+    erase, target = torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+    expected = cf.shared_edit_transform(erase, target, preserve, 0.1, 1.0, 0.1) - torch.eye(12, dtype=torch.float64)
+    for chunk in (1, 8, 10**6):
+        got = cf.accumulated_edit_delta(pairs, preserve, 0.1, 1.0, 0.1, chunk_rows=chunk)
+        assert (got - expected).norm() <= 1e-10 * expected.norm()
+
+
+@pytest.mark.parametrize("rows", [(2, 3), (9, 8)])  # concept rows fewer than d = 12 (columns kept), and more (cross)
+def test_edited_grams_derive_like_the_dense_grams(rows):
+    g = torch.Generator().manual_seed(3)
+    w0 = [torch.randn(7, 12, generator=g, dtype=torch.float64) for _ in range(3)]
+    left, right = 0.3 * torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(12, 4, generator=g, dtype=torch.float64)
+    step = (0.2 * torch.randn(12, 2, generator=g, dtype=torch.float64), torch.randn(12, 2, generator=g, dtype=torch.float64))
+    concepts = [rand(k, 12, seed=k) for k in rows]
+    anchor = rand(9, 12, seed=50)
+    grams = cf.EditedGrams(cf.weight_gram(w0), concepts, left, right)
+    assert grams.by_columns == (sum(rows) < 12)
+    grams.update(*step)
+    transform = cf.identity_plus(left, right) @ cf.identity_plus(*step)
+    edited = [w @ transform for w in w0]
+    for a in (None, anchor):
+        for chunk in (1, 10**6):
+            got = grams.derive(0.05, a, chunk_rows=chunk)
+            for c, d in zip(concepts, got):
+                want = cf.derive_against(c, edited, w0, 0.05, None if a is None else a[: c.shape[0]])
+                assert (d - want).norm() <= 1e-9 * want.norm()

@@ -10,6 +10,7 @@ import torch
 from .errors import ReceError
 
 MAX_CONDITION = 1e13
+CHUNK_ROWS = 16384  # rows the accumulated updates and the derivations handle at a time (memory O(CHUNK_ROWS·d))
 
 
 def outer_sum(left_rows: torch.Tensor, right_rows: torch.Tensor) -> torch.Tensor:
@@ -102,10 +103,42 @@ def shared_edit_factors(
     return erase_scale * (target_rows - erase_rows).T, right
 
 
+def accumulated_edit_delta(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    preserve_rows: torch.Tensor,
+    lamb: float,
+    erase_scale: float,
+    preserve_scale: float,
+    parameter: str = "--lamb",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """M − I = s_e (C* − C)ᵀC · D⁻¹ as a dense d×d matrix, D = λI + s_e CᵀC + s_p PᵀP: `shared_edit_transform`
+    minus I when the erased rows outnumber d, so the low-rank factors would be wider than the matrix.
+
+    The d×d sums are accumulated over the erase pairs a chunk of rows at a time: memory stays O(d² + chunk·d)
+    however many concepts are erased.
+    """
+    dim, chunk_rows = preserve_rows.shape[1], chunk_rows or CHUNK_ROWS
+    gram = preserve_scale * outer_sum(preserve_rows, preserve_rows)
+    cross = torch.zeros(dim, dim, dtype=torch.float64, device=preserve_rows.device)
+    start = 0
+    while start < len(pairs):
+        stop, rows = start, 0
+        while stop < len(pairs) and (rows == 0 or rows + pairs[stop][0].shape[0] <= chunk_rows):
+            rows += pairs[stop][0].shape[0]
+            stop += 1
+        erase = torch.cat([c for c, _ in pairs[start:stop]])
+        target = torch.cat([t for _, t in pairs[start:stop]])
+        gram += erase_scale * outer_sum(erase, erase)
+        cross += erase_scale * outer_sum(target - erase, erase)  # Σ (c* − c) cᵀ
+        start = stop
+    return ridge_solver(gram, lamb, parameter)(cross.T).T  # cross·D⁻¹ = (D⁻¹crossᵀ)ᵀ, D symmetric
+
+
 def identity_plus(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """I + left·rightᵀ as a dense d×d matrix."""
     eye = torch.eye(left.shape[0], dtype=left.dtype, device=left.device)
-    return eye + left @ right.T
+    return eye + (left if is_identity(right) else left @ right.T)
 
 
 def compose_low_rank(left: torch.Tensor, right: torch.Tensor, next_left: torch.Tensor, next_right: torch.Tensor):
@@ -135,9 +168,62 @@ def transformed_gram(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor
     return gram + update + update.T
 
 
+def is_identity(matrix: torch.Tensor) -> bool:
+    """Whether a square matrix is I (the right factor of a transform kept dense as (T − I, I))."""
+    if matrix.shape[0] != matrix.shape[1]:
+        return False
+    return torch.equal(matrix, torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device))
+
+
 def transpose_times(left: torch.Tensor, right: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """Tᵀ·columns for T = I + L Rᵀ: columns + R (Lᵀ columns), without forming T."""
-    return columns + right @ (left.T @ columns)
+    moved = left.T @ columns
+    return columns + (moved if is_identity(right) else right @ moved)
+
+
+class EditedGrams:
+    """What RECE's derivation reads of the edited model W_l = W⁰_l·T, kept current while T = Π (I + A Bᵀ) grows: the
+    edited gram TᵀG₀T and TᵀG₀ applied to the concept rows, kept as those columns when the rows are fewer than d,
+    else as the d×d cross gram TᵀG₀ itself (whichever is smaller)."""
+
+    def __init__(self, gram0: torch.Tensor, concept_rows: list[torch.Tensor], left: torch.Tensor, right: torch.Tensor):
+        self.rows = concept_rows
+        self.by_columns = sum(c.shape[0] for c in concept_rows) < gram0.shape[0]
+        self.gram = transformed_gram(gram0, left, right)
+        self.products = transpose_times(left, right, gram0 @ torch.cat(concept_rows).T if self.by_columns else gram0)
+
+    def update(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """T ← T·(I + left·rightᵀ)."""
+        self.gram = transformed_gram(self.gram, left, right)
+        self.products = transpose_times(left, right, self.products)
+
+    def derive(
+        self, regularization: float, anchor: torch.Tensor | None = None, chunk_rows: int | None = None, into=None
+    ) -> list[torch.Tensor]:
+        """Each concept's c′ (`derive_embedding`), one factorisation for all, solved a chunk of concepts at a time.
+
+        `into`: a [concepts, L, d] tensor to write each c′ into (row i, its first rows); the c′ returned are then views
+        of it, so the rows are held once.
+        """
+        solve, chunk_rows = ridge_solver(self.gram, regularization), chunk_rows or CHUNK_ROWS
+        out, start, column = [], 0, 0
+        while start < len(self.rows):
+            stop, rows = start, 0
+            while stop < len(self.rows) and (rows == 0 or rows + self.rows[stop].shape[0] <= chunk_rows):
+                rows += self.rows[stop].shape[0]
+                stop += 1
+            chunk = self.rows[start:stop]
+            rhs = self.products[:, column : column + rows] if self.by_columns else self.products @ torch.cat(chunk).T
+            if anchor is not None:
+                rhs = rhs + regularization * torch.cat([anchor[: c.shape[0]] for c in chunk]).T
+            solved = solve(rhs).T.split([c.shape[0] for c in chunk])
+            if into is not None:
+                for i, rows_i in enumerate(solved, start=start):
+                    into[i, : rows_i.shape[0]] = rows_i
+                solved = [into[i, : c.shape[0]] for i, c in enumerate(chunk, start=start)]
+            out.extend(solved)
+            start, column = stop, column + rows
+        return out
 
 
 def low_rank_delta(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -212,11 +298,12 @@ def ridge_is_well_conditioned(psd: torch.Tensor, shift: float) -> bool:
     return shift > 0 and (shift + torch.linalg.matrix_norm(psd).item()) / shift < MAX_CONDITION
 
 
-def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, regularization: float, parameter: str = "--regularization"):
-    """(rI + gram)⁻¹ rhs for a symmetric positive semi-definite gram, after a conditioning check naming `parameter`.
+def ridge_solver(gram: torch.Tensor, regularization: float, parameter: str = "--regularization"):
+    """x ↦ (rI + gram)⁻¹ x for a symmetric positive semi-definite gram, factorised once after a conditioning check
+    naming `parameter`.
 
-    The system is symmetric positive definite, so it is solved by a float64 Cholesky factorisation (half the work of
-    the LU in `torch.linalg.solve`, and as stable); LU is the fallback should the factorisation fail.
+    The system is symmetric positive definite, so it is factorised by float64 Cholesky (half the work of the LU in
+    `torch.linalg.solve`, and as stable); LU is the fallback should the factorisation fail.
     """
     dim = gram.shape[0]
     system = gram + regularization * torch.eye(dim, dtype=gram.dtype, device=gram.device)
@@ -224,8 +311,13 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, regularization: float, pa
         check_conditioning(system, parameter, shift=regularization)
     factor, info = torch.linalg.cholesky_ex(system)
     if info.item() != 0:
-        return torch.linalg.solve(system, rhs)
-    return torch.cholesky_solve(rhs, factor)
+        return lambda rhs: torch.linalg.solve(system, rhs)
+    return lambda rhs: torch.cholesky_solve(rhs, factor)
+
+
+def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, regularization: float, parameter: str = "--regularization"):
+    """(rI + gram)⁻¹ rhs for a symmetric positive semi-definite gram (see `ridge_solver`)."""
+    return ridge_solver(gram, regularization, parameter)(rhs)
 
 
 def derive_embedding(

@@ -44,6 +44,7 @@ class EraseConfig:
     target: str = option(" ", "what erased concepts map to")
     preserve: list[str] = option(default_factory=list, help="text whose keys/values must not change (repeatable)")
     preserve_empty: bool = option(True, "do not add '' to UCE's preserved texts")
+    check: list[str] = option(default_factory=list, help="held-out text whose K/V change is reported, not preserved (repeatable)")
     epochs: int = option(1, "RECE epochs (presets set their own)")
     regularization: float = option(0.1, "r of the derived embedding (presets set their own)")
     regularization_type: str = option("regzero", "regzero or standard")

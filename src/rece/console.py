@@ -57,3 +57,17 @@ def shown_warnings() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=pattern, category=category)
         warnings.showwarning = _one_line
         yield
+
+
+PROGRESS_DELAY = 2.0  # seconds of work before a bar appears
+
+
+def progress_bar(iterable=None, desc: str = "", unit: str = "it", enabled: bool | None = None, total: int | None = None):
+    """A tqdm bar on stderr that appears only once the work has taken PROGRESS_DELAY s (quick runs print nothing); `enabled`
+    None: when stderr is a terminal; False (--json, --quiet): never."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, unit=unit, disable=None if enabled is None else not enabled, delay=PROGRESS_DELAY,
+        dynamic_ncols=True, leave=False,
+    )  # fmt: skip

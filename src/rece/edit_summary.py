@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .preservation import describe
+
 
 def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
     """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base."""
@@ -36,4 +38,5 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
     lines.append(f"base          {m['base']['source']} (fingerprint {m['base']['fingerprint']}, {m['base']['pipeline']})")
+    lines.extend(describe(m.get("preservation") or {}))
     return "\n".join(lines)

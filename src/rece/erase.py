@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from . import closed_form as cf
+from . import preservation
+from .budget import check_memory
 from .config import ROBUST_TEMPLATES, EraseConfig
+from .console import progress_bar
 from .edit import Edit
 from .errors import ReceError
 from .models import BaseModel, load_model
@@ -36,9 +40,9 @@ class _Texts:
     whole: bool = False  # UCE pairs every row (a pooled space)
 
     @classmethod
-    def encode(cls, base: BaseModel, texts: list[str]) -> _Texts:
+    def encode(cls, base: BaseModel, texts: list[str], progress: bool | None = None) -> _Texts:
         unique = list(dict.fromkeys(texts))
-        emb = base.encoder.encode(unique)
+        emb = base.encoder.encode(unique, progress=progress)
         counts = base.encoder.token_counts(unique)
         family = base.family
         return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), family.masks_padding, family.end_rows, family.whole_rows)
@@ -46,6 +50,12 @@ class _Texts:
     def attended(self, text: str) -> torch.Tensor:
         """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
         return self.embeddings[text][: self.counts[text]] if self.masked else self.embeddings[text]
+
+    def weighted_rows(self, texts: list[str]) -> torch.Tensor:
+        """Rows whose outer products sum like those of `texts` (repeats included), each distinct text once, scaled by
+        √(its count): the sums the closed forms need, without a thousand copies of " " when erasing 1,000 concepts."""
+        counts = Counter(texts)
+        return self.rows([]) if not counts else torch.cat([self.attended(t) * k**0.5 for t, k in counts.items()])
 
     def rows(self, texts: list[str]) -> torch.Tensor:
         if not texts:
@@ -73,9 +83,17 @@ def derive_all(concept_rows: list[torch.Tensor], products, gram, r: float, ancho
     return list(rows.split([c.shape[0] for c in concept_rows]))
 
 
-def positional_targets(derived_rows: list[torch.Tensor], target_rows: torch.Tensor) -> torch.Tensor:
-    """The target's row at each position of every c′ (all rows for SD; as many as the concept attends when masked)."""
-    return torch.cat([target_rows[: d.shape[0]] for d in derived_rows])
+def shared_step(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], preserve_rows, lamb: float, s_e: float, s_p: float, parameter: str
+):
+    """One update's shared transform M = I + A·Bᵀ as factors (A, B): low-rank while the erased rows are fewer than d,
+    else (M − I, I) accumulated dense, so many concepts never make factors wider than the matrix."""
+    dim = preserve_rows.shape[1]
+    if sum(c.shape[0] for c, _ in pairs) < dim:
+        erase_rows, target_rows = torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+        return cf.shared_edit_factors(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, parameter)
+    delta = cf.accumulated_edit_delta(pairs, preserve_rows, lamb, s_e, s_p, parameter)
+    return delta, torch.eye(dim, dtype=delta.dtype, device=delta.device)
 
 
 def padded_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -86,6 +104,18 @@ def padded_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+@dataclass
+class _SpaceResult:
+    """What the procedure gives for one space: a shared transform (dense, or factors (L, R) of I + L Rᵀ) or per-layer
+    deltas, the c′ of each epoch, robust mode's report, and the preservation sums of the reported texts."""
+
+    transform: object
+    deltas: dict | None
+    derived: list
+    report: dict | None
+    sums: dict
+
+
 def erase(
     model,
     concepts=None,
@@ -93,54 +123,73 @@ def erase(
     preset: str | None = None,
     config: EraseConfig | None = None,
     device: str | torch.device = "cpu",
+    progress: bool | None = None,
     **overrides,
 ):
     """Erase concepts from a model in closed form and return an Edit (nothing is written).
 
-    `model` is a pipeline, a diffusers folder, a hub id, a single-file checkpoint or a loaded BaseModel.
+    `model` is a pipeline, a diffusers folder, a hub id, a single-file checkpoint or a loaded BaseModel. `progress`:
+    bars on stderr for text encoding and epochs once they take a few seconds (None: when stderr is a terminal).
     """
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)
+    check_memory(base, config)
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     edited = select_layers(list(base.kv), config.layers)
+    views = base.spaces or [base]
+    results = {}
+    for view in views:
+        mine = [n for n in edited if n in view.kv]
+        if mine:
+            results[view.family.name] = _erase_space(view, config, mine, progress)
+    first = next(iter(results.values()))
+    seconds = lambda: time.perf_counter() - start  # noqa: E731
     if base.spaces:  # each space on its own; the edit holds every layer's change (the first space's c′)
-        deltas, derived, reports = {}, [], {}
-        for i, view in enumerate(base.spaces):
-            mine = [n for n in edited if n in view.kv]
-            if mine:
-                transform, changes, space_derived, report = _erase_space(view, config, mine)
-                deltas.update(changes if transform is None else transform_deltas(view.kv, transform))
-                derived = space_derived if i == 0 else derived
-                if report is not None:
-                    reports[view.family.name] = report
+        deltas = {}
+        for view in views:
+            if view.family.name in results:
+                r = results[view.family.name]
+                deltas.update(r.deltas if r.transform is None else transform_deltas(view.kv, r.transform))
+        reports = {name: r.report for name, r in results.items() if r.report is not None}
         robust = {**next(iter(reports.values())), "spaces": reports} if reports else None
-        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start, robust=robust)
-    transform, deltas, derived, report = _erase_space(base, config, edited)
-    if transform is None:
-        return Edit.from_deltas(deltas, base, config, derived, time.perf_counter() - start)
-    if isinstance(transform, tuple):
-        transform = cf.identity_plus(*transform)
-    return Edit.from_transform(transform, base, config, derived, time.perf_counter() - start, robust=report)
+        edit = Edit.from_deltas(deltas, base, config, first.derived, seconds(), robust=robust)
+    elif first.transform is None:
+        edit = Edit.from_deltas(first.deltas, base, config, first.derived, seconds())
+    else:
+        transform = cf.identity_plus(*first.transform) if isinstance(first.transform, tuple) else first.transform
+        edit = Edit.from_transform(transform, base, config, first.derived, seconds(), robust=first.report)
+    edit.metadata["preservation"] = {
+        group: preservation.summary(preservation.merge_sums(*(r.sums[group] for r in results.values())))
+        for group in ("preserved", "check")
+    }
+    return edit
 
 
-def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str]):
-    """The procedure on one space's rows and layers: (shared transform, dense or as factors (L, R), or None;
-    per-layer deltas or None; c′ per epoch; robust report or None)."""
+def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progress: bool | None = None) -> _SpaceResult:
+    """The procedure on one space's rows and layers."""
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     texts = _Texts.encode(
-        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra
+        base,
+        config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra + config.check,
+        progress,
     )
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
-        return transform, None, [], report
-    if config.technique == "replace" and len(edited) == len(base.kv):
-        factors, derived = _run_shared(base, config, texts, edited)
-        return factors, None, derived, None
-    deltas, derived = _run_per_layer(base, config, texts, edited)
-    return None, deltas, derived, None
+        result = _SpaceResult(transform, None, [], report, {})
+    elif config.technique == "replace" and len(edited) == len(base.kv):
+        factors, derived = _run_shared(base, config, texts, edited, progress)
+        result = _SpaceResult(factors, None, derived, None, {})
+    else:
+        deltas, derived = _run_per_layer(base, config, texts, edited)
+        result = _SpaceResult(None, deltas, derived, None, {})
+    gram0 = base.original_gram()
+    gram_delta = preservation.delta_gram(gram0, result.transform, result.deltas)
+    for group, names in (("preserved", config.uce_preserve_texts), ("check", config.check)):
+        result.sums[group] = preservation.text_sums({t: texts.attended(t) for t in names}, gram0, gram_delta)
+    return result
 
 
 def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.Tensor]:
@@ -155,42 +204,38 @@ def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.
 
 def _uce_stage_args(config: EraseConfig, texts: _Texts):
     pairs = uce_pairs(texts, config.concepts, config.resolved_target)
-    preserve_rows = texts.rows(config.uce_preserve_texts)
+    preserve_rows = texts.weighted_rows(config.uce_preserve_texts)
     return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
 
 
 def _rece_stage_args(config: EraseConfig, texts: _Texts):
-    preserve_rows = texts.rows([" "] * len(config.concepts) + list(config.preserve))
+    preserve_rows = texts.weighted_rows([" "] * len(config.concepts) + list(config.preserve))
     target_rows = texts.embeddings[config.resolved_target]
     anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
     concept_rows = [texts.attended(c) for c in config.concepts]
     return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
 
 
-def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
+def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str], progress: bool | None = None):
     """Fast path: every update is W ← W·M with one d×d M shared by all layers. Returns the factors (L, R) of their
     product P = Π M = I + L Rᵀ, and the c′ of each epoch."""
     pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
-    erase_rows = torch.cat([c for c, _ in pairs])
-    target_rows = torch.cat([t for _, t in pairs])
-    # P stays low-rank: each update adds as many columns as it erases rows
-    left, right = cf.shared_edit_factors(erase_rows, target_rows, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
+    # P stays low-rank while few rows are erased: each update adds as many columns as it erases rows
+    left, right = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
         concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
-        gram0 = base.original_gram()
-        # the edited gram PᵀG₀P and the products PᵀG₀c are kept current update by update, each update a low-rank
-        # term, so the composed P is never multiplied out against G₀
-        gram = cf.transformed_gram(gram0, left, right)
-        products = cf.transpose_times(left, right, gram0 @ torch.cat(concept_rows).T)
-        for epoch in range(config.epochs):
-            derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
-            derived.append(padded_stack(derived_rows, target_one.shape[0]))
-            targets = positional_targets(derived_rows, target_one)
-            step = cf.shared_edit_factors(torch.cat(derived_rows), targets, preserve_rows, lamb, s_e, s_p, "--lamb")
+        # the edited gram PᵀG₀P and PᵀG₀ on the concept rows are kept current update by update, each update a
+        # low-rank term (or a dense one), so the composed P is never multiplied out against G₀
+        grams = cf.EditedGrams(base.original_gram(), concept_rows, left, right)
+        for epoch in progress_bar(range(config.epochs), "RECE epochs", "epoch", progress):
+            stack = target_one.new_zeros(len(concept_rows), *target_one.shape)  # the edit keeps it; c′ are its views
+            derived_rows = grams.derive(config.regularization, anchor, into=stack)
+            derived.append(stack)
+            step = shared_step([(c, target_one[: c.shape[0]]) for c in derived_rows], preserve_rows, lamb, s_e, s_p, "--lamb")
             left, right = cf.compose_low_rank(left, right, *step)
             if epoch + 1 < config.epochs:
-                gram, products = cf.transformed_gram(gram, *step), cf.transpose_times(*step, products)
+                grams.update(*step)
     return (left, right), derived
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .console import progress_bar
 from .families import Family, tokenize
 
 
@@ -64,24 +65,32 @@ class PromptEncoder:
                 )
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    def encode(self, texts: Sequence[str], batch_size: int = 16, progress: bool | None = False) -> torch.Tensor:
         """Return float64 embeddings of shape [len(texts), max_length, dim] on this encoder's device.
 
-        Texts with identical token ids in every tokenizer (e.g. "" and " ") are encoded once.
+        Texts with identical token ids in every tokenizer (e.g. "" and " ") are encoded once. `progress`: a bar over
+        the batches once they take a few seconds (None: when stderr is a terminal).
         """
         if not texts:
             return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device)
         texts = [self.family.preprocess(t) for t in texts]
         ids = [tokenize(t, texts, self.max_length).input_ids.tolist() for t in self.tokenizers]
         keys = [tuple(tuple(per_tokenizer[i]) for per_tokenizer in ids) for i in range(len(texts))]
-        unique = list(dict.fromkeys(keys))
-        representative = {key: texts[keys.index(key)] for key in unique}
-        out = []
-        for start in range(0, len(unique), batch_size):
+        representative: dict = {}
+        for key, text in zip(keys, texts):
+            representative.setdefault(key, text)
+        unique = list(representative)
+        out = None  # filled batch by batch: one float64 copy of the rows at any time, not two
+        starts = range(0, len(unique), batch_size)
+        for start in progress_bar(starts, "encoding texts", "batch", progress):
             chunk = [representative[k] for k in unique[start : start + batch_size]]
             rows = self.family.encode_batch(self.tokenizers, self.text_encoders, chunk, self.device)
             if self.projection is not None:
                 rows = self.projection(rows.float())
-            out.append(rows.to(torch.float64))
+            if out is None:
+                out = torch.empty(len(unique), *rows.shape[1:], dtype=torch.float64, device=rows.device)
+            out[start : start + len(chunk)] = rows
+        if len(unique) == len(keys):
+            return out
         position = {k: i for i, k in enumerate(unique)}
-        return torch.cat(out)[[position[k] for k in keys]]
+        return out[[position[k] for k in keys]]

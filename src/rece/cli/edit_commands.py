@@ -20,6 +20,10 @@ def add_erase_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, EraseConfig)
     p.add_argument("--concept-prompts", help="file of more texts to erase: one per line, or a CSV with a 'prompt' column")
     p.add_argument("--preserve-prompts", help="file of more texts to preserve: one per line, or a CSV with a 'prompt' column")
+    p.add_argument(
+        "--check-prompts",
+        help="file of held-out texts (e.g. the concepts' neighbours) whose K/V change is reported in the edit, not preserved",
+    )
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
     p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
 
@@ -40,6 +44,8 @@ def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseC
         concepts = (concepts or []) + read_prompt_file(args.concept_prompts, "--concept-prompts")
     if args.preserve_prompts:
         preserve = (preserve or []) + read_prompt_file(args.preserve_prompts, "--preserve-prompts")
+    if getattr(args, "check_prompts", None):
+        values["check"] = (values.get("check") or []) + read_prompt_file(args.check_prompts, "--check-prompts")
     preset = values.pop("preset")
     return EraseConfig.create(concepts, preset, preserve=preserve, **values)
 
@@ -55,7 +61,7 @@ def cmd_erase(args) -> int:
     start = time.perf_counter()
     base = load_model(args.model, args.device, config=args.config)
     loaded = time.perf_counter()
-    edit = erase(base, config=config)
+    edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     edit.save(args.output)
     seconds = time.perf_counter() - start
     if args.json:
@@ -68,6 +74,7 @@ def cmd_erase(args) -> int:
             "output": str(args.output),
             "kind": edit.kind,
             "base_fingerprint": edit.base_fingerprint,
+            "preservation": edit.metadata.get("preservation"),
         }
         print(json.dumps(record))
     else:
@@ -154,6 +161,7 @@ def add_parsers(sub) -> None:
     add_erase_arguments(p)
     p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("apply", help="write a diffusers pipeline folder, or a single-file checkpoint, with edit(s) applied")

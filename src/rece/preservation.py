@@ -1,0 +1,84 @@
+"""What else an erasure moved: the relative change of each preserved (or held-out) text's keys and values.
+
+For a text with rows p, over every edited layer l: ‖[W′_l p]_l − [W⁰_l p]_l‖ / ‖[W⁰_l p]_l‖. With ΔW_l = W′_l − W⁰_l
+this is √(Σ pᵀG_Δp / Σ pᵀG₀p), G_Δ = Σ ΔW_lᵀΔW_l and G₀ = Σ W⁰_lᵀW⁰_l (sums over the text's rows), so a thousand
+texts cost two d×d products of their rows, not a pass over every layer each. A shared transform P gives
+ΔW_l = W⁰_l(P − I) and G_Δ = (P − I)ᵀG₀(P − I).
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORST = 5  # texts named in a summary
+
+
+def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """G_Δ = Σ ΔW_lᵀΔW_l of a space's edit: a shared transform (dense, or factors (L, R) of I + L Rᵀ) or per-layer
+    float64 changes."""
+    if deltas is not None:
+        out = torch.zeros_like(gram0)
+        for d in deltas.values():
+            d = d.to(gram0.device, torch.float64)
+            out += d.T @ d
+        return out
+    if isinstance(transform, tuple):
+        left, right = transform
+        inner = left.T @ gram0 @ left  # (P − I)ᵀG₀(P − I) = R (LᵀG₀L) Rᵀ
+        return right @ inner @ right.T
+    change = transform - torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
+    return change.T @ gram0 @ change
+
+
+def text_sums(rows: dict[str, torch.Tensor], gram0: torch.Tensor, gram_delta: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers."""
+    if not rows:
+        return {}
+    names = list(rows)
+    stacked = torch.cat([rows[n] for n in names]).to(gram0.device, torch.float64)
+    change = ((stacked @ gram_delta) * stacked).sum(dim=1)
+    norm = ((stacked @ gram0) * stacked).sum(dim=1)
+    out, start = {}, 0
+    for n in names:
+        stop = start + rows[n].shape[0]
+        out[n] = (change[start:stop].sum().item(), norm[start:stop].sum().item())
+        start = stop
+    return out
+
+
+def merge_sums(*parts: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Add the sums of several spaces (an MMDiT's token rows and pooled vector) text by text."""
+    out: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for text, (change, norm) in part.items():
+            a, b = out.get(text, (0.0, 0.0))
+            out[text] = (a + change, b + norm)
+    return out
+
+
+def summary(sums: dict[str, tuple[float, float]]) -> dict | None:
+    """{texts, mean, max, worst: [[text, change], ...]} of the relative K/V changes (None when there is no text)."""
+    changes = {t: (c / n) ** 0.5 for t, (c, n) in sums.items() if n > 0}
+    if not changes:
+        return None
+    worst = sorted(changes.items(), key=lambda item: -item[1])[:WORST]
+    return {
+        "texts": len(changes),
+        "mean": round(sum(changes.values()) / len(changes), 6),
+        "max": round(worst[0][1], 6),
+        "worst": [[t, round(v, 6)] for t, v in worst],
+    }
+
+
+def describe(report: dict) -> list[str]:
+    """Lines for `rece info`: each group's mean and max relative K/V change and its worst texts."""
+    lines = []
+    for group, title in (("preserved", "preserved"), ("check", "check texts")):
+        part = report.get(group)
+        if not part:
+            continue
+        worst = ", ".join(f"'{t[:30]}' {v:.3g}" for t, v in part["worst"][:3])
+        lines.append(
+            f"{title:13s} K/V change over {part['texts']} texts: mean {part['mean']:.3g}, max {part['max']:.3g} ({worst})"
+        )
+    return lines

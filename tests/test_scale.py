@@ -1,0 +1,113 @@
+"""Many concepts in one edit: exact against the plain transcription, a memory estimate before any work, progress on
+stderr, and the preservation report (preserved and held-out texts' K/V change)."""
+
+import itertools
+
+import pytest
+import torch
+
+import rece
+from rece import budget, console
+from rece.cli import main
+from rece.edit import load_edit
+from rece.tiny import DEFAULT_WORDS
+
+from .reference import reference_erase
+from .test_erase import _encode_fns, _max_rel_error
+
+NAMES = [f"{a} {b}" for a, b in itertools.product(DEFAULT_WORDS[17:29], DEFAULT_WORDS[29:34])]  # 60 two-word texts
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_sixty_concepts_match_the_plain_transcription(base, method, monkeypatch):
+    """60 concepts (4,500 erased rows, 70× d): the dense accumulated updates, the chunked derivation (small chunks
+    forced) and the " " rows counted once with their weight give the paper's procedure."""
+    monkeypatch.setattr(rece.closed_form, "CHUNK_ROWS", 1000)
+    concepts, preserve = NAMES[:60], ["a photo of a dog"]
+    edit = rece.erase(base, concepts, preset="art", method=method, preserve=preserve)
+    encode, counts = _encode_fns(base)
+    expected = reference_erase(base.kv, encode, counts, concepts, target="art", preserve=preserve, method=method, r=1e-3)
+    assert _max_rel_error(edit, base, expected) <= 1e-5
+
+
+def test_memory_is_estimated_before_any_work(sd_path, tmp_path, capsys, monkeypatch):
+    sizes = [budget.erase_bytes(n, 3, 77, 768, 1) for n in (1000, 2000, 3000)]
+    assert abs((sizes[2] - sizes[1]) - (sizes[1] - sizes[0])) <= 2  # linear in the concepts
+    assert 1.2e9 <= sizes[1] - sizes[0] <= 2e9  # 1,000 concepts' rows and c′ (float64, 77 × 768 each, ×3)
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES))
+    out = tmp_path / "edit.safetensors"
+    need = budget.erase_bytes(len(NAMES), 5, 77, 64, 1)
+    monkeypatch.setenv("RECE_MEMORY_LIMIT", str(need // 2))
+    called = []
+    monkeypatch.setattr(rece.text.PromptEncoder, "encode", lambda *a, **k: called.append(1))
+    code = main(["erase", str(sd_path), "--concept-prompts", str(names), "--preset", "art", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not out.exists() and not called
+    assert "erasing 60 concepts needs about" in err and "GB is free" in err and "split --concept-prompts" in err
+
+
+def test_progress_on_stderr_unless_json(sd_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(console, "PROGRESS_DELAY", 0.0)
+    out = tmp_path / "edit.safetensors"
+    argv = ["erase", str(sd_path), "-c", "cat", "--preset", "nudity", "-o", str(out)]
+    assert main(argv) == 0
+    assert "encoding texts" not in capsys.readouterr().err  # not a terminal: no bars by default
+    rece.erase(sd_path, ["cat"], preset="nudity", progress=True)
+    err = capsys.readouterr().err
+    assert "encoding texts" in err and "RECE epochs" in err
+    assert main([*argv, "--json"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def _direct_changes(edit, base, texts):
+    """‖W′p − W⁰p‖ / ‖W⁰p‖ over every edited layer, from the weights themselves."""
+    new = edit.edited_kv(base.kv)
+    out = {}
+    for text in texts:
+        rows = base.encoder.encode([text])[0]
+        num = sum(((new[n].double() - w.double()) @ rows.T).pow(2).sum() for n, w in base.kv.items() if n in new)
+        den = sum((w.double() @ rows.T).pow(2).sum() for w in base.kv.values())
+        out[text] = (num / den).sqrt().item()
+    return out
+
+
+@pytest.mark.parametrize("technique", ["replace", "tensor"])
+def test_preservation_report_in_the_edit_and_info(base, sd_path, tmp_path, capsys, technique):
+    check = ["a red cat", "kitten", "a photo of a dog"]
+    edit = rece.erase(base, ["cat"], preset="nudity", preserve=["dog"], check=check, technique=technique)
+    report = edit.metadata["preservation"]
+    direct = _direct_changes(edit, base, ["", "dog", *check])
+    assert report["preserved"]["texts"] == 2 and report["check"]["texts"] == 3
+    for group, texts in (("preserved", ["", "dog"]), ("check", check)):
+        values = {t: v for t, v in report[group]["worst"]}
+        for t in texts:
+            assert values[t] == pytest.approx(direct[t], rel=1e-4, abs=1e-6)
+        assert report[group]["max"] == pytest.approx(max(direct[t] for t in texts), rel=1e-4)
+        assert report[group]["mean"] == pytest.approx(sum(direct[t] for t in texts) / len(texts), rel=1e-4)
+    checks = tmp_path / "check.txt"
+    checks.write_text("\n".join(check))
+    path = tmp_path / "edit.safetensors"
+    argv = ["erase", str(sd_path), "-c", "cat", "--preserve", "dog", "--check-prompts", str(checks), "-o", str(path)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert load_edit(path).metadata["preservation"]["check"]["texts"] == 3
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "preserved     K/V change over 2 texts" in out and "check texts   K/V change over 3 texts" in out
+
+
+def test_preservation_on_a_two_space_family(tmp_path):
+    from rece.tiny_dit import build_tiny_flux
+
+    flux = rece.load_model(build_tiny_flux(tmp_path / "flux"))
+    edit = rece.erase(flux, ["cat"], preset="nudity", check=["a red cat"])
+    new = edit.edited_kv(flux.kv)
+    num = den = 0.0
+    for view in flux.spaces:
+        rows = view.encoder.encode(["a red cat"])[0]
+        for n, w in view.kv.items():
+            num += ((new[n].double() - w.double()) @ rows.T).pow(2).sum().item()
+            den += (w.double() @ rows.T).pow(2).sum().item()
+    assert edit.metadata["preservation"]["check"]["max"] == pytest.approx((num / den) ** 0.5, rel=1e-4)
+    assert torch.isfinite(torch.tensor(edit.metadata["preservation"]["preserved"]["max"]))
