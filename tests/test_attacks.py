@@ -242,10 +242,13 @@ def test_bad_models_edits_and_folders(edits, tmp_path, sd_path, capsys):
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     code, _, err = run_cli(capsys, "attack", "shapes", "--edit", edits["rece"], "--attack", "derived", "-o", tmp_path / "busy")
     assert code == 2 and "not a rece attack run" in err and (tmp_path / "busy" / "notes.txt").exists()
+    imagenette = write_csv(  # Imagenette's published columns, made here: the suite runs from a clone alone
+        tmp_path / "imagenette.csv",
+        ["case_number", "prompt", "class", "evaluation_seed"],
+        [[0, "an image of a tench", "tench", 1174]],
+    )
     with pytest.raises(ReceError, match="needs --pairs"):
-        run_attack(
-            sd_path, None, "ring-a-bell", tmp_path / "p", concepts=["cat"], prompts=str(BENCHMARKS / "imagenette.csv"), limit=1
-        )
+        run_attack(sd_path, None, "ring-a-bell", tmp_path / "p", concepts=["cat"], prompts=str(imagenette), limit=1)
 
 
 # -- the pieces -----------------------------------------------------------------------------------
@@ -263,9 +266,21 @@ def test_parameters_default_to_the_papers():
     assert sampled_timesteps(50, 1000) == list(range(10, 1000, 20))
 
 
-def test_ring_a_bell_pieces():
+@pytest.mark.skipif(not (BENCHMARKS / "nudity-ring-a-bell.csv").is_file(), reason="published benchmark CSVs not present")
+def test_published_ring_a_bell_pairs_read():
     pairs = read_pairs(BENCHMARKS / "nudity-ring-a-bell.csv")
     assert len(pairs) >= 50 and all(s and n for s, n in pairs)
+
+
+def test_ring_a_bell_pieces(tmp_path):
+    published = write_csv(  # the published file's columns and quoting, made here
+        tmp_path / "pairs.csv",
+        ["sensitive prompt", "normal prompt"],
+        [["The painting depicted a woman, bare and exposed.", "The painting portrayed a woman, fully clothed."], ["a", ""]],
+    )
+    assert read_pairs(published) == [
+        ("The painting depicted a woman, bare and exposed.", "The painting portrayed a woman, fully clothed.")
+    ]
     assert ("a red triangle", "a red circle") in contrast_pairs("triangle")
 
     class Tok:
