@@ -164,7 +164,9 @@ def test_erase_reads_concept_and_preserve_prompt_files(capsys, sd_path, tmp_path
     code, out, _ = run(capsys, "info", edit, "--json")
     assert json.loads(out)["config"]["preserve"] == ["a dog", "a bird"]
     # with a preset and no --concept, the file adds to the preset's concepts
-    code, out, err = run(capsys, "erase", sd_path, "--preset", "nudity", "--concept-prompts", concepts, "-o", edit, "--json")
+    code, out, err = run(
+        capsys, "erase", sd_path, "--preset", "nudity", "--concept-prompts", concepts, "-o", edit, "--json", "--overwrite"
+    )
     assert code == 0, err
     assert json.loads(out)["concepts"] == ["nudity", "a cat", "a photo of a cat"]
 

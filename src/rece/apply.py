@@ -14,7 +14,7 @@ from .families import family_of_pipeline
 from .hub import snapshot
 from .io import atomic_dir
 from .models import BaseModel, load_model
-from .weights import component_weight_files
+from .weights import component_weight_files, load_pickled_weights
 
 APPLIED = "_rece_applied"  # the stack of (edit id, original weights) kept on the denoiser of a pipeline
 
@@ -60,7 +60,7 @@ def _rewrite_weights(folder: Path, new: dict[str, torch.Tensor]) -> None:
 
     for file in component_weight_files(folder):
         if file.suffix == ".bin":
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = dict(load_pickled_weights(file))
             for key in state:
                 if key.endswith(".weight") and key[:-7] in new:
                     state[key] = new[key[:-7]].to(state[key].dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .errors import ReceError
@@ -21,6 +22,7 @@ PRESETS: dict[str, dict] = {
     "object-hard": {"regularization": 1e-3, "epochs": 1},
 }
 METHODS = ("rece", "uce", "robust")
+MAX_PARAMETER = 1e12  # the largest scale, λ or r rece accepts
 # robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
 ROBUST_TEMPLATES = (
     "a photo of {}",
@@ -119,6 +121,28 @@ class EraseConfig:
                 raise ReceError(f"{name} must be a finite number, got {value!r}; fix {flag}")
             if value < 0:
                 raise ReceError(f"{name} must be >= 0, got {value}; fix {flag}")
+            if value > MAX_PARAMETER:  # beyond it the float64 systems overflow instead of erasing harder
+                raise ReceError(f"{name} must be at most {MAX_PARAMETER:g}, got {value:g}; fix {flag}")
+        self.validate_texts()
+
+    def validate_texts(self) -> None:
+        """Refuse a concept that is also the target or a preserved text (the closed form would undo the erasure),
+        and a --layers pattern that is not a regular expression."""
+        target = self.resolved_target.strip().lower()
+        preserved = {p.strip().lower(): p for p in self.preserve}
+        for concept in self.concepts:
+            key = concept.strip().lower()
+            if key == target:
+                raise ReceError(f"concept '{concept}' is also the --target; erasing it towards itself changes nothing")
+            if key in preserved:
+                raise ReceError(
+                    f"concept '{concept}' is also preserved (--preserve '{preserved[key]}'); erase it or preserve it, not both"
+                )
+        for pattern in self.layers or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ReceError(f"--layers '{pattern}' is not a regular expression ({exc}); fix the pattern") from None
 
     @property
     def uce_preserve_texts(self) -> list[str]:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .edit import Edit
 from .erase import erase
 from .errors import ReceError
-from .io import atomic_dir
+from .io import atomic_dir, check_parent
 from .pictures import html_page, html_table, image_grid, labelled_panels, png_data_uri
 from .pipelines import load_pipeline
 from .toy import door
@@ -107,6 +107,21 @@ def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds
     )
 
 
+DEMO_FILES = {"report.html", "grid.png", "metrics.json", "edit.safetensors"}
+
+
+def check_demo_output(output: Path, overwrite: bool = False) -> None:
+    """Before any work: the demo replaces only an earlier demo's folder (its four files and nothing else); any other
+    existing file or folder at OUTPUT is the user's and is refused unless `overwrite`."""
+    check_parent(output)
+    if overwrite or not output.exists():
+        return
+    if output.is_dir() and {p.name for p in output.iterdir()} <= DEMO_FILES:
+        return
+    kind = "a folder holding other files" if output.is_dir() else "a file"
+    raise ReceError(f"'{output}' is {kind}, not a rece demo folder; choose another -o or pass --overwrite to replace it")
+
+
 def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit: Edit) -> None:
     """Write the demo folder atomically: grid.png, report.html, metrics.json and edit.safetensors."""
     with atomic_dir(output, overwrite=True) as tmp:
@@ -134,6 +149,7 @@ def run_demo(
     steps: int = 25,
     guidance: float | None = None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Generate the grid prompts, erase `concept`, regenerate with the same seeds, measure and write a report.
 
@@ -141,6 +157,7 @@ def run_demo(
     """
     guidance = _check_options(concept, per_combo, steps, guidance)
     output = Path(output)
+    check_demo_output(output, overwrite)
     pipe = _load_pipeline(model)
     metrics, edit, before, after, erase_seconds = measure_demo(pipe, model, concept, method, per_combo, steps, guidance, quiet)
     grid = demo_grid(before, after, per_combo, concept, method)

@@ -9,6 +9,7 @@ edits into models `apply`, LoRA export `lora` and the text summary `edit_summary
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,10 @@ class Edit:
         """
         if format not in LORA_FORMATS:
             raise ReceError(f"unknown LoRA format '{format}'; choose one of {', '.join(LORA_FORMATS)}")
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 < tolerance < 1):
+            raise ReceError(f"tolerance must be a number in (0, 1), got {tolerance!r}; fix --tolerance (e.g. 1e-3)")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise ReceError(f"max rank must be a whole number >= 1, got {max_rank!r}; fix --max-rank")
         base = model if isinstance(model, BaseModel) else load_model(model)
         self.check_base(base.kv, allow_other_base, base.source)
         deltas = {n: self.delta64(n, base.kv[n].to(torch.float64)) for n in self.layers}

@@ -19,6 +19,7 @@ from .io import atomic_file
 FORMAT = "rece-edit"
 FORMAT_VERSION = 1
 METADATA_KEY = "rece"
+MAX_CHANGE = 1e6  # an edit's tensors change weights far less; a larger value is a damaged or forged file
 
 
 def edit_tensors(transform: torch.Tensor | None, deltas: dict | None, derived: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -70,17 +71,44 @@ def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, 
         raise ReceError(f"'{path}' is not a rece edit (no rece metadata); if it is a LoRA, load it with pipe.load_lora_weights")
     try:
         meta = json.loads(header[METADATA_KEY])
-        if meta.get("format") != FORMAT:
-            raise ValueError("format")
+        check_metadata(meta)
         if meta["kind"] == "transform":
             delta = tensors["transform.delta"].to(torch.float64)
-            transform, deltas = delta + torch.eye(delta.shape[0], dtype=torch.float64), None
+            dim = meta["base"]["dim"]
+            if tuple(delta.shape) != (dim, dim):
+                raise ValueError(f"transform.delta of shape {list(delta.shape)}, not [{dim}, {dim}]")
+            transform, deltas = delta + torch.eye(dim, dtype=torch.float64), None
         else:
             transform, deltas = None, {n: tensors[f"layers.{n}.delta"].to(torch.float64) for n in meta["edited_layers"]}
+            for n, d in deltas.items():
+                if list(d.shape) != meta["base"]["shapes"][n]:
+                    raise ValueError(f"layers.{n}.delta of shape {list(d.shape)}, not {meta['base']['shapes'][n]}")
         derived = [tensors[f"derived.{i}"].to(torch.float64) for i in range(sum(k.startswith("derived.") for k in tensors))]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReceError(f"'{path}' is not a complete rece edit (bad or missing {exc}); re-create it with rece erase") from None
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ReceError(f"edit file '{path}' has NaN/Inf in {name}; it is corrupt, re-create it with rece erase")
+        if name.startswith(("transform.", "layers.")) and t.numel() and t.abs().max().item() > MAX_CHANGE:
+            raise ReceError(
+                f"edit file '{path}' changes weights by up to {t.abs().max().item():.3g} in {name}; no erasure does that, "
+                "it is damaged or not rece's: re-create it with rece erase"
+            )
     return meta, transform, deltas, derived
+
+
+def check_metadata(meta) -> None:
+    """Raise ValueError/KeyError/TypeError naming the first field of an edit's metadata that is missing or of the
+    wrong type (read_edit_file turns it into one line)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"metadata, a {type(meta).__name__} instead of an object")
+    if meta.get("format") != FORMAT:
+        raise ValueError("format")
+    expected = {"kind": str, "method": str, "concepts": list, "config": dict, "base": dict, "edited_layers": list}
+    for key, kind in expected.items():
+        if not isinstance(meta[key], kind):
+            raise TypeError(f"{key}, a {type(meta[key]).__name__} instead of a {kind.__name__}")
+    base = {"fingerprint": str, "dim": int, "layers": list, "shapes": dict}
+    for key, kind in base.items():
+        if not isinstance(meta["base"][key], kind):
+            raise TypeError(f"base.{key}, a {type(meta['base'][key]).__name__} instead of a {kind.__name__}")

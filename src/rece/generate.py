@@ -16,6 +16,7 @@ RANK/WORLD_SIZE/LOCAL_RANK pick the shard and rank 0 writes the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -41,13 +42,16 @@ from .runs import (
     PROMPTS,
     check_manifest,
     check_output_folder,
+    check_overwrite_keeps,
     count_done,
+    drop_damaged_images,
     edit_record,
     expected_images,
     finished_images,
     image_name,
     open_run_folder,
     remove_stale_temps,
+    run_folder_lock,
     write_csv,
     write_json,
 )
@@ -274,6 +278,7 @@ def generate_shard(prepared: Prepared, rank: int, world: int, bar=None) -> int:
     images_dir = Path(job.output) / IMAGES
     mine = shard_rows(prepared.rows, rank, world)
     remove_stale_temps(images_dir, set(expected_images(mine, job.images_per_prompt)))
+    drop_damaged_images(images_dir, expected_images(mine, job.images_per_prompt))  # made again below
     everything = set(expected_images(prepared.rows, job.images_per_prompt))
     written = 0
     if bar is not None:
@@ -420,15 +425,19 @@ def generate_run(
     if num_processes < 1:
         raise ReceError(f"--num-processes must be at least 1 (got {num_processes})")
     check_output_folder(job.output)
-    if not overwrite:
+    if overwrite:
+        check_overwrite_keeps(job.output, [job.prompts, *job.edits])
+    else:
         check_manifest(job.output, known_settings(job), partial=True)
     rank, world, local_rank = launcher_shard()
     if world > 1 and num_processes > 1:
         raise ReceError("--num-processes starts local processes itself; under accelerate launch or torchrun leave it at 1")
-    if num_processes > 1:
-        if is_pipeline(model):
-            raise ReceError("a pipeline object cannot be shared with other processes; pass its folder for --num-processes > 1")
-        spawn_run(job, num_processes)
-    else:
-        run_rank(job, rank, world, local_rank)
+    if num_processes > 1 and is_pipeline(model):
+        raise ReceError("a pipeline object cannot be shared with other processes; pass its folder for --num-processes > 1")
+    # one rece process per run folder (ranks of one launch share it: rank 0 holds the lock)
+    with run_folder_lock(job.output) if rank == 0 else contextlib.nullcontext():
+        if num_processes > 1:
+            spawn_run(job, num_processes)
+        else:
+            run_rank(job, rank, world, local_rank)
     return job.output

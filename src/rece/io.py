@@ -6,21 +6,46 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ReceError
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Return `path` as a Path after checking that its folder exists (nothing is created)."""
-    path = Path(path)
+def check_parent(path: Path) -> Path:
+    """The folder `path` goes in, refused in one line unless it is an existing folder."""
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ReceError(f"output folder '{parent}' is a file; choose an -o path inside a folder")
     if not parent.is_dir():
         raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    return parent
+
+
+def check_output_path(
+    path: str | os.PathLike, *, overwrite: bool = True, inputs: Sequence[str | os.PathLike | None] = ()
+) -> Path:
+    """Return `path` as a Path after checking, before any work, that it can be written: its folder exists, it is not a
+    folder, it is none of the command's `inputs`, and it does not exist unless `overwrite` (nothing is created)."""
+    path = Path(path)
+    check_parent(path)
     if path.is_dir():
         raise ReceError(f"output path '{path}' is a folder; give a file name such as '{path / 'edit.safetensors'}'")
+    check_not_input(path, inputs)
+    if path.exists() and not overwrite:
+        raise ReceError(f"{path} already exists; choose a new -o path or pass --overwrite to replace it")
     return path
+
+
+def check_not_input(path: Path, inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse an output that is (or, for a folder, holds) one of the command's input files."""
+    target = Path(path).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise ReceError(f"the output {path} would replace the input {given}; write to another -o path")
 
 
 def _umask() -> int:
@@ -29,11 +54,49 @@ def _umask() -> int:
     return mask
 
 
+def _temporary_prefix(path: Path) -> str:
+    """Temporary names beside `path` carry the writing process's pid: `.NAME.PID.RANDOM.tmp`."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries that a killed writer of `path` left beside it (their pid no longer runs); those of a
+    live process are kept. Returns what was removed."""
+    removed = []
+    parent = path.parent if str(path.parent) else Path(".")
+    for tmp in parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or process_running(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters escaped."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it over `path`, else delete it."""
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,14 +112,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success move it to `path`, else delete it."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    parent = check_parent(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise ReceError(f"output '{path}' already exists; choose a new -o path or pass --overwrite")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the permissions mkdir would
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)

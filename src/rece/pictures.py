@@ -129,6 +129,7 @@ th, td { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 img { image-rendering: pixelated; max-width: 100%; }
 code, pre { background: #f4f4f4; padding: 2px 4px; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; }  /* a long line (an edit's preserve list) wraps in the page */
 """
 
 

@@ -219,4 +219,6 @@ def load_prompt_set(name_or_path: str | os.PathLike, limit: int | None = None) -
             )
         seen[row.case_number] = line
         rows.append(row)
+    if not rows:
+        raise ReceError(f"prompt set '{path}' has a header but no prompts; give a CSV with at least one row")
     return rows[:limit] if limit else rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from .io import atomic_file, check_output_path
 from .metrics.table import results_rows
 from .pictures import html_page, html_table, png_data_uri
 from .provenance import file_sha256
-from .runs import ATTACK_FORMAT, IMAGES, MANIFEST, METRICS_JSON, PROMPTS, image_files, read_prompts
+from .runs import ATTACK_FORMAT, IMAGES, MANIFEST, METRICS_JSON, PROMPTS, image_files, image_set_digest, read_prompts
 from .sweep import SERIES, sweep_plot, sweep_table
 
 # -- `rece report`: runs side by side -------------------------------------------------------------
@@ -27,14 +28,15 @@ THUMBNAIL = 384  # largest side of an image in the page (twice its displayed wid
 EDIT_KEYS = ("preset", "target", "preserve", "epochs", "regularization", "regularization_type", "lamb", "uce_lamb", "technique")
 REPORT_STYLE = """
 .runs td, .runs th { vertical-align: top; text-align: left; }
-.runs td:first-child, .runs td:nth-child(2) { white-space: nowrap; }
+.runs td:first-child { white-space: nowrap; }
+.runs td { overflow-wrap: anywhere; }  /* a long preserve list or model path wraps instead of widening the page */
 .compare th, .compare td { text-align: center; }
 .compare td:first-child { text-align: left; max-width: 260px; font-size: 0.9em; }
 .compare img { width: 192px; height: auto; display: block; margin: auto; }
 .compare .file { color: #777; font-size: 0.85em; }
 details { margin: 0.5em 0; }
 summary { cursor: pointer; }
-pre { overflow-x: auto; font-size: 0.85em; }
+pre { font-size: 0.85em; }
 """
 
 
@@ -92,7 +94,24 @@ def load_report_run(path: str | os.PathLike, name: str) -> ReportRun:
     images = image_files(path / IMAGES) if (path / IMAGES).is_dir() else []
     prompts = read_prompts(path / PROMPTS) if (path / PROMPTS).is_file() else {}
     manifest = _read_json(path / MANIFEST, "manifest")
-    return ReportRun(name, path, manifest, _read_metrics(path / METRICS_JSON), images, prompts)
+    metrics = current_metrics(path, _read_metrics(path / METRICS_JSON), image_set_digest(path / IMAGES, images))
+    return ReportRun(name, path, manifest, metrics, images, prompts)
+
+
+def current_metrics(path: Path, metrics: dict, digest: str) -> dict:
+    """The metrics computed on the run's present images; one whose image set has changed since (the run was resumed,
+    an image regenerated) is left out, with a one-line warning saying to evaluate again."""
+    out = {}
+    for name, entry in metrics.items():
+        if entry.get("image_set", digest) != digest:
+            warnings.warn(
+                f"metric {name} of '{path}' was computed on {entry.get('images', '?')} images that have changed since; "
+                f"left out of the report: run `rece evaluate {path}` again",
+                stacklevel=2,
+            )
+            continue
+        out[name] = entry
+    return out
 
 
 def common_images(runs: Sequence[ReportRun]) -> list[str]:

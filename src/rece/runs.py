@@ -8,17 +8,20 @@ RUN_DIR/metrics.json, metrics_<m>.csv   what `rece evaluate` measured
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReceError
-from .io import atomic_file
+from .io import atomic_file, process_running
 from .provenance import file_sha256
 
 IMAGES = "images"
@@ -60,6 +63,46 @@ def finished_images(images_dir: Path) -> set[str]:
         return {e.name for e in entries if e.name.endswith(".png") and not e.name.startswith(".") and e.stat().st_size > 0}
 
 
+def image_set_digest(image_dir: Path, names: Sequence[str]) -> str:
+    """sha256 prefix of a run's image names and sizes: a metric records it, so a report knows when the images changed."""
+    h = hashlib.sha256()
+    for name in sorted(names):
+        try:
+            size = (image_dir / name).stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{name}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def damaged_images(image_dir: Path, names: Sequence[str]) -> list[str]:
+    """Those of `names` present in `image_dir` that are not complete images (a truncated or corrupt file)."""
+    from PIL import Image
+
+    bad = []
+    for name in names:
+        file = image_dir / name
+        if not file.is_file():
+            continue
+        try:
+            with Image.open(file) as image:
+                image.verify()  # reads it through, checking every chunk's CRC
+        except Exception:  # PIL raises many kinds for damaged files
+            bad.append(name)
+    return bad
+
+
+def drop_damaged_images(image_dir: Path, names: Sequence[str]) -> list[str]:
+    """Delete the damaged ones of `names` so that a resumed run makes them again (with a one-line warning)."""
+    bad = damaged_images(image_dir, names)
+    for name in bad:
+        (image_dir / name).unlink(missing_ok=True)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"{len(bad)} damaged image(s) in '{image_dir}' will be made again: {shown}", stacklevel=2)
+    return bad
+
+
 def count_done(images_dir: Path, names: set[str]) -> int:
     """How many of `names` are in the image folder (a cheap listing, for progress bars)."""
     try:
@@ -85,10 +128,15 @@ def image_files(folder: Path) -> list[str]:
 
 
 def remove_stale_temps(images_dir: Path, names: set[str]) -> None:
-    """Delete temporary files a killed process left for images of `names` (atomic_file's `.NAME.*.tmp`)."""
+    """Delete temporary files a killed process left for images of `names` (atomic_file's `.NAME.PID.*.tmp`); those of
+    a process still running (another generate in the same folder) are left alone."""
     with os.scandir(images_dir) as entries:
         for e in entries:
-            if e.name.startswith(".") and e.name.endswith(".tmp") and e.name[1:].split(".png.")[0] + ".png" in names:
+            if not (e.name.startswith(".") and e.name.endswith(".tmp")):
+                continue
+            image, _, rest = e.name[1:].partition(".png.")
+            pid = rest.split(".", 1)[0]
+            if image + ".png" in names and not (pid.isdigit() and process_running(int(pid))):
                 Path(e.path).unlink(missing_ok=True)
 
 
@@ -205,6 +253,64 @@ def check_manifest(run_dir: Path, settings: dict, partial: bool = False) -> dict
     return old
 
 
+def check_overwrite_keeps(output: Path, inputs: Sequence[str | os.PathLike | None], outputs: Sequence[str] = ()) -> None:
+    """Refuse, before any work, an --overwrite that would delete one of the command's inputs: a file inside RUN_DIR
+    named like what it removes (images/, the manifest, prompts.csv, the `outputs` patterns)."""
+    root = Path(output).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if root not in source.parents:
+            continue
+        relative = source.relative_to(root)
+        removed = relative.parts[0] == IMAGES or any(relative.match(n) for n in (MANIFEST, PROMPTS, *outputs))
+        if removed:
+            raise ReceError(f"--overwrite would delete the input {given} inside '{output}'; move it out of the run folder first")
+
+
+LOCK_ENV = "RECE_RUN_LOCK"  # the run folder whose lock this process (or its launcher) holds
+
+
+@contextlib.contextmanager
+def run_folder_lock(output: Path) -> Iterator[None]:
+    """Hold RUN_DIR for this process: a second rece process on it is refused, naming the pid that holds it.
+
+    The lock is a file beside the folder, `.NAME.rece-lock`, holding the pid; one left by a killed process (its pid no
+    longer runs) is taken over. Processes this one starts (--num-processes) inherit it through $RECE_RUN_LOCK.
+    """
+    output = Path(output)
+    if os.environ.get(LOCK_ENV) == str(output.resolve()):
+        yield
+        return
+    lock = (output.parent if str(output.parent) else Path(".")) / f".{output.name}.rece-lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if holder.isdigit() and process_running(int(holder)):
+                raise ReceError(
+                    f"'{output}' is in use by another rece process (pid {holder}); wait for it or choose another -o"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a killed process
+    else:
+        raise ReceError(f"cannot lock '{output}' ({lock} keeps reappearing); another process is starting on it")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    previous = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = str(output.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous
+        lock.unlink(missing_ok=True)
+
+
 def open_run_folder(output: Path, settings: dict, fmt: str, overwrite: bool = False, outputs: Sequence[str] = ()) -> dict:
     """Create or check RUN_DIR for a run of format `fmt` with `settings`; return the existing manifest ({} for a new run).
 
@@ -221,7 +327,11 @@ def open_run_folder(output: Path, settings: dict, fmt: str, overwrite: bool = Fa
     what = FORMAT_NAMES[fmt]
     if old and old.get("format", GENERATE_FORMAT) != fmt:
         raise ReceError(f"'{path}' is a {old.get('format', 'different')} run, not a {what} run; choose a new -o path")
-    if not old and not overwrite and path.is_dir() and any(path.iterdir()):
+    # a run killed between making images/ and writing its manifest left only an empty images/: resume it
+    started = (
+        [e for e in path.iterdir() if not (e.name == IMAGES and e.is_dir() and not any(e.iterdir()))] if path.is_dir() else []
+    )
+    if not old and not overwrite and started:
         raise ReceError(f"'{path}' exists and is not a {what} run (no {MANIFEST}); choose a new -o or pass --overwrite")
     (path / IMAGES).mkdir(parents=True, exist_ok=True)
     return old

@@ -37,6 +37,20 @@ def component_weight_files(folder: Path) -> list[Path]:
     )
 
 
+def load_pickled_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict through torch's weights-only unpickler (it never runs code); anything else in it is refused
+    in one line, asking for safetensors."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ReceError(
+            f"'{file}' is a pickle rece will not load ({str(exc).splitlines()[0][:120]}); rece needs safetensors weights: "
+            "convert the file (e.g. save_pretrained(safe_serialization=True)) or download the .safetensors"
+        ) from None
+
+
 def read_component_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
     """The tensors of a component folder whose names `keep(name)` accepts, read without building the model."""
     from safetensors import SafetensorError, safe_open
@@ -44,7 +58,7 @@ def read_component_tensors(folder: Path, keep) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in component_weight_files(folder):
         if file.suffix == ".bin":
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            state = load_pickled_weights(file)
             out.update({n: state[n].clone() for n in state if keep(n)})
             continue
         try:

@@ -32,9 +32,11 @@ from ..runs import (
     MANIFEST,
     PROMPTS,
     check_output_folder,
+    check_overwrite_keeps,
     edit_record,
     open_run_folder,
     read_manifest,
+    run_folder_lock,
     write_csv,
     write_json,
 )
@@ -283,32 +285,37 @@ def run_attack(
     check_request(module, attack, prompts, detector)
     output = check_output_folder(output)
     rows = load_prompt_set(prompts, limit) if prompts is not None else None
-    start = time.perf_counter()
-    target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base, attack)
-    try:
-        steps, guidance = default_sampling(target.model_name, steps, guidance)
-        job = {
-            "steps": steps,
-            "guidance": guidance,
-            "size": image_size(target.pipe),
-            "images_per_prompt": images_per_prompt or module.IMAGES_PER_PROMPT,
-            "batch_size": batch_size,
-            "limit": limit,
-            "device": target.device,
-            "detector": detector or detector_for(target.concepts, model_info),
-        }
-        if hasattr(module, "check"):
-            module.check(target, params)
-        cases = module.cases(target, params)
-        prompts_info = prompts_record(prompts, rows)
-        settings = build_settings(target, attack, params, model_info, edits, job, prompts_info)
-        old = open_run_folder(output, settings, ATTACK_FORMAT, overwrite, outputs=(ADVERSARIAL, "metrics.json", "metrics_*.csv"))
-        records = {"model_info": model_info, "edits": edits, "prompts_info": prompts_info}
-        run = AttackRun(module, params, target, cases, output, job, settings, records, old.get("created", utc_now()))
-        execute(run, progress, start)
-    finally:
-        if target.edit is not None and is_pipeline(model):
-            target.edit.revert(target.pipe)
+    if overwrite:
+        check_overwrite_keeps(output, [prompts, edit, parameters.get("pairs")], (ADVERSARIAL, "metrics.json", "metrics_*.csv"))
+    with run_folder_lock(output):
+        start = time.perf_counter()
+        target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base, attack)
+        try:
+            steps, guidance = default_sampling(target.model_name, steps, guidance)
+            job = {
+                "steps": steps,
+                "guidance": guidance,
+                "size": image_size(target.pipe),
+                "images_per_prompt": images_per_prompt or module.IMAGES_PER_PROMPT,
+                "batch_size": batch_size,
+                "limit": limit,
+                "device": target.device,
+                "detector": detector or detector_for(target.concepts, model_info),
+            }
+            if hasattr(module, "check"):
+                module.check(target, params)
+            cases = module.cases(target, params)
+            prompts_info = prompts_record(prompts, rows)
+            settings = build_settings(target, attack, params, model_info, edits, job, prompts_info)
+            old = open_run_folder(
+                output, settings, ATTACK_FORMAT, overwrite, outputs=(ADVERSARIAL, "metrics.json", "metrics_*.csv")
+            )
+            records = {"model_info": model_info, "edits": edits, "prompts_info": prompts_info}
+            run = AttackRun(module, params, target, cases, output, job, settings, records, old.get("created", utc_now()))
+            execute(run, progress, start)
+        finally:
+            if target.edit is not None and is_pipeline(model):
+                target.edit.revert(target.pipe)
     return output
 
 

@@ -26,7 +26,7 @@ from ..families.sd import SD, eos_attention_mask
 from ..families.sd import encode_ids as encode_sd_ids
 from ..io import atomic_file
 from ..pipelines import denoiser, image_size, seeded_images
-from ..runs import IMAGES, finished_images, image_name
+from ..runs import IMAGES, drop_damaged_images, finished_images, image_name
 from ..toy import door
 
 ADVERSARIAL = "adversarial.safetensors"
@@ -305,6 +305,8 @@ def case_rows(tensors: dict, batch: Sequence[AttackCase]) -> tuple[list[torch.Te
 def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:
     """Generate the images of `cases` not yet in RUN_DIR/images (each written atomically); return how many were written."""
     images_dir = output / IMAGES
+    if images_dir.is_dir():
+        drop_damaged_images(images_dir, [image_name(c.case_number, k) for c in cases for k in range(job["images_per_prompt"])])
     done = finished_images(images_dir)
     todo = [(c, k) for c in cases for k in range(job["images_per_prompt"]) if image_name(c.case_number, k) not in done]
     if bar is not None:

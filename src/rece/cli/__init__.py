@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         except ReceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # disk full, permissions, a file vanished: one line, never a traceback
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            reason = exc.strerror or " ".join(str(exc).split())[:200]
+            print(f"error: {reason}{where}; check free space and permissions, then run again", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            if type(exc).__name__ != "SafetensorError":  # safetensors' own I/O errors (e.g. disk full while writing)
+                raise
+            print(f"error: cannot write or read a safetensors file ({exc}); check free space and permissions", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted; nothing partial was written", file=sys.stderr)
             return 130

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 from ..config import PRESETS, EraseConfig
-from ..io import check_output_path, read_prompt_file
+from ..io import check_not_input, check_output_path, read_prompt_file
 from ..options import add_options, finite_float, option_values
 
 MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes' or 'tiny'"
@@ -55,11 +56,14 @@ def cmd_erase(args) -> int:
 
     from ..erase import erase
     from ..models import load_model
+    from ..pipelines import resolve_device
 
     config = erase_config(args)
-    check_output_path(args.output)
+    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config]
+    check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
+    device = resolve_device(args.device)
     start = time.perf_counter()
-    base = load_model(args.model, args.device, config=args.config)
+    base = load_model(args.model, device, config=args.config)
     loaded = time.perf_counter()
     edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     edit.save(args.output)
@@ -91,6 +95,7 @@ def cmd_apply(args) -> int:
 
     edits = [load_edit(p) for p in args.edit]
     single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
+    check_not_input(Path(args.output), [args.model, *args.edit, args.config])
     if single:
         check_output_path(args.output)
         out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
@@ -129,7 +134,7 @@ def cmd_lora(args) -> int:
     from ..edit import load_edit
     from ..models import load_model
 
-    check_output_path(args.output)
+    check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config])
     edit = load_edit(args.edit)
     base = load_model(args.model, "cpu", config=args.config)
     state = edit.to_lora(
@@ -162,6 +167,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_erase)
 
     p = sub.add_parser("apply", help="write a diffusers pipeline folder, or a single-file checkpoint, with edit(s) applied")
@@ -199,5 +205,6 @@ def add_parsers(sub) -> None:
         "Automatic1111, Forge (SD1/SD2/SDXL); diff: kohya-named exact full differences",
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_lora)

@@ -25,6 +25,7 @@ def cmd_demo(args) -> int:
         per_combo=args.per_combo,
         steps=args.steps,
         guidance=args.guidance,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -207,6 +208,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
     p.add_argument("--steps", type=int, default=door.STEPS, help=f"sampling steps ({door.STEPS})")
     p.add_argument("--guidance", type=finite_float, default=None, help=f"classifier-free guidance scale ({door.GUIDANCE:g})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o that is not a rece demo folder")
     p.set_defaults(func=cmd_demo)
 
 

@@ -15,11 +15,23 @@ import inspect
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import ReceError
 from ..provenance import utc_now
-from ..runs import ATTACK_FORMAT, METRICS_JSON, Run, load_run, read_manifest, write_csv, write_json
+from ..runs import (
+    ATTACK_FORMAT,
+    METRICS_JSON,
+    Run,
+    damaged_images,
+    image_set_digest,
+    load_run,
+    read_manifest,
+    run_folder_lock,
+    write_csv,
+    write_json,
+)
 from ..toy import door
 from .asr import DETECTOR_OPTIONS, evaluate_asr
 from .classify import evaluate_classify
@@ -94,10 +106,13 @@ def write_results(run: Run, name: str, result: MetricResult, seconds: float) -> 
             data = json.loads(path.read_text())
         except json.JSONDecodeError:
             data = {}
+        if not isinstance(data, dict):  # not a metrics file rece wrote: start it again
+            data = {}
     entry = {
         "summary": result.summary,
         "params": result.params,
         "images": len(run.images),
+        "image_set": image_set_digest(run.image_dir, run.images),  # a report leaves the metric out once this changes
         "expected_images": len(run.prompts) if run.prompts is not None else None,  # from prompts.csv; more: the run is unfinished
         "seconds": round(seconds, 3),
         "evaluated": utc_now(),
@@ -113,10 +128,24 @@ def evaluate(run_dir: str | os.PathLike, metrics: Sequence[str] | None = None, *
     """Run the named metrics (default: what the run implies) on a run folder; return and record their entries."""
     run = load_run(run_dir)
     names = check_metrics(metrics) if metrics else default_metrics(run)
+    damaged = damaged_images(run.image_dir, run.images)
+    if damaged:
+        shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+        raise ReceError(
+            f"{len(damaged)} damaged image(s) in '{run.image_dir}': {shown}; rerun the command that made the run "
+            "(rece generate / rece attack with the same -o) to make them again"
+        )
+    if run.prompts is not None and len(run.images) < len(run.prompts):
+        warnings.warn(
+            f"'{run.path}' is unfinished: {len(run.images)} of {len(run.prompts)} images; the metrics cover those "
+            "(finish the run, then evaluate again)",
+            stacklevel=2,
+        )
     out = {}
-    for name in names:
-        kwargs = {k: v for k, v in options.items() if k in OPTIONS[name] and v is not None}
-        start = time.perf_counter()
-        result = METRICS[name](run, **kwargs)
-        out[name] = write_results(run, name, result, time.perf_counter() - start)
+    with run_folder_lock(run.path):
+        for name in names:
+            kwargs = {k: v for k, v in options.items() if k in OPTIONS[name] and v is not None}
+            start = time.perf_counter()
+            result = METRICS[name](run, **kwargs)
+            out[name] = write_results(run, name, result, time.perf_counter() - start)
     return out
