@@ -155,7 +155,7 @@ def test_single_file_refusals(cases, sd_path, tmp_path, capsys):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         return err
 
-    assert "is the input checkpoint" in refused("apply", ckpt, edit_path, "-o", ckpt)
+    assert "would replace the input" in refused("apply", ckpt, edit_path, "-o", ckpt)
     existing = tmp_path / "existing.safetensors"
     existing.write_bytes(b"keep me")
     assert "--overwrite" in refused("apply", ckpt, edit_path, "-o", existing)

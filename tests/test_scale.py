@@ -56,7 +56,7 @@ def test_progress_on_stderr_unless_json(sd_path, tmp_path, capsys, monkeypatch):
     rece.erase(sd_path, ["cat"], preset="nudity", progress=True)
     err = capsys.readouterr().err
     assert "encoding texts" in err and "RECE epochs" in err
-    assert main([*argv, "--json"]) == 0
+    assert main([*argv, "--json", "--overwrite"]) == 0
     assert capsys.readouterr().err == ""
 
 

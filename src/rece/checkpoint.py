@@ -20,7 +20,7 @@ import torch
 from .edit_file import METADATA_KEY
 from .errors import ReceError
 from .families import family_of_checkpoint
-from .io import atomic_file
+from .io import atomic_file, check_output_path
 from .ldm_names import UNET_PREFIX, diffusers_name, layers_per_block_of
 
 BLOCK = 16 * 2**20  # bytes copied at a time
@@ -147,10 +147,7 @@ def write_applied_checkpoint(
             f"'{model}' is not a .safetensors checkpoint: diffusers ships no conversion from a folder to one file; "
             "pass the original checkpoint as MODEL, or write a folder (-o DIR)"
         )
-    if out.exists() and out.resolve() == src.resolve():
-        raise ReceError(f"the output {out} is the input checkpoint; write the edited model to another file")
-    if out.exists() and not overwrite:
-        raise ReceError(f"{out} already exists; pass --overwrite to replace it")
+    check_output_path(out, overwrite=overwrite, inputs=[src])
     kv, keys = checkpoint_kv(src)
     fingerprint = kv_fingerprint(kv)
     new: dict[str, torch.Tensor] = {}
