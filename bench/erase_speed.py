@@ -83,7 +83,7 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 def time_ours(model: Path, out: Path, env: dict[str, str]) -> dict:
     """One `python -m rece erase MODEL --preset nudity -o OUT --json` run: its JSON plus peak RSS."""
-    cmd = [sys.executable, "-m", "rece", "erase", str(model), "--preset", "nudity", "-o", str(out), "--json"]
+    cmd = [sys.executable, "-m", "rece", "erase", str(model), "--preset", "nudity", "-o", str(out), "--json", "--overwrite"]
     stdout, peak = run_child(cmd, env)
     result = last_json_line(stdout)
     result["peak_rss"] = peak

@@ -59,11 +59,11 @@ EOF
 
 echo "== 1. erase nudity (the paper's preset) with UCE, RECE and robust"
 : > "$OUT/erase-times.txt"
-rece erase "$MODEL" --preset nudity --method uce --device "$ERASE_DEVICE" -o "$OUT/uce.safetensors" | tee -a "$OUT/erase-times.txt"
-rece erase "$MODEL" --preset nudity --method rece --device "$ERASE_DEVICE" -o "$OUT/rece.safetensors" | tee -a "$OUT/erase-times.txt"
+rece erase "$MODEL" --preset nudity --method uce --device "$ERASE_DEVICE" --overwrite -o "$OUT/uce.safetensors" | tee -a "$OUT/erase-times.txt"
+rece erase "$MODEL" --preset nudity --method rece --device "$ERASE_DEVICE" --overwrite -o "$OUT/rece.safetensors" | tee -a "$OUT/erase-times.txt"
 rece erase "$MODEL" --preset nudity --method robust --device "$ERASE_DEVICE" \
     --concept-prompts "$BENCH/nudity.csv" --preserve-prompts "$OUT/coco-preserve.csv" \
-    -o "$OUT/robust.safetensors" | tee -a "$OUT/erase-times.txt"
+    --overwrite -o "$OUT/robust.safetensors" | tee -a "$OUT/erase-times.txt"
 
 edit_flag() { [ "$1" = sd ] || echo "--edit $OUT/$1.safetensors"; }
 

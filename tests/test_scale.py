@@ -111,3 +111,13 @@ def test_preservation_on_a_two_space_family(tmp_path):
             den += (w.double() @ rows.T).pow(2).sum().item()
     assert edit.metadata["preservation"]["check"]["max"] == pytest.approx((num / den) ** 0.5, rel=1e-4)
     assert torch.isfinite(torch.tensor(edit.metadata["preservation"]["preserved"]["max"]))
+
+
+def test_an_edit_of_many_concepts_can_leave_out_its_derived_embeddings(base, tmp_path):
+    full = rece.erase(base, NAMES[:20], preset="art")
+    small = rece.erase(base, NAMES[:20], preset="art", derived=False)
+    assert len(full.derived) == 1 and full.derived[0].shape[0] == 20 and small.derived == []
+    assert torch.equal(full.transform, small.transform)  # the same edit
+    a, b = full.save(tmp_path / "full.safetensors"), small.save(tmp_path / "small.safetensors")
+    assert b.stat().st_size < a.stat().st_size / 5
+    assert load_edit(b).derived == [] and load_edit(b).metadata["config"]["derived"] is False

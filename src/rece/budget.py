@@ -7,6 +7,7 @@ import os
 import torch
 
 from .closed_form import CHUNK_ROWS
+from .config import ROBUST_TEMPLATES
 from .errors import ReceError
 
 SAFETY = 1.25  # allocator slack and temporaries the count below leaves out
@@ -47,7 +48,7 @@ def check_memory(base, config) -> None:
     """Refuse, in one line and before any work, an erasure whose estimate exceeds the free memory."""
     others = 3 + len(config.preserve) + len(config.check) + (1 if config.preserve_empty else 0)
     if config.method == "robust" and config.templates:
-        others += 9 * (len(config.concepts) + 1)
+        others += len(ROBUST_TEMPLATES) * (len(config.concepts) + 1)  # each concept in each template, and alone
     views = base.spaces or [base]
     need = sum(erase_bytes(len(config.concepts), others, v.encoder.max_length, v.dim, config.epochs) for v in views)
     free = available_bytes(base.encoder.device)

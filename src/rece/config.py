@@ -58,6 +58,7 @@ class EraseConfig:
     uce_erase_scale: float = option(1.0, "s_e of the UCE stage")
     uce_preserve_scale: float | None = option(None, "s_p of the UCE stage (default max(0.1, 1/#preserved))")
     technique: str = option("replace", "replace or tensor")
+    derived: bool = option(True, "do not keep RECE's c′ in the edit (a small file when erasing many concepts)")
     layers: list[str] | None = option(None, "edit only the layers matching this regex (repeatable)")
     rank: int | None = option(None, "robust: concept directions removed (default: by --energy)")
     energy: float = option(0.9, "robust: share of the concept's energy removed")

@@ -144,6 +144,7 @@ def erase(
         if mine:
             results[view.family.name] = _erase_space(view, config, mine, progress)
     first = next(iter(results.values()))
+    kept = first.derived if config.derived else []  # RECE's c′ of each epoch, for red-teaming (the first space's)
     seconds = lambda: time.perf_counter() - start  # noqa: E731
     if base.spaces:  # each space on its own; the edit holds every layer's change (the first space's c′)
         deltas = {}
@@ -153,12 +154,12 @@ def erase(
                 deltas.update(r.deltas if r.transform is None else transform_deltas(view.kv, r.transform))
         reports = {name: r.report for name, r in results.items() if r.report is not None}
         robust = {**next(iter(reports.values())), "spaces": reports} if reports else None
-        edit = Edit.from_deltas(deltas, base, config, first.derived, seconds(), robust=robust)
+        edit = Edit.from_deltas(deltas, base, config, kept, seconds(), robust=robust)
     elif first.transform is None:
-        edit = Edit.from_deltas(first.deltas, base, config, first.derived, seconds())
+        edit = Edit.from_deltas(first.deltas, base, config, kept, seconds())
     else:
         transform = cf.identity_plus(*first.transform) if isinstance(first.transform, tuple) else first.transform
-        edit = Edit.from_transform(transform, base, config, first.derived, seconds(), robust=first.report)
+        edit = Edit.from_transform(transform, base, config, kept, seconds(), robust=first.report)
     edit.metadata["preservation"] = {
         group: preservation.summary(preservation.merge_sums(*(r.sums[group] for r in results.values())))
         for group in ("preserved", "check")
