@@ -77,17 +77,25 @@ def _rewrite_weights(folder: Path, new: dict[str, torch.Tensor]) -> None:
         save_file(state, str(file), metadata=meta)
 
 
+def composed_weights(
+    edits: Sequence, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model"
+) -> dict[str, torch.Tensor]:
+    """The new weights of every layer some edit changes, the edits applied in order to the original weights `kv`
+    (each checks its base against the weights it is given)."""
+    kv, new = dict(kv), {}
+    for edit in edits:
+        changed = edit.edited_kv(kv, allow_other_base, source)
+        kv.update(changed)
+        new.update(changed)
+    return new
+
+
 def write_applied_pipeline(
     model, edits: Sequence, out_dir: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
 ) -> Path:
     """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
     base = model if isinstance(model, BaseModel) else load_model(model)
-    kv = dict(base.kv)
-    new: dict[str, torch.Tensor] = {}
-    for edit in edits:
-        changed = edit.edited_kv(kv, allow_other_base, base.source)
-        kv.update(changed)
-        new.update(changed)
+    new = composed_weights(edits, base.kv, allow_other_base, base.source)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
             pipe = base.pipeline

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .apply import composed_weights
 from .edit_file import METADATA_KEY
 from .errors import ReceError
 from .families import family_of_checkpoint
@@ -150,11 +151,7 @@ def write_applied_checkpoint(
     check_output_path(out, overwrite=overwrite, inputs=[src])
     kv, keys = checkpoint_kv(src)
     fingerprint = kv_fingerprint(kv)
-    new: dict[str, torch.Tensor] = {}
-    for edit in edits:
-        changed = edit.edited_kv(kv, allow_other_base, str(src))
-        kv.update(changed)
-        new.update(changed)
+    new = composed_weights(edits, kv, allow_other_base, str(src))
     record = {
         "base_fingerprint": fingerprint,
         "edits": [{"id": e.edit_id(), "method": e.method, "concepts": e.concepts} for e in edits],

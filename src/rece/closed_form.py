@@ -103,6 +103,20 @@ def shared_edit_factors(
     return erase_scale * (target_rows - erase_rows).T, right
 
 
+def row_chunks(lengths: list[int], chunk_rows: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) ranges of consecutive items (of `lengths` rows each) holding at most `chunk_rows` rows together
+    (default CHUNK_ROWS); an item longer than that is a chunk of its own."""
+    limit, out, start = chunk_rows or CHUNK_ROWS, [], 0
+    while start < len(lengths):
+        stop, rows = start, 0
+        while stop < len(lengths) and (rows == 0 or rows + lengths[stop] <= limit):
+            rows += lengths[stop]
+            stop += 1
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 def accumulated_edit_delta(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     preserve_rows: torch.Tensor,
@@ -118,20 +132,14 @@ def accumulated_edit_delta(
     The d×d sums are accumulated over the erase pairs a chunk of rows at a time: memory stays O(d² + chunk·d)
     however many concepts are erased.
     """
-    dim, chunk_rows = preserve_rows.shape[1], chunk_rows or CHUNK_ROWS
+    dim = preserve_rows.shape[1]
     gram = preserve_scale * outer_sum(preserve_rows, preserve_rows)
     cross = torch.zeros(dim, dim, dtype=torch.float64, device=preserve_rows.device)
-    start = 0
-    while start < len(pairs):
-        stop, rows = start, 0
-        while stop < len(pairs) and (rows == 0 or rows + pairs[stop][0].shape[0] <= chunk_rows):
-            rows += pairs[stop][0].shape[0]
-            stop += 1
+    for start, stop in row_chunks([c.shape[0] for c, _ in pairs], chunk_rows):
         erase = torch.cat([c for c, _ in pairs[start:stop]])
         target = torch.cat([t for _, t in pairs[start:stop]])
         gram += erase_scale * outer_sum(erase, erase)
         cross += erase_scale * outer_sum(target - erase, erase)  # Σ (c* − c) cᵀ
-        start = stop
     return ridge_solver(gram, lamb, parameter)(cross.T).T  # cross·D⁻¹ = (D⁻¹crossᵀ)ᵀ, D symmetric
 
 
@@ -205,14 +213,10 @@ class EditedGrams:
         `into`: a [concepts, L, d] tensor to write each c′ into (row i, its first rows); the c′ returned are then views
         of it, so the rows are held once.
         """
-        solve, chunk_rows = ridge_solver(self.gram, regularization), chunk_rows or CHUNK_ROWS
-        out, start, column = [], 0, 0
-        while start < len(self.rows):
-            stop, rows = start, 0
-            while stop < len(self.rows) and (rows == 0 or rows + self.rows[stop].shape[0] <= chunk_rows):
-                rows += self.rows[stop].shape[0]
-                stop += 1
+        solve, out, column = ridge_solver(self.gram, regularization), [], 0
+        for start, stop in row_chunks([c.shape[0] for c in self.rows], chunk_rows):
             chunk = self.rows[start:stop]
+            rows = sum(c.shape[0] for c in chunk)
             rhs = self.products[:, column : column + rows] if self.by_columns else self.products @ torch.cat(chunk).T
             if anchor is not None:
                 rhs = rhs + regularization * torch.cat([anchor[: c.shape[0]] for c in chunk]).T
@@ -222,7 +226,7 @@ class EditedGrams:
                     into[i, : rows_i.shape[0]] = rows_i
                 solved = [into[i, : c.shape[0]] for i, c in enumerate(chunk, start=start)]
             out.extend(solved)
-            start, column = stop, column + rows
+            column += rows
         return out
 
 

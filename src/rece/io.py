@@ -60,17 +60,25 @@ def _temporary_prefix(path: Path) -> str:
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Remove the temporaries that a killed writer of `path` left beside it (their pid no longer runs); those of a
-    live process are kept. Returns what was removed."""
+    """Remove the temporaries that a killed writer of `path` left beside it (`stale_temporary`); those of a live
+    process are kept. Returns what was removed."""
     removed = []
     parent = path.parent if str(path.parent) else Path(".")
     for tmp in parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid.isdigit() or process_running(int(pid)):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        removed.append(tmp)
+        if stale_temporary(tmp.name, path.name):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
     return removed
+
+
+def stale_temporary(name: str, target: str) -> bool:
+    """Whether `name` is a temporary of `target` (`.TARGET.PID.RANDOM.tmp`) that no running process owns: its pid no
+    longer runs, or it has none (written before temporaries carried one)."""
+    prefix = f".{target}."
+    if not (name.startswith(prefix) and name.endswith(".tmp")):
+        return False
+    pid = name[len(prefix) :].split(".", 1)[0]
+    return not (pid.isdigit() and process_running(int(pid)))
 
 
 def glob_escape(name: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReceError
-from .io import atomic_file, process_running
+from .io import atomic_file, process_running, stale_temporary
 from .provenance import file_sha256
 
 IMAGES = "images"
@@ -132,11 +132,8 @@ def remove_stale_temps(images_dir: Path, names: set[str]) -> None:
     a process still running (another generate in the same folder) are left alone."""
     with os.scandir(images_dir) as entries:
         for e in entries:
-            if not (e.name.startswith(".") and e.name.endswith(".tmp")):
-                continue
-            image, _, rest = e.name[1:].partition(".png.")
-            pid = rest.split(".", 1)[0]
-            if image + ".png" in names and not (pid.isdigit() and process_running(int(pid))):
+            image = e.name[1:].partition(".png.")[0] + ".png"
+            if image in names and stale_temporary(e.name, image):
                 Path(e.path).unlink(missing_ok=True)
 
 

@@ -97,7 +97,6 @@ def cmd_apply(args) -> int:
     single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
     check_not_input(Path(args.output), [args.model, *args.edit, args.config])
     if single:
-        check_output_path(args.output)
         out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
         concepts = ", ".join(c for e in edits for c in e.concepts)
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
