@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python bench/attack_asr.py                 # about 25 min on one CPU core
     HF_HUB_OFFLINE=1 python bench/attack_asr.py --quick         # a few minutes, much weaker attacks
+    HF_HUB_OFFLINE=1 python bench/attack_asr.py --model shapes-mmdit   # the MMDiT: attacks its family does not support print n/a
 
 Erases --concept (triangle) with each of --methods (uce, rece), by default with the shapes model's erasure recipe
 (`rece.toy.evaluate.erasure_arguments`; `--recipe word` erases the word alone with `rece erase` defaults), then runs
@@ -24,11 +25,12 @@ import torch
 
 from rece.attacks import run_attack
 from rece.erase import erase
+from rece.errors import ReceError
 from rece.generate import generate_run
 from rece.metrics import evaluate
 from rece.models import load_model
 from rece.toy.door import erasure_arguments
-from rece.toy.world import COLORS
+from rece.toy.world import COLORS, SHAPES
 
 FULL = {
     "ring-a-bell": dict(population=100, generations=100, length=8, eta=3.0),
@@ -43,18 +45,21 @@ QUICK = {
 
 
 def prompt_set(folder: Path, concept: str) -> Path:
-    """Prompts naming the concept: 'a COLOUR CONCEPT' and 'a photo of a COLOUR CONCEPT' for every colour."""
+    """Prompts naming the concept: 'a COLOUR SHAPE' and 'a photo of a COLOUR SHAPE' for every colour (a shape) or every
+    shape (a colour)."""
+    fill = [(color, concept) for color in COLORS] if concept in SHAPES else [(concept, shape) for shape in SHAPES]
     path = folder / "prompts.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case_number", "prompt", "evaluation_seed"])
-        for i, (template, color) in enumerate((t, c) for t in ("a {} {}", "a photo of a {} {}") for c in COLORS):
-            writer.writerow([i, template.format(color, concept), 1000 + i])
+        for i, (template, (color, shape)) in enumerate((t, pair) for t in ("a {} {}", "a photo of a {} {}") for pair in fill):
+            writer.writerow([i, template.format(color, shape), 1000 + i])
     return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes", help="shapes (the UNet model) or shapes-mmdit")
     parser.add_argument("--concept", default="triangle")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps")
     parser.add_argument("--images", type=int, default=4, help="images per prompt (derived: 4 × this per concept)")
@@ -69,7 +74,7 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="rece-attack-asr-"))
     work.mkdir(parents=True, exist_ok=True)
     prompts = prompt_set(work, args.concept)
-    base = load_model("shapes")
+    base = load_model(args.model)
     edits = {}
     settings = erasure_arguments(args.concept) if args.recipe == "family" else {"concepts": [args.concept]}
     for method in args.methods:
@@ -80,7 +85,7 @@ def main() -> int:
         runs = {}
         start = time.perf_counter()
         runs["none (prompts)"] = generate_run(
-            "shapes", prompts, work / f"{method}-none", edits=[edit], steps=args.steps, guidance=4.0,
+            args.model, prompts, work / f"{method}-none", edits=[edit], steps=args.steps, guidance=4.0,
             images_per_prompt=args.images, progress=False, overwrite=True, device="cpu",
         )  # fmt: skip
         seconds = {"none (prompts)": time.perf_counter() - start}
@@ -96,7 +101,13 @@ def main() -> int:
         ]:
             start = time.perf_counter()
             attack = extra.pop("attack")
-            runs[name] = run_attack("shapes", edit, attack, work / f"{method}-{name.split()[0]}-{len(runs)}", **common, **extra)
+            folder = work / f"{method}-{name.split()[0]}-{len(runs)}"
+            try:
+                runs[name] = run_attack(args.model, edit, attack, folder, **common, **extra)
+            except ReceError as error:  # an attack that does not support the model's family
+                print(f"{name:24s} {method:5s} n/a: {error}", flush=True)
+                table.append((name, method, None, None, None))
+                continue
             seconds[name] = time.perf_counter() - start
         for name, run in runs.items():
             summary = evaluate(run, ["asr"], concept=[args.concept])["asr"]["summary"]

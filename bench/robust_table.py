@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 python bench/shapes_quality.py --json quality.json          # erased, preserved, fresh c′, edit s
     HF_HUB_OFFLINE=1 python bench/attack_asr.py --methods uce rece robust --work runs/asr   # attacks (writes asr.json)
     python bench/robust_table.py quality.json runs/asr/asr.json [--concept triangle] [--markdown]
+    python bench/robust_table.py --model UNet q.json asr.json --model MMDiT q2.json asr2.json   # models side by side
 
 Prints, per method: edit seconds, the share of images showing the concept for the prompts naming it (templates the
 recipe names / held-out ones), the other shapes' accuracy relative to the original model, colour accuracy, how often
@@ -66,13 +67,15 @@ def attack_rows(table: list) -> dict[str, dict[str, str]]:
     rows: dict[str, dict[str, str]] = {}
     for name, method, asr, _prompt_asr, _seconds in table:
         label = "no attack (prompts)" if name == "none (prompts)" else name
-        rows.setdefault(label, {})[method] = f"{asr:.1f} %"
+        rows.setdefault(label, {})[method] = "n/a" if asr is None else f"{asr:.1f} %"  # n/a: family not supported
     return {k: rows[k] for k in [("no attack (prompts)" if a == "none (prompts)" else a) for a in ATTACKS] if k in rows}
 
 
-def render(rows: dict[str, dict[str, str]], markdown: bool) -> str:
-    header = ["", *METHODS, "bar (robust)"]
-    lines = [[label, *(cells.get(m, "–") for m in METHODS), BARS.get(label, "")] for label, cells in rows.items()]
+def render(rows: dict[str, dict[str, str]], markdown: bool, columns: list[str] | None = None) -> str:
+    """The rows as a text or Markdown table; `columns` are the cells' keys (default: the methods) in order."""
+    columns = columns or list(METHODS)
+    header = ["", *columns, "bar (robust)"]
+    lines = [[label, *(cells.get(c, "–") for c in columns), BARS.get(label, "")] for label, cells in rows.items()]
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
@@ -80,19 +83,43 @@ def render(rows: dict[str, dict[str, str]], markdown: bool) -> str:
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
 
 
+def model_rows(quality: Path, attacks: Path | None, concept: str) -> dict[str, dict[str, str]]:
+    """Every row of one model's measurements: the erasure (shapes_quality.py --json) then the attacks (asr.json)."""
+    rows = quality_rows(json.loads(quality.read_text()), concept)
+    if attacks is not None:
+        rows.update(attack_rows(json.loads(attacks.read_text())))
+    return rows
+
+
+def side_by_side(models: list[tuple[str, dict[str, dict[str, str]]]]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Several models' rows merged, each cell keyed 'method LABEL'; rows in the order they first appear."""
+    merged: dict[str, dict[str, str]] = {}
+    for label, rows in models:
+        for name, cells in rows.items():
+            merged.setdefault(name, {}).update({f"{m} {label}": v for m, v in cells.items()})
+    return merged, [f"{m} {label}" for label, _ in models for m in METHODS]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("quality", type=Path, help="JSON written by bench/shapes_quality.py --json")
+    parser.add_argument("quality", type=Path, nargs="?", help="JSON written by bench/shapes_quality.py --json")
     parser.add_argument("attacks", type=Path, nargs="?", help="asr.json written by bench/attack_asr.py")
+    parser.add_argument(
+        "--model", nargs="+", action="append", metavar="LABEL QUALITY [ATTACKS]", help="one model's files (repeatable)"
+    )
     parser.add_argument("--concept", default="triangle")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
-    rows = quality_rows(json.loads(args.quality.read_text()), args.concept)
-    if args.attacks is not None:
-        rows.update(attack_rows(json.loads(args.attacks.read_text())))
+    models = [(m[0], Path(m[1]), Path(m[2]) if len(m) > 2 else None) for m in args.model or [] if 2 <= len(m) <= 3]
+    if len(models) != len(args.model or []) or (not models and args.quality is None):
+        parser.error("pass QUALITY [ATTACKS], or --model LABEL QUALITY [ATTACKS] once per model")
+    if not models:
+        rows, columns = model_rows(args.quality, args.attacks, args.concept), None
+    else:
+        rows, columns = side_by_side([(label, model_rows(q, a, args.concept)) for label, q, a in models])
     if not rows:
-        parser.error(f"no measurement of '{args.concept}' in {args.quality}")
-    print(render(rows, args.markdown))
+        parser.error(f"no measurement of '{args.concept}' in the files given")
+    print(render(rows, args.markdown, columns))
     return 0
 
 

@@ -5,7 +5,9 @@ Prints: prompt following (25 steps); erasing shapes and colours with UCE, RECE a
 closed-form c′ derived against the edit brings the concept back); and the RECE mechanism: images generated
 from the derived embedding c′ after UCE, after RECE, and from a fresh c′ derived against the RECE model.
 
-    HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--per-combo 6] [--steps 25] [--concepts triangle cross red]
+    HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--model shapes-mmdit] [--per-combo 6] [--steps 25] [--concepts triangle red]
+
+c′ is derived in every space the model reads the prompt in (shapes-mmdit: the joint rows and the pooled vector).
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ from rece.toy.evaluate import accuracy, erasure_metrics, generate, grid_prompts
 from rece.toy.world import FULL_TEMPLATES, SHAPES
 
 
-def fresh_derived(base, edit, concept: str, r: float) -> torch.Tensor:
-    """c′ derived in closed form against the edited model (the RECE step's derivation, applied once more)."""
-    kv = {n: w.to(torch.float64) for n, w in base.kv.items()}
-    edited = [edit.edited_weight(n, w) for n, w in kv.items()]
-    return cf.derive_against(base.encoder.encode([concept])[0], edited, kv.values(), r)
+def fresh_derived(base, edit, concept: str, r: float) -> list[torch.Tensor]:
+    """c′ derived in closed form against the edited model (the RECE step's derivation, applied once more), one
+    [1, L, d] float32 tensor per space the model reads the prompt in."""
+    rows = []
+    for view in base.spaces or [base]:
+        kv = {n: w.to(torch.float64) for n, w in view.kv.items()}
+        edited = [edit.edited_weight(n, w) if n in edit.layers else w for n, w in kv.items()]  # --layers: some kept
+        rows.append(cf.derive_against(view.encoder.encode([concept])[0], edited, kv.values(), r)[None].float())
+    return rows
+
+
+def repeated(rows: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Each space's rows repeated for n images."""
+    return [r.expand(n, -1, -1) for r in rows]
 
 
 def shows(images: np.ndarray, concept: str) -> float:
@@ -41,6 +52,7 @@ def shows(images: np.ndarray, concept: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes", help="shapes (the UNet model) or shapes-mmdit")
     parser.add_argument("--per-combo", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
@@ -49,11 +61,12 @@ def main() -> None:
     parser.add_argument("--probe-images", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=["uce", "rece", "robust"], help="erasure methods side by side")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--layers", help="erase only the layers matching this regex (uce / rece; keys 'family@REGEX')")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
-    pipe = load_pipeline("shapes")
-    base = from_pipeline(pipe, "shapes")
+    pipe = load_pipeline(args.model)
+    base = from_pipeline(pipe, args.model)
     prompts, seeds, shapes, colors = grid_prompts(args.per_combo)
     t = time.time()
     baseline = generate(pipe, prompts, seeds, args.steps, args.guidance)
@@ -77,6 +90,8 @@ def main() -> None:
     probe_seeds = list(range(args.probe_images))
     for concept in args.concepts:
         recipes = {"family": erasure_arguments(concept), "word": {"concepts": [concept]}}
+        if args.layers:  # one space of an MMDiT only (e.g. ^context_embedder): which path carries the concept
+            recipes = {f"family@{args.layers}": {**recipes["family"], "layers": [args.layers]}}
         for method in args.methods:
             for recipe, settings in recipes.items():
                 if recipe == "word" and not args.word_only:
@@ -91,7 +106,7 @@ def main() -> None:
                     rows[template] = (after, after["other_shape_accuracy"] / max(before["other_shape_accuracy"], 1e-9))
                 fresh = {}  # a closed-form c′ derived against this edit (the attack RECE itself uses, once more)
                 for r in (0.1, 1e-3):
-                    emb = fresh_derived(base, edit, concept, r).float().expand(len(probe_seeds), -1, -1)
+                    emb = repeated(fresh_derived(base, edit, concept, r), len(probe_seeds))
                     images = generate(pipe, seeds=probe_seeds, prompt_embeds=emb, steps=args.steps, guidance=args.guidance)
                     fresh[f"r={r:g}"] = shows(images, concept)
                 edit.revert(pipe)
@@ -117,8 +132,8 @@ def main() -> None:
     uce = rece.erase(base, method="uce", **settings)
     for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):
         rece_edit = rece.erase(base, method="rece", **{**settings, "regularization": r})
-        derived = rece_edit.derived[0][0].float()  # c′ of the concept word, derived against the UCE model
-        fresh = fresh_derived(base, rece_edit, concept, r).float()
+        derived = fresh_derived(base, uce, concept, r)  # c′ of the concept word against UCE: RECE's first epoch's
+        fresh = fresh_derived(base, rece_edit, concept, r)
         row = {}
         for name, edit, emb in (
             ("c′ on UCE", uce, derived),
@@ -129,7 +144,7 @@ def main() -> None:
             images = generate(
                 pipe,
                 seeds=probe_seeds,
-                prompt_embeds=emb.expand(len(probe_seeds), -1, -1),
+                prompt_embeds=repeated(emb, len(probe_seeds)),
                 steps=args.steps,
                 guidance=args.guidance,
             )

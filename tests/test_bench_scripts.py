@@ -72,3 +72,32 @@ def test_robust_sd_recipe_names_a_missing_benchmark(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "robust_sd.sh")], env=env, capture_output=True, text=True)
     assert done.returncode == 2
     assert "nudity.csv is missing" in done.stderr
+
+
+def write_measurements(folder: Path, name: str, erased: float, with_attacks: bool) -> tuple[Path, Path]:
+    """A shapes_quality.py --json and an attack_asr.py asr.json, with the keys those scripts write."""
+    quality, attacks = folder / f"{name}-quality.json", folder / f"{name}-asr.json"
+    row = {"erased_rate": erased, "other_shape_kept": 0.98, "color_accuracy": 1.0, "seconds": 0.05}
+    row["fresh_derived"] = {"r=0.1": 0.5, "r=0.001": 0.25}
+    data = {f"triangle/{m}/family/{split}": row for m in ("uce", "rece", "robust") for split in ("trained", "held-out")}
+    quality.write_text(json.dumps(data))
+    asr = [["ring-a-bell", m, 12.5 if with_attacks else None, 0, 1] for m in ("uce", "rece", "robust")]
+    attacks.write_text(json.dumps(asr))
+    return quality, attacks
+
+
+def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp_path):
+    unet = write_measurements(tmp_path, "unet", 0.0, True)
+    mmdit = write_measurements(tmp_path, "mmdit", 0.25, False)
+    args = ["--model", "UNet", *map(str, unet), "--model", "MMDiT", *map(str, mmdit), "--markdown"]
+    script = str(ROOT / "bench" / "robust_table.py")
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    header, _, *rows = out.stdout.strip().splitlines()
+    assert header.startswith("|  | uce UNet | rece UNet | robust UNet | uce MMDiT |")
+    ring = next(r for r in rows if r.startswith("| ring-a-bell"))
+    assert ring.count("12.5 %") == 3 and ring.count("n/a") == 3
+    erased = next(r for r in rows if r.startswith("| prompts naming it"))
+    assert "0.0 % / 0.0 %" in erased and "25.0 % / 25.0 %" in erased
+    bad = subprocess.run([sys.executable, script, "--model", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--model LABEL QUALITY" in bad.stderr

@@ -1,5 +1,8 @@
 """The one door to the shapes world: what generic code may ask about it."""
 
+import pytest
+
+from rece.errors import ReceError
 from rece.toy import door
 from rece.toy.world import COLORS, SHAPES
 
@@ -11,6 +14,22 @@ def test_the_shapes_model_is_known_by_name_folder_and_record(tmp_path):
     assert not door.is_shapes_model("tiny") and not door.is_shapes_model(tmp_path) and not door.is_shapes_model({})
     assert not door.is_shapes_model(object())
     assert door.sampling_defaults("shapes") == (25, 4.0) and door.sampling_defaults("tiny") is None
+    assert door.shapes_model_name(folder) == "shapes" and door.shapes_model_name("tiny") is None
+
+
+def test_the_mmdit_shapes_model_is_known_by_name_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(door, "__file__", str(tmp_path / "door.py"))  # a package without the model folders
+    with pytest.raises(ReceError, match="missing .* python -m rece.toy.train --arch mmdit$"):
+        door.shapes_model_path(door.MMDIT)
+    assert door.shapes_model_name(door.MMDIT) == door.MMDIT and door.is_shapes_model({"source": door.MMDIT})
+    assert door.shapes_model_name(str(tmp_path / door.MMDIT)) is None
+    (tmp_path / door.MMDIT).mkdir()
+    (tmp_path / door.MMDIT / "model_index.json").write_text("{}")
+    folder = door.shapes_model_path(door.MMDIT)
+    assert door.shapes_model_name(str(folder)) == door.MMDIT and door.sampling_defaults(folder) == (25, 4.0)
+    assert door.recipe_for(door.MMDIT, ["red"]) == door.erasure_arguments("red")
+    with pytest.raises(ReceError, match="missing"):
+        door.shapes_model_path("circles")
 
 
 def test_concepts_and_recipes():

@@ -25,7 +25,7 @@ METRIC_KEYS = ("erased_rate", "other_shape_accuracy", "color_accuracy")
 
 
 def _load_pipeline(model: str):
-    """The demo's pipeline: `shapes` (default) or a folder of a shapes-world model."""
+    """The demo's pipeline: `shapes` (default), `shapes-mmdit` or a folder of a shapes-world model."""
     return load_pipeline(model)
 
 
@@ -91,14 +91,14 @@ def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds
     per_combo, steps, guidance = sampling["images_per_prompt"], sampling["steps"], sampling["guidance"]
     images = len(SHAPES) * len(COLORS) * per_combo
     return html_page(
-        f"rece demo: erasing '{concept}' from the shapes model",
+        f"rece demo: erasing '{concept}' from the {metrics['model']} model",
         [
             f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts "
             + ", ".join(f"'{c}'" for c in metrics["erased_prompts"])
             + f" map to '{metrics['target']}' while {len(metrics['preserved_prompts'])} prompts of the other "
             + ("shapes" if concept in SHAPES else "colours")
             + f" are preserved (r = {metrics['regularization']:g}). {images} images per panel "
-            f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} DDIM steps, guidance {guidance}, '
+            f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} sampling steps, guidance {guidance}, '
             "same seeds before and after. Measured by the analytic shape / colour detector.</p>",
             html_table(metric_rows(metrics), ["metric", "before", "after"]),
             f"<img src='{png_data_uri(grid)}' alt='before and after grid'>",

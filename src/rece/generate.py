@@ -398,7 +398,7 @@ def generate_run(
 ) -> Path:
     """Generate (or finish) the images of a prompt set into RUN_DIR `output`; return RUN_DIR.
 
-    `model` is a diffusers folder, hub id, single-file checkpoint, `shapes`/`tiny`, or a pipeline object
+    `model` is a diffusers folder, hub id, single-file checkpoint, `shapes`/`shapes-mmdit`/`tiny`, or a pipeline object
     (used as is, edits reverted afterwards). `steps` and `guidance` None are the model family's defaults (SD and
     SDXL: 50, 7.5). `device` None picks cuda when available, else cpu.
     """

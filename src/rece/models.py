@@ -75,7 +75,7 @@ class BaseModel:
 
 
 def load_model(model, device: str | torch.device = "cpu", config: str | None = None) -> BaseModel:
-    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes` or `tiny`)."""
+    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit` or `tiny`)."""
     source = resolve_model(model)
     if source.kind == "pipeline":
         return from_pipeline(model, source=source.name)

@@ -13,7 +13,7 @@ from .hub import is_hub_id
 from .toy import door
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-NAMED_MODELS = (door.NAME, "tiny")
+NAMED_MODELS = (*door.MODELS, "tiny")
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,13 @@ def is_pipeline(model) -> bool:
 
 
 def named_model_path(name: str) -> Path:
-    """Folder of a model rece knows by name: `shapes` (trained, shipped in the package) or `tiny` (built locally)."""
+    """Folder of a model rece knows by name: `shapes` / `shapes-mmdit` (trained, shipped in the package) or `tiny`
+    (built locally)."""
     if name == "tiny":
         from .tiny import tiny_model_path
 
         return tiny_model_path()
-    return door.shapes_model_path()
+    return door.shapes_model_path(name)
 
 
 def resolve_model(model) -> ModelSource:

@@ -12,7 +12,7 @@ from ..config import PRESETS, EraseConfig
 from ..io import check_not_input, check_output_path, read_prompt_file
 from ..options import add_options, finite_float, option_values
 
-MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes' or 'tiny'"
+MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit' or 'tiny'"
 
 
 def add_erase_arguments(p: argparse.ArgumentParser) -> None:

@@ -189,7 +189,7 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="HTML file to write (e.g. report.html)")
     p.add_argument("--max-images", type=int, default=16, help="images (same prompt and seed) shown per run (16)")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR` retrains the shipped shapes model")
+    p = sub.add_parser("toy", help="the shapes world: `rece toy train -o DIR [--arch mmdit]` retrains a shipped shapes model")
     p.add_argument("action", choices=["train"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of python -m rece.toy.train (see rece toy train --help)")
     p.set_defaults(func=cmd_toy_train)
@@ -204,7 +204,9 @@ def _add_demo(sub) -> None:
         "--concept", default="triangle", help="a shape (circle, square, triangle, cross) or colour (red, green, blue, yellow)"
     )
     p.add_argument("--method", default="rece", help="rece (default), uce, or robust (see docs/robust.md)")
-    p.add_argument("--model", default="shapes", help="the shapes model (default) or a folder of one")
+    p.add_argument(
+        "--model", default="shapes", help="shapes (default: the UNet model), shapes-mmdit (the MMDiT) or a shapes-world folder"
+    )
     p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
     p.add_argument("--steps", type=int, default=door.STEPS, help=f"sampling steps ({door.STEPS})")
     p.add_argument("--guidance", type=finite_float, default=None, help=f"classifier-free guidance scale ({door.GUIDANCE:g})")

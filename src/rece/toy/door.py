@@ -15,33 +15,44 @@ from ..errors import ReceError
 from .world import COLORS, FULL_TEMPLATES, SHAPES, concept_prompts, other_concept_prompts
 
 NAME = "shapes"
+MMDIT = "shapes-mmdit"
+MODELS = (NAME, MMDIT)  # the shapes models shipped inside the package: the UNet one and the MMDiT one
 STEPS = 25
 GUIDANCE = 4.0
 EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
 
 
-def shapes_model_path() -> Path:
-    """The folder of the shapes model shipped inside the package."""
-    path = Path(__file__).parent / "shapes"
-    if not (path / "model_index.json").is_file():
-        raise ReceError(f"the shapes model is missing from '{path}'; reinstall rece or train it with python -m rece.toy.train")
+def shapes_model_path(name: str = NAME) -> Path:
+    """The folder of a shapes model shipped inside the package (`shapes`, or `shapes-mmdit`)."""
+    path = Path(__file__).parent / name
+    if name not in MODELS or not (path / "model_index.json").is_file():
+        train = "python -m rece.toy.train" + (" --arch mmdit" if name == MMDIT else "")
+        raise ReceError(f"the {name} model is missing from '{path}'; reinstall rece or train it with {train}")
     return path
 
 
-def is_shapes_model(model) -> bool:
-    """Whether MODEL is the shapes model: its name, its folder, or a manifest's model record ({source, path})."""
+def shapes_model_name(model) -> str | None:
+    """Which shipped shapes model MODEL is (its name, its folder, or a manifest's model record), else None."""
     if isinstance(model, dict):
         source, path = model.get("source"), model.get("path")
     elif isinstance(model, (str, os.PathLike)):
         source = path = str(model)
     else:
-        return False
-    if source == NAME:
-        return True
-    try:
-        return bool(path) and Path(path).expanduser().resolve() == shapes_model_path().resolve()
-    except (ReceError, OSError):
-        return False
+        return None
+    if source in MODELS:
+        return source
+    for name in MODELS:
+        try:
+            if path and Path(path).expanduser().resolve() == shapes_model_path(name).resolve():
+                return name
+        except (ReceError, OSError):
+            continue
+    return None
+
+
+def is_shapes_model(model) -> bool:
+    """Whether MODEL is one of the shapes models: its name, its folder, or a manifest's model record ({source, path})."""
+    return shapes_model_name(model) is not None
 
 
 def is_world_concept(concept: str) -> bool:

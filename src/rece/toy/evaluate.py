@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,30 +22,33 @@ def generate(
     steps: int = 25,
     guidance: float = GUIDANCE,
     batch_size: int = 32,
-    prompt_embeds: torch.Tensor | None = None,
+    prompt_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
     progress=None,
 ) -> np.ndarray:
-    """uint8 images [n, 32, 32, 3], one per (prompt or embedding, seed); each image has its own generator."""
+    """uint8 images [n, 32, 32, 3], one per (prompt or embedding, seed); each image has its own generator.
+
+    `prompt_embeds`: rows to draw from instead of prompts, [n, L, d], or one such tensor per space the model reads
+    the prompt in (shapes-mmdit: the joint rows and the pooled vector, [n, 1, d]); "" is the negative prompt."""
+    from ..families import family_of_pipeline
+
     n = len(seeds)
+    family = family_of_pipeline(pipe)
+    spaces = [prompt_embeds] if isinstance(prompt_embeds, torch.Tensor) else prompt_embeds
     out = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np")
-        if prompt_embeds is not None:
-            kwargs["prompt_embeds"] = prompt_embeds[start:stop].to(pipe.unet.dtype)
-            kwargs["negative_prompt_embeds"] = _empty_embeds(pipe, stop - start)
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", **family.call_kwargs)
+        if spaces is not None:
+            rows = [space[start:stop] for space in spaces]
+            kwargs.update(family.embeds_call(pipe, rows, [rows[0].shape[1]] * (stop - start), [""] * (stop - start)))
         else:
             kwargs["prompt"] = list(prompts[start:stop])
-        images = seeded_images(pipe, seeds[start:stop], **kwargs)
+        with family.rows_as_input(pipe) if spaces is not None else contextlib.nullcontext():
+            images = seeded_images(pipe, seeds[start:stop], **kwargs)
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
         if progress is not None:
             progress.update(stop - start)
     return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
-
-
-def _empty_embeds(pipe, n: int) -> torch.Tensor:
-    embeds, _ = pipe.encode_prompt([""] * n, pipe.device, 1, False)
-    return embeds
 
 
 def grid_prompts(per_combo: int, seed: int = 0, template: str = "a {color} {shape}"):

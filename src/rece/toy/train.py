@@ -1,8 +1,9 @@
-"""Train the shapes model from a seed: `python -m rece.toy.train -o DIR [--steps N] [--seed S]`.
+"""Train a shapes model from a seed: `python -m rece.toy.train -o DIR [--arch unet|mmdit] [--steps N] [--seed S]`.
 
-Stage 1 trains the pixel-space autoencoder to identity; stage 2 trains the UNet and the CLIP text
-encoder jointly with x0 ("sample") prediction and 10 % caption dropout (for classifier-free guidance).
-State is saved every `--save-every` steps; rerunning the same command resumes where it stopped.
+Stage 1 trains the pixel-space autoencoder to identity; stage 2 trains the denoiser and the CLIP text encoders
+jointly with 10 % caption dropout (for classifier-free guidance): the UNet (`shapes`) with x0 ("sample")
+prediction, the MMDiT (`shapes-mmdit`) with flow matching. State is saved every `--save-every` steps; rerunning
+the same command resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 
 from ..io import atomic_dir
 from ..tiny import save_clip_tokenizer
+from . import mmdit
 from .model import make_sample_scheduler, make_text_encoder, make_train_scheduler, make_unet, make_vae
 from .world import WORDS, caption, random_scenes, render, to_tensor_range
 
@@ -121,36 +125,116 @@ def _update_ema(pairs, step: int) -> None:
                 pe.lerp_(pl, 1 - decay)
 
 
+@dataclass(frozen=True)
+class Arch:
+    """What differs between the shapes models: the trained modules (by state name), the loss, the exported folder."""
+
+    autoencoder: Callable  # (work, seed, vae_steps, log) -> the trained autoencoder (stage 1)
+    build: Callable  # tokenizer -> {name: module}, the optimiser's parameter order
+    loss: Callable  # (modules, vae, tokenizer, images, texts, generator) -> loss
+    export: Callable  # (folder, vae, modules, tokenizer) -> None; writes the pipeline
+    tokenizers: tuple[str, ...]  # the exported folder's tokenizer subfolders
+    steps: int
+    lr: float
+    vae_steps: int
+
+
+def _unet_modules(tokenizer) -> dict:
+    text_encoder = make_text_encoder(tokenizer)  # built first: the shipped weights' random init order
+    return {"unet": make_unet(), "text_encoder": text_encoder}
+
+
+def _unet_loss(modules, vae, tokenizer, x0, texts, gen):  # pixel space: the autoencoder is the identity
+    scheduler = make_train_scheduler()  # a config object: cheap next to a training step
+    return denoising_loss(modules["unet"], modules["text_encoder"], tokenizer, scheduler, x0, texts, gen)
+
+
+def _unet_export(folder: Path, vae, modules, tokenizer) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=modules["text_encoder"],
+        tokenizer=tokenizer,
+        unet=modules["unet"],
+        scheduler=make_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+def _mmdit_modules(tokenizer) -> dict:
+    tokenizer.model_max_length = mmdit.CLIP_ROWS
+    encoders = mmdit.make_text_encoders(tokenizer)
+    return {"transformer": mmdit.make_transformer(), "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
+
+
+def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log):
+    """Stage 1 of shapes-mmdit: the latent autoencoder (kept in WORK/vae.safetensors), on its own random streams."""
+    from safetensors.torch import load_file, save_file
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        vae = mmdit.make_vae()
+        if (work / "vae.safetensors").exists():
+            vae.load_state_dict(load_file(work / "vae.safetensors"))
+        else:
+            rng = np.random.default_rng(seed + 1)
+            mmdit.train_vae(vae, lambda n: batch(rng, n, dropout=0.0)[0], vae_steps, log)
+            save_file(vae.state_dict(), work / "vae.safetensors")
+    mmdit.fit_latent_scale(vae, batch(np.random.default_rng(seed + 7), 512, dropout=0.0)[0])
+    return vae.requires_grad_(False)
+
+
+def _mmdit_loss(modules, vae, tokenizer, x0, texts, gen):
+    encoders = [modules["text_encoder"], modules["text_encoder_2"]]
+    return mmdit.flow_matching_loss(modules["transformer"], vae, tokenizer, encoders, x0, texts, gen)
+
+
+def _mmdit_export(folder: Path, vae, modules, tokenizer) -> None:
+    encoders = [modules["text_encoder"], modules["text_encoder_2"]]
+    mmdit.export_pipeline(folder, vae, encoders, tokenizer, modules["transformer"])
+
+
+ARCHS = {
+    "unet": Arch(_autoencoder, _unet_modules, _unet_loss, _unet_export, ("tokenizer",), steps=3200, lr=1e-3, vae_steps=500),
+    "mmdit": Arch(_mmdit_autoencoder, _mmdit_modules, _mmdit_loss, _mmdit_export, ("tokenizer", "tokenizer_2"), 4000, 1e-3, 1500),
+}
+
+
 def train(
     output: Path,
-    steps: int = 3200,
+    steps: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    lr: float = 1e-3,
-    vae_steps: int = 500,
+    lr: float | None = None,
+    vae_steps: int | None = None,
     threads: int = 1,
     save_every: int = 250,
     work: Path | None = None,
     snapshot_every: int = 0,
     cooldown: float = 0.2,
     ship: str = "ema",
+    arch: str = "unet",
     log=print,
 ) -> Path:
     """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work)."""
+    spec = ARCHS[arch]
+    steps, lr, vae_steps = steps or spec.steps, lr or spec.lr, vae_steps or spec.vae_steps
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     output = Path(output)
     work = Path(work) if work else output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = save_clip_tokenizer(work / "tokenizer", WORDS)
-    vae = _autoencoder(work, seed, vae_steps, log)
-    text_encoder, unet = make_text_encoder(tokenizer), make_unet()
-    ema_text, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    vae = spec.autoencoder(work, seed, vae_steps, log)
+    live = spec.build(tokenizer)
+    ema = {name: copy.deepcopy(module) for name, module in live.items()}
+    params = [p for module in live.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = make_train_scheduler()
     rng = np.random.default_rng(seed)
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text_encoder": ema_text}
+    modules = {**live, **{f"ema_{name}": module for name, module in ema.items()}}
     start = _load_state(work / "state", modules, opt, rng) if (work / "state").exists() else 0
     if start:
         log(f"resuming at step {start}")
@@ -160,12 +244,12 @@ def train(
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, lr, cooldown)
         x0, texts = batch(rng, batch_size)
-        loss = denoising_loss(unet, text_encoder, tokenizer, scheduler, x0, texts, gen)
+        loss = spec.loss(live, vae, tokenizer, x0, texts, gen)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _update_ema(((ema_unet, unet), (ema_text, text_encoder)), step)
+        _update_ema([(ema[name], live[name]) for name in live], step)
         losses.append(loss.item())
         done = step + 1
         if done % 50 == 0 or done == steps:
@@ -177,8 +261,9 @@ def train(
         if done % save_every == 0 and done < steps:
             _save_state(work / "state", done, modules, opt, rng)
         if snapshot_every and done % snapshot_every == 0 and done < steps:
-            _export(work / "snapshots" / f"step-{done}", vae, ema_text, tokenizer, ema_unet, work, {"seed": seed, "steps": done})
+            _export(work / "snapshots" / f"step-{done}", spec, vae, ema, tokenizer, work, {"seed": seed, "steps": done})
     meta = {
+        "arch": arch,
         "seed": seed,
         "steps": steps,
         "batch_size": batch_size,
@@ -189,30 +274,17 @@ def train(
         "ship": ship,
         "final_loss": float(np.mean(losses[-200:])) if losses else None,
     }
-    if ship == "ema":
-        return _export(output, vae, ema_text, tokenizer, ema_unet, work, meta)
-    return _export(output, vae, text_encoder, tokenizer, unet, work, meta)
+    return _export(output, spec, vae, ema if ship == "ema" else live, tokenizer, work, meta)
 
 
-def _export(output: Path, vae, text_encoder, tokenizer, unet, work: Path, meta: dict) -> Path:
-    """Write a StableDiffusionPipeline folder (tokenizer also as vocab.json + merges.txt) atomically."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=make_sample_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def _export(output: Path, spec: Arch, vae, modules: dict, tokenizer, work: Path, meta: dict) -> Path:
+    """Write the pipeline folder (tokenizers also as vocab.json + merges.txt) atomically."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(output, overwrite=True) as tmp:
-        pipe.save_pretrained(tmp)
-        for name in ("vocab.json", "merges.txt"):
-            (tmp / "tokenizer" / name).write_bytes((work / "tokenizer" / name).read_bytes())
+        spec.export(tmp, vae, modules, tokenizer)
+        for sub in spec.tokenizers:
+            for name in ("vocab.json", "merges.txt"):
+                (tmp / sub / name).write_bytes((work / "tokenizer" / name).read_bytes())
         (tmp / "training.json").write_text(json.dumps(meta, indent=2))
     return output
 
@@ -221,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m rece.toy.train`: train the shapes model into -o DIR (resuming from DIR.work)."""
     parser = argparse.ArgumentParser(prog="python -m rece.toy.train", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="pipeline folder to write")
-    parser.add_argument("--steps", type=int, default=3200)
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="unet", help="unet: shapes; mmdit: shapes-mmdit")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (unet 3200, mmdit 4000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vae-steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-3)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (unet 500, mmdit 1500)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size on 2 cores)")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA pipeline every N steps")
@@ -244,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_every=args.snapshot_every,
         cooldown=args.cooldown,
         ship=args.ship,
+        arch=args.arch,
         log=lambda m: print(m, flush=True),
     )
     return 0
