@@ -1,15 +1,16 @@
 """Train a shapes model from a seed: `python -m rece.toy.train -o DIR [--arch unet|mmdit] [--steps N] [--seed S]`.
 
-Stage 1 trains the pixel-space autoencoder to identity; stage 2 trains the denoiser and the CLIP text encoders
-jointly with 10 % caption dropout (for classifier-free guidance): the UNet (`shapes`) with x0 ("sample")
-prediction, the MMDiT (`shapes-mmdit`) with flow matching. State is saved every `--save-every` steps; rerunning
-the same command resumes where it stopped.
+Stage 1 trains the autoencoder (`shapes`: pixel space, to identity; `shapes-mmdit`: to an 8×8×4 latent); stage 2
+trains the denoiser and the CLIP text encoders jointly with 10 % caption dropout (for classifier-free guidance): the
+UNet (`shapes`) with x0 ("sample") prediction, the MMDiT (`shapes-mmdit`) with flow matching. State is saved every
+`--save-every` steps; rerunning the same command resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -144,9 +145,14 @@ def _unet_modules(tokenizer) -> dict:
     return {"unet": make_unet(), "text_encoder": text_encoder}
 
 
+@functools.cache
+def _train_scheduler():
+    """The UNet's training scheduler, built once (not on every step)."""
+    return make_train_scheduler()
+
+
 def _unet_loss(modules, vae, tokenizer, x0, texts, gen):  # pixel space: the autoencoder is the identity
-    scheduler = make_train_scheduler()  # a config object: cheap next to a training step
-    return denoising_loss(modules["unet"], modules["text_encoder"], tokenizer, scheduler, x0, texts, gen)
+    return denoising_loss(modules["unet"], modules["text_encoder"], tokenizer, _train_scheduler(), x0, texts, gen)
 
 
 def _unet_export(folder: Path, vae, modules, tokenizer) -> None:
@@ -221,7 +227,9 @@ def train(
 ) -> Path:
     """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work)."""
     spec = ARCHS[arch]
-    steps, lr, vae_steps = steps or spec.steps, lr or spec.lr, vae_steps or spec.vae_steps
+    steps = spec.steps if steps is None else steps
+    lr = spec.lr if lr is None else lr
+    vae_steps = spec.vae_steps if vae_steps is None else vae_steps
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     output = Path(output)
