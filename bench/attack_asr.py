@@ -5,7 +5,7 @@
     HF_HUB_OFFLINE=1 python bench/attack_asr.py --model shapes-mmdit   # the MMDiT: attacks its family does not support print n/a
 
 Erases --concept (triangle) with each of --methods (uce, rece), by default with the shapes model's erasure recipe
-(`rece.toy.evaluate.erasure_arguments`; `--recipe word` erases the word alone with `rece erase` defaults), then runs
+(`rece.toy.door.erasure_arguments`, the model's own; `--recipe word` erases the word alone with `rece erase` defaults), then runs
 on each edited model: no attack
 (the plain prompts), derived (fresh c′, and c′ derived against the UCE edit as in the RECE paper), ring-a-bell,
 unlearndiff and textual-inversion, with the reduced parameters below (the papers' defaults take hours on a CPU).
@@ -76,7 +76,7 @@ def main() -> int:
     prompts = prompt_set(work, args.concept)
     base = load_model(args.model)
     edits = {}
-    settings = erasure_arguments(args.concept) if args.recipe == "family" else {"concepts": [args.concept]}
+    settings = erasure_arguments(args.concept, args.model) if args.recipe == "family" else {"concepts": [args.concept]}
     for method in args.methods:
         edits[method] = erase(base, method=method, **settings).save(work / f"{method}.safetensors")
     common = dict(steps=args.steps, progress=False, overwrite=True, batch_size=8)

@@ -59,6 +59,9 @@ def quality_rows(quality: dict, concept: str) -> dict[str, dict[str, str]]:
         rows.setdefault("colours", {})[method] = percent(colours)
         if fresh:
             rows.setdefault("fresh c′ (r = 0.1 / 1e-3)", {})[method] = f"{percent(fresh['r=0.1'])} / {percent(fresh['r=0.001'])}"
+        if f"{concept}/target" in quality:  # the recipe's target prompt itself: what erased prompts are drawn like
+            target = quality[f"{concept}/target"]
+            rows.setdefault("target prompt shows it", {})[method] = f"{percent(target['shows'])} ('{target['target']}')"
     return rows
 
 
@@ -113,6 +116,9 @@ def main() -> int:
     models = [(m[0], Path(m[1]), Path(m[2]) if len(m) > 2 else None) for m in args.model or [] if 2 <= len(m) <= 3]
     if len(models) != len(args.model or []) or (not models and args.quality is None):
         parser.error("pass QUALITY [ATTACKS], or --model LABEL QUALITY [ATTACKS] once per model")
+    missing = [str(p) for p in [args.quality, args.attacks, *(f for m in models for f in m[1:])] if p and not p.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}; pass the --json of shapes_quality.py and attack_asr.py's asr.json")
     if not models:
         rows, columns = model_rows(args.quality, args.attacks, args.concept), None
     else:

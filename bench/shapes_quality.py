@@ -6,6 +6,7 @@ closed-form c′ derived against the edit brings the concept back); and the RECE
 from the derived embedding c′ after UCE, after RECE, and from a fresh c′ derived against the RECE model.
 
     HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--model shapes-mmdit] [--per-combo 6] [--steps 25] [--concepts triangle red]
+        [--set uce_preserve_scale=0.1 "target= "]   # the recipe (rece.toy.door.erasure_arguments) with settings changed
 
 c′ is derived in every space the model reads the prompt in (shapes-mmdit: the joint rows and the pooled vector).
 """
@@ -50,6 +51,17 @@ def shows(images: np.ndarray, concept: str) -> float:
     return float(np.mean([getattr(detect(img), attr) == concept for img in images]))
 
 
+def setting(text: str) -> tuple[str, float | str]:
+    """KEY=VALUE of --set: the value as a number when it reads as one, else as text."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY=VALUE")
+    try:
+        return key, float(value)
+    except ValueError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes", help="shapes (the UNet model) or shapes-mmdit")
@@ -62,6 +74,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["uce", "rece", "robust"], help="erasure methods side by side")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--layers", help="erase only the layers matching this regex (uce / rece; keys 'family@REGEX')")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", type=setting,
+        help="override a recipe setting (rece.erase keyword; a number, or text), e.g. uce_preserve_scale=0.1 'target= '",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
@@ -89,7 +105,11 @@ def main() -> None:
     )
     probe_seeds = list(range(args.probe_images))
     for concept in args.concepts:
-        recipes = {"family": erasure_arguments(concept), "word": {"concepts": [concept]}}
+        recipes = {"family": {**erasure_arguments(concept, args.model), **dict(args.set)}, "word": {"concepts": [concept]}}
+        target = recipes["family"]["target"]  # what the erased prompts are drawn like: the floor of the erased rate
+        drawn = shows(generate(pipe, [target] * len(probe_seeds), probe_seeds, args.steps, args.guidance), concept)
+        results[f"{concept}/target"] = {"target": target, "shows": drawn}
+        print(f"{concept}: the recipe's target {target!r} itself shows {concept} in {100 * drawn:.1f} % of {len(probe_seeds)}")
         if args.layers:  # one space of an MMDiT only (e.g. ^context_embedder): which path carries the concept
             recipes = {f"family@{args.layers}": {**recipes["family"], "layers": [args.layers]}}
         for method in args.methods:
@@ -128,7 +148,7 @@ def main() -> None:
                     )
     # The RECE mechanism, on the first concept (its word is the first erased text)
     concept = args.concepts[0]
-    settings = erasure_arguments(concept)
+    settings = {**erasure_arguments(concept, args.model), **dict(args.set)}
     uce = rece.erase(base, method="uce", **settings)
     for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):
         rece_edit = rece.erase(base, method="rece", **{**settings, "regularization": r})

@@ -80,6 +80,8 @@ def write_measurements(folder: Path, name: str, erased: float, with_attacks: boo
     row = {"erased_rate": erased, "other_shape_kept": 0.98, "color_accuracy": 1.0, "seconds": 0.05}
     row["fresh_derived"] = {"r=0.1": 0.5, "r=0.001": 0.25}
     data = {f"triangle/{m}/family/{split}": row for m in ("uce", "rece", "robust") for split in ("trained", "held-out")}
+    if not with_attacks:  # newer runs also record what the recipe's target prompt itself draws
+        data["triangle/target"] = {"target": "a circle", "shows": 0.0}
     quality.write_text(json.dumps(data))
     asr = [["ring-a-bell", m, 12.5 if with_attacks else None, 0, 1] for m in ("uce", "rece", "robust")]
     attacks.write_text(json.dumps(asr))
@@ -99,5 +101,9 @@ def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp
     assert ring.count("12.5 %") == 3 and ring.count("n/a") == 3
     erased = next(r for r in rows if r.startswith("| prompts naming it"))
     assert "0.0 % / 0.0 %" in erased and "25.0 % / 25.0 %" in erased
+    target = next(r for r in rows if r.startswith("| target prompt shows it"))
+    assert target.count("0.0 % ('a circle')") == 3 and target.count("–") == 3  # the UNet file has none
     bad = subprocess.run([sys.executable, script, "--model", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--model LABEL QUALITY" in bad.stderr
+    gone = subprocess.run([sys.executable, script, "--model", "x", str(tmp_path / "none.json")], capture_output=True, text=True)
+    assert gone.returncode == 2 and "no such file" in gone.stderr and "Traceback" not in gone.stderr

@@ -27,7 +27,7 @@ def test_the_mmdit_shapes_model_is_known_by_name_and_folder(tmp_path, monkeypatc
     (tmp_path / door.MMDIT / "model_index.json").write_text("{}")
     folder = door.shapes_model_path(door.MMDIT)
     assert door.shapes_model_name(str(folder)) == door.MMDIT and door.sampling_defaults(folder) == (25, 4.0)
-    assert door.recipe_for(door.MMDIT, ["red"]) == door.erasure_arguments("red")
+    assert door.recipe_for(door.MMDIT, ["red"]) == door.erasure_arguments("red", door.MMDIT)
     with pytest.raises(ReceError, match="missing"):
         door.shapes_model_path("circles")
 
@@ -37,7 +37,11 @@ def test_concepts_and_recipes():
     recipe = door.recipe_for("shapes", ["triangle"])
     assert recipe == door.erasure_arguments("triangle") and "a red triangle" in recipe["concepts"]
     assert "a red circle" in recipe["preserve"] and recipe["target"] == " " and recipe["regularization"] == 1e-3
-    assert door.erasure_arguments("red")["target"] == "a shape"
+    assert door.erasure_arguments("red")["target"] == "a shape" and "uce_preserve_scale" not in recipe
+    mmdit = door.recipe_for(door.MMDIT, ["triangle"])  # the MMDiT's: same prompts, two settings changed
+    assert mmdit == {**recipe, "target": "a circle", "uce_preserve_scale": 1.0}
+    assert door.erasure_arguments("circle", door.MMDIT)["target"] == "a square"
+    assert door.erasure_arguments("red", door.MMDIT)["target"] == "a shape"
     assert door.recipe_for("tiny", ["triangle"]) is None and door.recipe_for("shapes", ["cat"]) is None
     assert door.recipe_for("shapes", ["triangle", "red"]) is None
     rows = door.evaluation_prompt_rows("triangle")

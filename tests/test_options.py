@@ -40,6 +40,18 @@ def test_flags_map_back_to_the_config():
     assert (preset.concepts, preset.epochs) == (["nudity"], 3)  # a preset's values count unless a flag is given
 
 
+def test_a_shapes_recipe_fills_what_the_command_line_leaves_unset():
+    from rece.toy import door
+
+    recipe = door.erasure_arguments("triangle", door.MMDIT)
+    config = erase_config(parse("erase", "m", "-o", "x"), recipe)
+    assert (config.target, config.uce_preserve_scale, config.regularization) == ("a circle", 1.0, 1e-3)
+    assert config.concepts == recipe["concepts"] and config.preserve == recipe["preserve"]
+    flags = parse("erase", "m", "--uce-preserve-scale", "0.5", "--regularization", "0.1", "-o", "x")
+    given = erase_config(flags, recipe)
+    assert (given.uce_preserve_scale, given.regularization) == (0.5, 0.1)
+
+
 def test_attack_flags_come_from_each_attacks_params(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit):

@@ -135,11 +135,10 @@ def test_prompt_following(baseline, grid):
     assert acc["color"] >= 0.95 and acc["shape"] >= 0.85
 
 
-def erased_with(pipe, grid, layers: str) -> dict:
-    """erasure_metrics of the grid after UCE erases triangle with the recipe in the layers matching `layers`."""
+def erased_with(pipe, grid, method: str = "uce", model: str = door.NAME, **settings) -> dict:
+    """erasure_metrics of the grid after erasing triangle with a shapes model's recipe (the UNet's by default)."""
     prompts, seeds, shapes, colors = grid
-    edit = rece.erase(from_pipeline(pipe, NAME), method="uce", layers=[layers], **erasure_arguments("triangle"))
-    assert len(edit.layers) == 1
+    edit = rece.erase(from_pipeline(pipe, NAME), method=method, **erasure_arguments("triangle", model), **settings)
     edit.apply(pipe)
     try:
         return erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, "triangle")
@@ -148,15 +147,27 @@ def erased_with(pipe, grid, layers: str) -> dict:
 
 
 def test_the_pooled_path_carries_the_shape_and_the_token_path_edit_costs_colours(pipe, grid, baseline):
-    """Measured on this model (docs/shapes.md): erasing triangle in the pooled projection alone removes most triangles
-    and keeps shapes and colours; erasing it at context_embedder alone leaves the triangles and loses colours."""
+    """Measured on this model with the UNet's recipe (docs/shapes.md): erasing triangle in the pooled projection alone
+    removes most triangles and keeps shapes and colours; erasing it at context_embedder alone leaves the triangles
+    and loses colours."""
     _, _, shapes, colors = grid
     before = erasure_metrics(baseline, shapes, colors, "triangle")
-    pooled = erased_with(pipe, grid, "^time_text_embed")
-    tokens = erased_with(pipe, grid, "^context_embedder")
+    pooled = erased_with(pipe, grid, layers=["^time_text_embed"])
+    tokens = erased_with(pipe, grid, layers=["^context_embedder"])
     assert before["erased_rate"] >= 0.75 and pooled["erased_rate"] <= 0.25
     assert pooled["other_shape_accuracy"] >= 0.8 * before["other_shape_accuracy"] and pooled["color_accuracy"] >= 0.9
     assert tokens["erased_rate"] >= 0.75 and tokens["color_accuracy"] <= pooled["color_accuracy"] - 0.15
+
+
+def test_the_mmdit_recipe_erases_triangle_and_keeps_shapes_and_colours(pipe, grid, baseline):
+    """RECE with shapes-mmdit's recipe (preserve weight 1, triangle → "a circle"): the issue's bars with a one-image
+    margin; the UNet's recipe on the same batch loses colours (the measurement that led to the MMDiT's)."""
+    _, _, shapes, colors = grid
+    before = erasure_metrics(baseline, shapes, colors, "triangle")
+    after = erased_with(pipe, grid, "rece", door.MMDIT)
+    assert after["erased_rate"] <= 1 / 8 and after["color_accuracy"] >= 0.95
+    assert after["other_shape_accuracy"] >= 0.9 * before["other_shape_accuracy"]
+    assert erased_with(pipe, grid, "rece")["color_accuracy"] <= after["color_accuracy"] - 0.15
 
 
 def test_the_mmdit_name_says_how_to_train_it_when_the_model_is_not_shipped(tmp_path, capsys, monkeypatch):
@@ -176,6 +187,7 @@ def test_demo_on_an_mmdit_shapes_model(trained, tmp_path):
     assert main(["demo", "-o", str(out), "--model", str(trained), "--per-combo", "1", "--steps", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == str(trained) and metrics["concept"] == "triangle"
+    assert (metrics["target"], metrics["uce_preserve_scale"]) == ("a circle", 1.0)  # an SD3 pipeline: the MMDiT's recipe
     assert set(metrics["after"]) >= {"erased_rate", "other_shape_accuracy", "color_accuracy"}
     assert (out / "grid.png").is_file() and "data:image/png;base64" in (out / "report.html").read_text()
     edit = rece.load_edit(out / "edit.safetensors")

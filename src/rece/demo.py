@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .edit import Edit
 from .erase import erase
 from .errors import ReceError
+from .families import family_of_pipeline
 from .io import atomic_dir, check_parent
 from .pictures import html_page, html_table, image_grid, labelled_panels, png_data_uri
 from .pipelines import load_pipeline
@@ -40,6 +41,11 @@ def _check_options(concept: str, per_combo: int, steps: int, guidance: float | N
     return door.GUIDANCE if guidance is None else guidance
 
 
+def recipe_model(pipe) -> str:
+    """Which shapes model's recipe erases from `pipe`: shapes-mmdit's for an SD3 pipeline (a retrained one too)."""
+    return door.MMDIT if family_of_pipeline(pipe).name == "sd3" else door.NAME
+
+
 def measure_demo(
     pipe, model: str, concept: str, method: str, per_combo: int, steps: int, guidance: float, quiet: bool = False
 ) -> tuple[dict, Edit, np.ndarray, np.ndarray, float]:
@@ -50,7 +56,7 @@ def measure_demo(
     with tqdm(total=2 * len(seeds), desc="generating", unit="img", disable=quiet) as bar:
         before = generate(pipe, prompts, seeds, steps, guidance, progress=bar)
         start = time.perf_counter()
-        settings = door.erasure_arguments(concept)
+        settings = door.erasure_arguments(concept, recipe_model(pipe))
         edit = erase(pipe, method=method, **settings)
         erase_seconds = time.perf_counter() - start
         edit.apply(pipe)
@@ -63,6 +69,7 @@ def measure_demo(
         "preserved_prompts": settings["preserve"],
         "target": settings["target"],
         "regularization": settings["regularization"],
+        "uce_preserve_scale": settings.get("uce_preserve_scale"),  # None: rece's default
         "erase_seconds": round(erase_seconds, 4),
         "sampling": {"steps": steps, "guidance": guidance, "images_per_prompt": per_combo, "seed": DEMO_SEED},
         "before": erasure_metrics(before, shapes, colors, concept),

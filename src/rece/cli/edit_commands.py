@@ -37,8 +37,9 @@ def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseC
         concepts, preserve, values["target"], values["templates"] = (
             recipe["concepts"], recipe["preserve"], recipe["target"], recipe["templates"],
         )  # fmt: skip
-        if values["regularization"] is None:
-            values["regularization"] = recipe["regularization"]
+        for key in ("regularization", "uce_preserve_scale"):  # the recipe's unless given on the command line
+            if key in recipe and values.get(key) is None:
+                values[key] = recipe[key]
     if args.concept_prompts:
         if concepts is None and args.preset in PRESETS:  # the file adds to the preset's concepts
             concepts = list(PRESETS[args.preset].get("concepts", []))

@@ -70,28 +70,44 @@ def sampling_defaults(model) -> tuple[int, float] | None:
     return (STEPS, GUIDANCE) if is_shapes_model(model) else None
 
 
-def erasure_arguments(concept: str) -> dict:
-    """How to erase a shape or a colour from the shapes model with `rece.erase`: concepts, preserve, target, r.
+def erasure_arguments(concept: str, model: str = NAME) -> dict:
+    """How to erase a shape or a colour from a shapes model (`shapes` or `shapes-mmdit`) with `rece.erase`.
 
     The concept's short prompt family is erased and the other shapes' (colours') families are preserved
     (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
     draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
     styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
+    shapes-mmdit changes two settings (`mmdit_recipe`).
     """
-    return {
+    settings = {
         "concepts": concept_prompts(concept),
         "preserve": other_concept_prompts(concept),
         "target": " " if concept in SHAPES else "a shape",
         "regularization": 1e-3,
         "templates": False,  # robust mode: the family is the estimate; its templates would overlap the held-out ones
     }
+    return {**settings, **mmdit_recipe(concept)} if model == MMDIT else settings
+
+
+def mmdit_recipe(concept: str) -> dict:
+    """What the MMDiT's recipe changes, both measured on shapes-mmdit (docs/shapes.md).
+
+    UCE's preserve weight 1 instead of max(0.1, 1/#preserved) = 0.1: "a red triangle" → " " drops the colour with the
+    shape, and at 0.1 that pull outweighs the preserved "a red circle" (colours 58 % → 100 %). A shape maps to another
+    shape ("a circle"; "a square" for circle) instead of " ": this model draws triangles for " " in 1 of 8 images,
+    which is where the erased prompts landed (12.5 %), above the 5 % bar.
+    """
+    settings: dict = {"uce_preserve_scale": 1.0}
+    if concept in SHAPES:
+        settings["target"] = "a square" if concept == "circle" else "a circle"
+    return settings
 
 
 def recipe_for(model, concepts: Sequence[str] | None) -> dict | None:
-    """The erasure recipe when MODEL is the shapes model and `concepts` is one of its shapes or colours, else None."""
+    """The erasure recipe when MODEL is a shapes model and `concepts` is one of its shapes or colours, else None."""
     if not concepts or len(concepts) != 1 or not is_shapes_model(model) or not is_world_concept(concepts[0]):
         return None
-    return erasure_arguments(concepts[0])
+    return erasure_arguments(concepts[0], shapes_model_name(model))
 
 
 def evaluation_prompt_rows(concept: str, kept: bool = False) -> list[dict]:
