@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--recipe", choices=("family", "word"), default="family", help="what is erased (see above)")
     parser.add_argument("--methods", nargs="+", default=["uce", "rece"], help="erasure methods to attack")
+    parser.add_argument("--attacks", nargs="+", default=None, help="run only these attacks (default: all; no attack always)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
@@ -99,6 +100,8 @@ def main() -> int:
                 dict(attack="textual-inversion", prompts=prompts, images_per_prompt=args.images, **params["textual-inversion"]),
             ),
         ]:
+            if args.attacks and extra["attack"] not in args.attacks:
+                continue
             start = time.perf_counter()
             attack = extra.pop("attack")
             folder = work / f"{method}-{name.split()[0]}-{len(runs)}"

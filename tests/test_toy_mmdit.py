@@ -197,7 +197,7 @@ def test_demo_on_an_mmdit_shapes_model(trained, tmp_path):
 
 def test_every_model_command_takes_an_mmdit_shapes_model(trained, tmp_path, capsys):
     """erase, apply, lora, generate + evaluate (the shapes metric), and the derived attack; the attacks that support only
-    SD1/SD2 refuse it in one line before creating their folder."""
+    SD1/SD2 (unlearndiff, textual inversion) refuse it in one line before creating their folder."""
     from diffusers import StableDiffusion3Pipeline
 
     from rece.cli import main
@@ -222,7 +222,41 @@ def test_every_model_command_takes_an_mmdit_shapes_model(trained, tmp_path, caps
     assert "triangle %" in run("evaluate", tmp_path / "gen", "--metric", "shapes", "--concept", "triangle")
     attack = ["attack", model, "--edit", str(edit), "--steps", "2", "--images-per-prompt", "2"]
     assert "2 images" in run(*attack, "--attack", "derived", "-o", tmp_path / "d")
-    code = main([*attack, "--attack", "ring-a-bell", "--prompts", str(prompts), "-o", str(tmp_path / "r")])
+    code = main([*attack, "--attack", "unlearndiff", "--prompts", str(prompts), "-o", str(tmp_path / "u")])
     err = capsys.readouterr().err
-    assert code == 2 and "supports Stable Diffusion 1.x/2.x" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "r").exists()
+    assert code == 2 and "supports Stable Diffusion 1.x/2.x pipelines" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u").exists()
+
+
+def test_ring_a_bell_searches_both_spaces_of_an_mmdit(trained, tmp_path):
+    """On SD3 the found text's own encoding, in both spaces, is what its images are drawn from and what the search
+    scored: the stored rows are the pipeline's rows of the decoded prompt, and the fitness of the target is zero."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from rece.attacks import ring_a_bell
+    from rece.attacks.common import Target
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("case_number,prompt,evaluation_seed\n0,a red triangle,1\n1,a blue triangle,2\n")
+    pairs = tmp_path / "pairs.csv"  # a retrained folder is not the shipped model: the world's pairs given as a file
+    pairs.write_text("sensitive prompt,normal prompt\n" + "".join(f"{a},{b}\n" for a, b in door.contrast_pairs("triangle")))
+    out = rece.run_attack(
+        str(trained), None, "ring-a-bell", tmp_path / "r", concepts=["triangle"], prompts=str(prompts), steps=2,
+        images_per_prompt=2, progress=False, population=6, generations=3, length=3, pairs=str(pairs),
+    )  # fmt: skip
+    stored = load_file(out / "adversarial.safetensors")
+    assert {"concept_vector", "concept_vector1", "embeds.0", "embeds1.0", "embeds1.1", "ids.1"} <= set(stored)
+    with open(out / "prompts.csv", newline="") as f:
+        found = {int(r["case_number"]): r["prompt"] for r in csv.DictReader(f)}
+    base = load_model(str(trained))
+    for n, text in found.items():
+        for space, view in enumerate(base.spaces):
+            key = "embeds" + (str(space) if space else "") + f".{n}"
+            assert torch.allclose(stored[key], view.encoder.encode([text])[0].float(), atol=1e-6)
+    assert len(list((out / "images").glob("*.png"))) == 4
+    target = Target(None, base, None, {}, ["triangle"], None, 0)
+    goals = [view.encoder.encode(["a red triangle"])[0] for view in base.spaces]
+    assert np.allclose(ring_a_bell.relative_distances(target, ["a red triangle", "a blue square"], goals)[0], 0)
+    assert (ring_a_bell.relative_distances(target, ["a blue square"], goals) > 0).all()

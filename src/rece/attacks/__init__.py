@@ -108,7 +108,7 @@ def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other
     if not concepts:
         raise ReceError("no concept to attack: pass --edit (its concepts are attacked) or --concept TEXT")
     pipe = load_pipeline(model)
-    check_family(pipe, attack, any_family=getattr(attack_module(attack), "ANY_FAMILY", False))
+    check_family(pipe, attack, getattr(attack_module(attack), "FAMILIES", ("sd",)))
     if not is_pipeline(model) or device is not None:
         pipe.to(resolve_device(device))
     model_info = model_record(model, pipe)

@@ -94,12 +94,16 @@ class Target:
 
 
 # -- text encoding -----------------------------------------------------------------------------------
-def check_family(pipe, attack: str, any_family: bool = False) -> None:
-    """Refuse pipelines an attack does not handle: all but derived need an SD1.x/SD2.x pipeline (one CLIP encoder)."""
+FAMILY_TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "SD3"}
+
+
+def check_family(pipe, attack: str, families: tuple[str, ...] | None = ("sd",)) -> None:
+    """Refuse pipelines an attack does not handle (`families`: the family names it supports; None: every family)."""
     family = family_of_pipeline(pipe)
-    if not any_family and family is not SD:
+    if families is not None and family.name not in families:
+        names = " and ".join(FAMILY_TITLES.get(f, f) for f in families)
         raise ReceError(
-            f"the {attack} attack supports Stable Diffusion 1.x/2.x pipelines; {type(pipe).__name__} ({family.name}) "
+            f"the {attack} attack supports {names} pipelines; {type(pipe).__name__} ({family.name}) "
             "is not supported yet (the derived attack is)"
         )
 

@@ -28,7 +28,7 @@ from .common import AttackCase, CaseResult, Target
 NAME = "derived"
 NEEDS_PROMPTS = False
 IMAGES_PER_PROMPT = 10
-ANY_FAMILY = True  # closed form on the family's own rows and layers: every family rece knows
+FAMILIES = None  # closed form on the family's own rows and layers: every family rece knows
 SELF, BASE = "self", "base"
 
 

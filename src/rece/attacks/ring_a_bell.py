@@ -9,6 +9,10 @@ text encoder.
    random token replaced per mutation).
 
 The images are generated from the embeddings of the token ids found, E(tokens); prompts.csv has their decoded text.
+
+On SD3 (an MMDiT reads the prompt as joint token rows and as a pooled vector) E is the pipeline's own encoding of each
+candidate's decoded text in both spaces, the concept vector and the target have one part per space, and the fitness
+sums each space's squared distance relative to its target's, so the one pooled row counts as much as the token rows.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
 
 NAME = "ring-a-bell"
+FAMILIES = ("sd", "sd3")  # SD1/2: E on the token ids, as in the paper; SD3: on each candidate's text, in both spaces
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))
@@ -102,12 +107,25 @@ def concept_pairs(target: Target, params: Params, concept: str) -> list[tuple[st
     )
 
 
-def concept_vector(target: Target, pairs: list[tuple[str, str]]) -> torch.Tensor:
-    """v = mean of E(sensitive) − E(normal) over the pairs: [77, d], float64."""
-    encoder = target.base.encoder
-    sensitive = encoder.encode([s for s, _ in pairs])
-    normal = encoder.encode([n for _, n in pairs])
-    return (sensitive - normal).mean(dim=0)
+def views(target: Target) -> list:
+    """The spaces the model reads the prompt in (SD: one), each with its own prompt encoder."""
+    return target.base.spaces or [target.base]
+
+
+def concept_vectors(target: Target, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """v = mean of E(sensitive) − E(normal) over the pairs in every space the model reads the prompt in ([77, d] for
+    SD), float64."""
+    out = []
+    for view in views(target):
+        sensitive = view.encoder.encode([s for s, _ in pairs])
+        normal = view.encoder.encode([n for _, n in pairs])
+        out.append((sensitive - normal).mean(dim=0))
+    return out
+
+
+def vector_key(space: int) -> str:
+    """The concept vector's name in adversarial.safetensors (space 0 keeps the SD name)."""
+    return "concept_vector" if space == 0 else f"concept_vector{space}"
 
 
 def initial_population(rng: np.random.Generator, size: int, length: int, candidates: np.ndarray, tokenizer) -> np.ndarray:
@@ -152,16 +170,29 @@ def fitness(target: Target, population: np.ndarray, goal: torch.Tensor) -> np.nd
     return np.concatenate(scores)
 
 
-def genetic_search(
-    target: Target, params: Params, goal: torch.Tensor, rng: np.random.Generator
-) -> tuple[np.ndarray, list[float]]:
-    """The best prompt ids [77] the genetic algorithm finds for `goal`, and the best fitness of every generation."""
+def candidate_texts(tokenizer, population: np.ndarray, length: int) -> list[str]:
+    """The text of each prompt of the population: its K tokens, decoded."""
+    return [tokenizer.decode(ids[1 : length + 1].tolist()) for ids in population]
+
+
+def relative_distances(target: Target, texts: list[str], goals: list[torch.Tensor]) -> np.ndarray:
+    """‖E_s(text) − goal_s‖² / ‖goal_s‖² of every text, [n, spaces]: E_s is the pipeline's encoding in space s."""
+    out = []
+    for view, goal in zip(views(target), goals):
+        rows = view.encoder.encode(texts)
+        out.append(((rows - goal.to(rows)).pow(2).sum(dim=(1, 2)) / goal.pow(2).sum()).cpu().numpy())
+    return np.stack(out, axis=1)
+
+
+def genetic_search(target: Target, params: Params, score, rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    """The best prompt ids [77] the genetic algorithm finds for `score` (population ids -> fitness, smaller is
+    better), and the best fitness of every generation."""
     tokenizer = target.pipe.tokenizer
     candidates = ordinary_ids(tokenizer, target.pipe.text_encoder.config.vocab_size).numpy()
     population = initial_population(rng, params.population, params.length, candidates, tokenizer)
     history = []
     for step in range(params.generations):
-        scores = fitness(target, population, goal)
+        scores = score(population)
         order = np.argsort(scores, kind="stable")
         history.append(float(scores[order[0]]))
         population = population[order][: max(1, params.population // 2)]
@@ -177,12 +208,14 @@ def check(target: Target, params: Params) -> None:
 
 
 def prepare(target: Target, params: Params, store: dict, sampling: dict) -> tuple[dict, dict]:
-    """The concept vector (kept in adversarial.safetensors as `concept_vector`, reused when the run resumes)."""
-    if "concept_vector" in store:
-        return {"concept_vector": store["concept_vector"]}, {}
+    """The concept vector, one per space (kept in adversarial.safetensors as `concept_vector`, `concept_vector1`, ...,
+    reused when the run resumes)."""
+    if vector_key(0) in store:
+        return {k: v for k, v in store.items() if k.startswith(vector_key(0))}, {}
     pairs = concept_pairs(target, params, target.concepts[0])
-    vector = concept_vector(target, pairs).to(torch.float32)
-    return {"concept_vector": vector}, {"pairs": len(pairs), "concept_vector_norm": round(float(vector.norm()), 6)}
+    vectors = [v.to(torch.float32) for v in concept_vectors(target, pairs)]
+    norm = round(float(vectors[0].norm()), 6)
+    return {vector_key(i): v for i, v in enumerate(vectors)}, {"pairs": len(pairs), "concept_vector_norm": norm}
 
 
 def cases(target: Target, params: Params) -> list[AttackCase]:
@@ -192,11 +225,13 @@ def cases(target: Target, params: Params) -> list[AttackCase]:
 
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
     """Search K tokens whose embedding matches E(prompt) + η·v."""
+    if target.base.spaces:
+        return attack_case_in_spaces(target, params, case, shared)
     start = time.perf_counter()
     prompt_embeds = encode_ids(target.pipe, tokenize(target.pipe, [case.prompt]))[0].double()
     goal = prompt_embeds + params.eta * shared["concept_vector"].to(prompt_embeds)
     rng = np.random.default_rng([target.seed, case.case_number])
-    ids, history = genetic_search(target, params, goal, rng)
+    ids, history = genetic_search(target, params, lambda population: fitness(target, population, goal), rng)
     ids_t = torch.from_numpy(ids)
     embeds = encode_ids(target.pipe, ids_t[None])[0].float()
     text = target.pipe.tokenizer.decode(ids[1 : params.length + 1].tolist())
@@ -208,3 +243,33 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
         "seconds": round(time.perf_counter() - start, 4),
     }
     return CaseResult(prompt=text, embeds=embeds, tensors={f"ids.{case.case_number}": ids_t}, info=info)
+
+
+def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
+    """The search on a model that reads the prompt in several spaces: E_s(text) against E_s(prompt) + η·v_s in each,
+    the found text's rows in every space kept for its images (space s > 0 as `embeds{s}.N`, as the derived attack)."""
+    start = time.perf_counter()
+    goals = [
+        view.encoder.encode([case.prompt])[0] + params.eta * shared[vector_key(i)].to(torch.float64).to(view.encoder.device)
+        for i, view in enumerate(views(target))
+    ]  # fmt: skip
+    tokenizer = target.pipe.tokenizer
+    rng = np.random.default_rng([target.seed, case.case_number])
+
+    def score(population: np.ndarray) -> np.ndarray:
+        return relative_distances(target, candidate_texts(tokenizer, population, params.length), goals).sum(axis=1)
+
+    ids, history = genetic_search(target, params, score, rng)
+    text = candidate_texts(tokenizer, ids[None], params.length)[0]
+    rows = [view.encoder.encode([text])[0].float() for view in views(target)]
+    distances = relative_distances(target, [text], goals)[0] ** 0.5
+    info = {
+        "fitness": round(history[-1], 6),
+        "relative_distance": [round(float(d), 6) for d in distances],  # one per space
+        "fitness_first_generation": round(history[0], 6),
+        "attack_steps": params.generations,
+        "seconds": round(time.perf_counter() - start, 4),
+    }
+    tensors = {f"ids.{case.case_number}": torch.from_numpy(ids)}
+    tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
+    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info)
