@@ -1,5 +1,5 @@
 """The derived attack on every family: c′ in each space the family reads, drawn by the family's own pipeline from
-rows instead of a prompt; Ring-A-Bell on SD1/SD2 and SD3; the other attacks refuse other families in one line."""
+rows instead of a prompt; Ring-A-Bell on SD1/SD2, SD3 and FLUX; the other attacks refuse other families in one line."""
 
 import numpy as np
 import pytest
@@ -66,18 +66,19 @@ def _prompts(tmp_path):
 
 
 def test_ring_a_bell_runs_on_sd_and_sd3_and_refuses_the_rest(folder, tmp_path):
-    """SD1/2 search token ids, SD3 (T5 included) the candidates' texts in both spaces; other families: one line."""
+    """SD1/2 search token ids, SD3 (T5 included) and FLUX the candidates' texts in both spaces; the other families are
+    refused in one line."""
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("sensitive prompt,normal prompt\nnudity,a person\na nude body,a dressed body\n")
     run = dict(concepts=["nudity"], prompts=_prompts(tmp_path), steps=2, images_per_prompt=1, progress=False,
                population=4, generations=2, length=3, pairs=str(pairs))  # fmt: skip
     family = load_model(folder).family.name
-    if family not in ("sd", "sd3"):
-        with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x and SD3 pipelines.*the derived attack is"):
+    if family not in ("sd", "sd3", "flux"):
+        with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x, SD3 and FLUX.1 pipelines.*derived attack is"):
             run_attack(folder, None, "ring-a-bell", tmp_path / "r", **run)
         assert not (tmp_path / "r").exists()
         return
     out = run_attack(folder, None, "ring-a-bell", tmp_path / "r", **run)
     stored = load_file(out / "adversarial.safetensors")
     assert read_manifest(out)["attack"]["complete"] and len(list((out / "images").glob("*.png"))) == 1
-    assert ("embeds1.0" in stored and "concept_vector1" in stored) == (family == "sd3")  # the pooled space's too
+    assert ("embeds1.0" in stored and "concept_vector1" in stored) == (family != "sd")  # the pooled space's too

@@ -94,14 +94,15 @@ class Target:
 
 
 # -- text encoding -----------------------------------------------------------------------------------
-FAMILY_TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "SD3"}
+FAMILY_TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "SD3", "flux": "FLUX.1"}
 
 
 def check_family(pipe, attack: str, families: tuple[str, ...] | None = ("sd",)) -> None:
     """Refuse pipelines an attack does not handle (`families`: the family names it supports; None: every family)."""
     family = family_of_pipeline(pipe)
     if families is not None and family.name not in families:
-        names = " and ".join(FAMILY_TITLES.get(f, f) for f in families)
+        titles = [FAMILY_TITLES.get(f, f) for f in families]
+        names = titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
         raise ReceError(
             f"the {attack} attack supports {names} pipelines; {type(pipe).__name__} ({family.name}) "
             "is not supported yet (the derived attack is)"

@@ -10,9 +10,10 @@ text encoder.
 
 The images are generated from the embeddings of the token ids found, E(tokens); prompts.csv has their decoded text.
 
-On SD3 (an MMDiT reads the prompt as joint token rows and as a pooled vector) E is the pipeline's own encoding of each
-candidate's decoded text in both spaces, the concept vector and the target have one part per space, and the fitness
-sums each space's squared distance relative to its target's, so the one pooled row counts as much as the token rows.
+On SD3 and FLUX (an MMDiT reads the prompt as token rows and as a pooled vector) E is the pipeline's own encoding of
+each candidate's decoded text (K tokens of the first, CLIP, tokenizer) in both spaces; the concept vector and the
+target have one part per space, and the fitness sums each space's squared distance relative to its target's, so the
+one pooled row counts as much as the token rows.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
 
 NAME = "ring-a-bell"
-FAMILIES = ("sd", "sd3")  # SD1/2: E on the token ids, as in the paper; SD3: on each candidate's text, in both spaces
+FAMILIES = ("sd", "sd3", "flux")  # SD1/2: E on the token ids, as in the paper; MMDiTs: on each candidate's text
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))
