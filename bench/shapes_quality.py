@@ -34,7 +34,7 @@ def fresh_derived(base, edit, concept: str, r: float) -> list[torch.Tensor]:
     """c′ derived in closed form against the edited model (the RECE step's derivation, applied once more), one
     [1, L, d] float32 tensor per space the model reads the prompt in."""
     rows = []
-    for view in base.spaces or [base]:
+    for view in base.views:
         kv = {n: w.to(torch.float64) for n, w in view.kv.items()}
         edited = [edit.edited_weight(n, w) if n in edit.layers else w for n, w in kv.items()]  # --layers: some kept
         rows.append(cf.derive_against(view.encoder.encode([concept])[0], edited, kv.values(), r)[None].float())
@@ -60,6 +60,11 @@ def setting(text: str) -> tuple[str, float | str]:
         return key, float(value)
     except ValueError:
         return key, value
+
+
+def recipe_of(concept: str, args: argparse.Namespace) -> dict:
+    """The model's erasure recipe for `concept`, with the settings of --set."""
+    return {**erasure_arguments(concept, args.model), **dict(args.set)}
 
 
 def main() -> None:
@@ -105,7 +110,7 @@ def main() -> None:
     )
     probe_seeds = list(range(args.probe_images))
     for concept in args.concepts:
-        recipes = {"family": {**erasure_arguments(concept, args.model), **dict(args.set)}, "word": {"concepts": [concept]}}
+        recipes = {"family": recipe_of(concept, args), "word": {"concepts": [concept]}}
         target = recipes["family"]["target"]  # what the erased prompts are drawn like: the floor of the erased rate
         drawn = shows(generate(pipe, [target] * len(probe_seeds), probe_seeds, args.steps, args.guidance), concept)
         results[f"{concept}/target"] = {"target": target, "shows": drawn}
@@ -148,7 +153,7 @@ def main() -> None:
                     )
     # The RECE mechanism, on the first concept (its word is the first erased text)
     concept = args.concepts[0]
-    settings = {**erasure_arguments(concept, args.model), **dict(args.set)}
+    settings = recipe_of(concept, args)
     uce = rece.erase(base, method="uce", **settings)
     for r, label in ((0.1, "r=0.1"), (1e-3, "r=1e-3")):
         rece_edit = rece.erase(base, method="rece", **{**settings, "regularization": r})

@@ -65,7 +65,7 @@ def _prompts(tmp_path):
     return path
 
 
-def test_ring_a_bell_runs_on_sd_and_sd3_and_refuses_the_rest(folder, tmp_path):
+def test_ring_a_bell_runs_on_sd_sd3_and_flux_and_refuses_the_rest(folder, tmp_path):
     """SD1/2 search token ids, SD3 (T5 included) and FLUX the candidates' texts in both spaces; the other families are
     refused in one line."""
     pairs = tmp_path / "pairs.csv"

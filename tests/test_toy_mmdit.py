@@ -236,7 +236,7 @@ def test_ring_a_bell_searches_both_spaces_of_an_mmdit(trained, tmp_path):
     from safetensors.torch import load_file
 
     from rece.attacks import ring_a_bell
-    from rece.attacks.common import Target
+    from rece.attacks.common import AttackCase, Target, space_key
 
     prompts = tmp_path / "p.csv"
     prompts.write_text("case_number,prompt,evaluation_seed\n0,a red triangle,1\n1,a blue triangle,2\n")
@@ -253,10 +253,10 @@ def test_ring_a_bell_searches_both_spaces_of_an_mmdit(trained, tmp_path):
     base = load_model(str(trained))
     for n, text in found.items():
         for space, view in enumerate(base.spaces):
-            key = "embeds" + (str(space) if space else "") + f".{n}"
+            key = space_key(AttackCase(n, text, 0, "triangle"), space)
             assert torch.allclose(stored[key], view.encoder.encode([text])[0].float(), atol=1e-6)
     assert len(list((out / "images").glob("*.png"))) == 4
     target = Target(None, base, None, {}, ["triangle"], None, 0)
     goals = [view.encoder.encode(["a red triangle"])[0] for view in base.spaces]
-    assert np.allclose(ring_a_bell.relative_distances(target, ["a red triangle", "a blue square"], goals)[0], 0)
-    assert (ring_a_bell.relative_distances(target, ["a blue square"], goals) > 0).all()
+    distances = ring_a_bell.relative_distances(ring_a_bell.space_rows(target, ["a red triangle", "a blue square"]), goals)
+    assert np.allclose(distances[0], 0) and (distances[1] > 0).all()

@@ -137,7 +137,7 @@ def erase(
     check_memory(base, config)
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     edited = select_layers(list(base.kv), config.layers)
-    views = base.spaces or [base]
+    views = base.views
     results = {}
     for view in views:
         mine = [n for n in edited if n in view.kv]

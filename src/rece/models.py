@@ -50,6 +50,11 @@ class BaseModel:
         return self.family.name
 
     @property
+    def views(self) -> list[BaseModel]:
+        """Each space the model reads the prompt in: its `spaces`, or the model itself when it has one space."""
+        return self.spaces or [self]
+
+    @property
     def dim(self) -> int:
         return next(iter(self.kv.values())).shape[1]
 

@@ -7,7 +7,8 @@
 Attacks (one module each): `derived` (RECE's closed-form c′), `ring-a-bell` (genetic search over tokens for
 E(prompt) + η·concept vector; text encoder only), `unlearndiff` (white-box prompt optimisation through the edited
 UNet), `textual-inversion` (a new word learned on images of the concept with the edited model frozen). Each module
-has `Params` (the paper's defaults), `cases`, `prepare` (work shared by the cases) and `attack_case`.
+has `Params` (the paper's defaults), `FAMILIES` (the model families it runs on), `cases`, `prepare` (work shared by
+the cases) and `attack_case`.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other
     if not concepts:
         raise ReceError("no concept to attack: pass --edit (its concepts are attacked) or --concept TEXT")
     pipe = load_pipeline(model)
-    check_family(pipe, attack, getattr(attack_module(attack), "FAMILIES", ("sd",)))
+    check_family(pipe, attack, attack_module(attack).FAMILIES)
     if not is_pipeline(model) or device is not None:
         pipe.to(resolve_device(device))
     model_info = model_record(model, pipe)

@@ -97,7 +97,7 @@ class Target:
 FAMILY_TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "SD3", "flux": "FLUX.1"}
 
 
-def check_family(pipe, attack: str, families: tuple[str, ...] | None = ("sd",)) -> None:
+def check_family(pipe, attack: str, families: tuple[str, ...] | None) -> None:
     """Refuse pipelines an attack does not handle (`families`: the family names it supports; None: every family)."""
     family = family_of_pipeline(pipe)
     if families is not None and family.name not in families:

@@ -138,7 +138,7 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
     start = time.perf_counter()
     weights, source = source_weights(target, params)
     r = regularization(params, target)
-    views = target.base.spaces or [target.base]
+    views = target.base.views
     derived = [derive_in_space(target, view, weights, case.concept, r) for view in views]
     (concept_rows, rows), length = derived[0], max(derived[0][1].shape[0], views[0].encoder.max_length)
     padded = rows.new_zeros(length, rows.shape[-1])  # rows the model masks stay zero

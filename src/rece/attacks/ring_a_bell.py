@@ -108,16 +108,11 @@ def concept_pairs(target: Target, params: Params, concept: str) -> list[tuple[st
     )
 
 
-def views(target: Target) -> list:
-    """The spaces the model reads the prompt in (SD: one), each with its own prompt encoder."""
-    return target.base.spaces or [target.base]
-
-
 def concept_vectors(target: Target, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
     """v = mean of E(sensitive) − E(normal) over the pairs in every space the model reads the prompt in ([77, d] for
     SD), float64."""
     out = []
-    for view in views(target):
+    for view in target.base.views:
         sensitive = view.encoder.encode([s for s, _ in pairs])
         normal = view.encoder.encode([n for _, n in pairs])
         out.append((sensitive - normal).mean(dim=0))
@@ -176,12 +171,14 @@ def candidate_texts(tokenizer, population: np.ndarray, length: int) -> list[str]
     return [tokenizer.decode(ids[1 : length + 1].tolist()) for ids in population]
 
 
-def relative_distances(target: Target, texts: list[str], goals: list[torch.Tensor]) -> np.ndarray:
-    """‖E_s(text) − goal_s‖² / ‖goal_s‖² of every text, [n, spaces]: E_s is the pipeline's encoding in space s."""
-    out = []
-    for view, goal in zip(views(target), goals):
-        rows = view.encoder.encode(texts)
-        out.append(((rows - goal.to(rows)).pow(2).sum(dim=(1, 2)) / goal.pow(2).sum()).cpu().numpy())
+def space_rows(target: Target, texts: list[str]) -> list[torch.Tensor]:
+    """E_s(texts) in every space s the model reads the prompt in: the pipeline's rows, [n, L_s, d_s] float64 each."""
+    return [view.encoder.encode(texts) for view in target.base.views]
+
+
+def relative_distances(rows: list[torch.Tensor], goals: list[torch.Tensor]) -> np.ndarray:
+    """‖E_s − goal_s‖² / ‖goal_s‖² of every text, [n, spaces], from its rows in each space (`space_rows`)."""
+    out = [((r - g.to(r)).pow(2).sum(dim=(1, 2)) / g.pow(2).sum()).cpu().numpy() for r, g in zip(rows, goals)]
     return np.stack(out, axis=1)
 
 
@@ -235,7 +232,7 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
     ids, history = genetic_search(target, params, lambda population: fitness(target, population, goal), rng)
     ids_t = torch.from_numpy(ids)
     embeds = encode_ids(target.pipe, ids_t[None])[0].float()
-    text = target.pipe.tokenizer.decode(ids[1 : params.length + 1].tolist())
+    text = candidate_texts(target.pipe.tokenizer, ids[None], params.length)[0]
     info = {
         "fitness": round(history[-1], 6),
         "relative_distance": round(float((embeds.double() - goal).norm() / goal.norm()), 6),
@@ -252,18 +249,19 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
     start = time.perf_counter()
     goals = [
         view.encoder.encode([case.prompt])[0] + params.eta * shared[vector_key(i)].to(torch.float64).to(view.encoder.device)
-        for i, view in enumerate(views(target))
+        for i, view in enumerate(target.base.views)
     ]  # fmt: skip
     tokenizer = target.pipe.tokenizer
     rng = np.random.default_rng([target.seed, case.case_number])
 
     def score(population: np.ndarray) -> np.ndarray:
-        return relative_distances(target, candidate_texts(tokenizer, population, params.length), goals).sum(axis=1)
+        return relative_distances(space_rows(target, candidate_texts(tokenizer, population, params.length)), goals).sum(axis=1)
 
     ids, history = genetic_search(target, params, score, rng)
     text = candidate_texts(tokenizer, ids[None], params.length)[0]
-    rows = [view.encoder.encode([text])[0].float() for view in views(target)]
-    distances = relative_distances(target, [text], goals)[0] ** 0.5
+    found = space_rows(target, [text])
+    distances = relative_distances(found, goals)[0] ** 0.5
+    rows = [r[0].float() for r in found]
     info = {
         "fitness": round(history[-1], 6),
         "relative_distance": [round(float(d), 6) for d in distances],  # one per space

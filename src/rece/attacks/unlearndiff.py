@@ -38,6 +38,7 @@ from .common import (
 )
 
 NAME = "unlearndiff"
+FAMILIES = ("sd",)  # gradients through pipe.unet and the one CLIP encoder
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 
