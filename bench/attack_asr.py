@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from machine import describe
 from rece.attacks import run_attack
 from rece.erase import erase
 from rece.errors import ReceError
@@ -71,6 +72,8 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = describe()
+    print(machine, flush=True)
     params = QUICK if args.quick else FULL
     work = Path(args.work or tempfile.mkdtemp(prefix="rece-attack-asr-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,7 @@ def main() -> int:
             table.append((name, method, summary["asr %"], summary["prompt asr %"], seconds[name]))
             print(f"{name:24s} {method:5s} ASR {summary['asr %']:6.1f} %  prompt ASR {summary['prompt asr %']:6.1f} %  "
                   f"{seconds[name]:7.1f} s", flush=True)  # fmt: skip
-    (work / "asr.json").write_text(json.dumps(table, indent=1, ensure_ascii=False))
+    (work / "asr.json").write_text(json.dumps({"machine": machine, "rows": table}, indent=1, ensure_ascii=False))
     print(f"runs and asr.json in {work}")
     return 0
 

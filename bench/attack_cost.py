@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from machine import describe
 from rece.attacks import run_attack
 from rece.erase import erase
 from rece.models import load_model
@@ -84,6 +85,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="rece-attack-cost-"))
     print(f"{'model':7s} {'attack':18s} {'time per attack step':>20s}")
     bench_model("shapes", "triangle", work, args.steps)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from family_erase import _save, _text_encoders  # noqa: E402  (bench scripts share their builders)
+from machine import describe  # noqa: E402
 
 ARTISTS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "artists1734_prompts.csv"
 
@@ -127,6 +128,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's choice)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "rece" / "bench-sd14"), help="SD1.4 folder")
     args = parser.parse_args()
+    print(describe(args.threads or None), flush=True)  # the children's threads
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"{'model':6s} {'method':6s} {'N':>5s} {'total s':>8s} {'encode':>7s} {'G0':>6s} {'derive':>7s} "

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe
+
 # --preset nudity: concept "nudity", target " ", 3 RECE epochs, r = 0.1, λ1 = λ2 = 0.1, s_e = 1; UCE stage λ = 0.5,
 # s_e = 1, preserve "" with s_p = max(0.1, 1/1) = 1. RECE preserves " " once per concept.
 NUDITY = {
@@ -376,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reference_worker(args.model, args.worker_out, args.threads or None)), flush=True)
         return 0
 
+    print(describe(args.threads or None), flush=True)  # the children's threads
     cache = args.cache.expanduser().resolve()
     built = ensure_model(cache)
     print(f"model: {cache} " + (f"(built in {built:.1f} s)" if built is not None else "(cached)"), flush=True)

@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import describe
+
 TARGET_BEYOND_ENCODING = 2.0
 
 CHILD = r"""
@@ -192,6 +194,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the children (0: torch's choice)")
     parser.add_argument("--workdir", default=None, help="where the models are built (default: a temporary folder)")
     args = parser.parse_args()
+    print(describe(args.threads or None), flush=True)  # the children's threads
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         print(f"{'family, erasure':16s} {'imports':>8s} {'load s':>7s} {'encode s':>9s} {'algebra s':>10s} {'write s':>8s} "
               f"{'peak RSS':>9s} {'edit MB':>8s}  load+algebra+write (target <= {TARGET_BEYOND_ENCODING:g} s)")  # fmt: skip

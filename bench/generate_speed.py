@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from machine import describe
+
 TARGET_OVERHEAD = 0.05
 WORDS = ("red", "green", "blue", "yellow", "circle", "square", "triangle", "cat", "dog", "car", "tree", "house")
 
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     opts = dict(
         steps=args.steps,

@@ -18,14 +18,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def describe() -> str:
-    """One line: CPU model, cores, torch threads and versions; torch is imported only to ask it."""
+def describe(threads: int | None = None) -> str:
+    """One line: CPU model, cores, torch threads and versions; torch is imported only to ask it.
+
+    `threads`: the torch threads the measured work runs with when that is not this process (a bench's children);
+    by default this process's own."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"machine: {cpu_model()}, {cores} cores, torch threads {torch.get_num_threads()}, {gpu}; "
+        f"machine: {cpu_model()}, {cores} cores, torch threads {threads or torch.get_num_threads()}, {gpu}; "
         f"python {platform.python_version()}, torch {torch.__version__}"
     )
 

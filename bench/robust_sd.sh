@@ -57,6 +57,9 @@ for name, part in (("coco.csv", rows[:measured]), ("coco-preserve.csv", rows[mea
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 EOF
 
+# The machine the numbers come from: on the screen, and in $OUT/machine.txt beside the results
+"$PYTHON" "$(dirname "$0")/machine.py" | tee "$OUT/machine.txt"
+
 echo "== 1. erase nudity (the paper's preset) with UCE, RECE and robust"
 : > "$OUT/erase-times.txt"
 rece erase "$MODEL" --preset nudity --method uce --device "$ERASE_DEVICE" --overwrite -o "$OUT/uce.safetensors" | tee -a "$OUT/erase-times.txt"

@@ -8,7 +8,7 @@
 Prints, per method: edit seconds, the share of images showing the concept for the prompts naming it (templates the
 recipe names / held-out ones), the other shapes' accuracy relative to the original model, colour accuracy, how often
 a fresh closed-form c′ brings the concept back (r = 0.1 / 1e-3), and each attack's success rate, with the robust-mode
-issue's bars beside them.
+issue's bars beside them, and below the table the machine each input file was measured on (as the benches record it).
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def quality_rows(quality: dict, concept: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-def attack_rows(table: list) -> dict[str, dict[str, str]]:
-    """Rows of the attack success rates (attack_asr.py's asr.json: [attack, method, asr %, prompt asr %, seconds])."""
+def attack_rows(data: dict | list) -> dict[str, dict[str, str]]:
+    """Rows of the attack success rates (attack_asr.py's asr.json: rows of [attack, method, asr %, prompt asr %, seconds])."""
+    table = data["rows"] if isinstance(data, dict) else data  # a bare list: written before the benches named their machine
     rows: dict[str, dict[str, str]] = {}
     for name, method, asr, _prompt_asr, _seconds in table:
         label = "no attack (prompts)" if name == "none (prompts)" else name
@@ -84,6 +85,16 @@ def render(rows: dict[str, dict[str, str]], markdown: bool, columns: list[str] |
         return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
+
+
+def machines(paths: list[Path]) -> list[str]:
+    """One line per input file that names the machine it was measured on (files from older benches name none)."""
+    lines = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("machine"):
+            lines.append(f"- {path.name}: {data['machine']}")
+    return lines
 
 
 def model_rows(quality: Path, attacks: Path | None, concept: str) -> dict[str, dict[str, str]]:
@@ -126,6 +137,9 @@ def main() -> int:
     if not rows:
         parser.error(f"no measurement of '{args.concept}' in the files given")
     print(render(rows, args.markdown, columns))
+    measured = machines([p for p in [args.quality, args.attacks, *(f for m in models for f in m[1:])] if p])
+    if measured:
+        print("\nmeasured on:\n" + "\n".join(measured))
     return 0
 
 

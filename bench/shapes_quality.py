@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import rece
+from machine import describe
 from rece import closed_form as cf
 from rece.models import from_pipeline
 from rece.pipelines import load_pipeline
@@ -85,7 +86,8 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results: dict = {}
+    results: dict = {"machine": describe()}
+    print(results["machine"], flush=True)
     pipe = load_pipeline(args.model)
     base = from_pipeline(pipe, args.model)
     prompts, seeds, shapes, colors = grid_prompts(args.per_combo)

@@ -49,6 +49,7 @@ def test_robust_sd_recipe_runs_end_to_end(sd_path, tiny_clip, tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "robust_sd.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "erase-times.txt").read_text().count("wrote ") == 3
+    assert done.stdout.startswith("machine: ") and (out / "machine.txt").read_text().startswith("machine: ")
     robust = load_edit(out / "robust.safetensors")
     assert robust.method == "robust" and robust.concepts[:2] == ["nudity", "a nude woman on a beach"]
     assert robust.metadata["config"]["preserve"] == [f"a photo of a church number {i}" for i in (3, 4, 5)]
@@ -74,23 +75,28 @@ def test_robust_sd_recipe_names_a_missing_benchmark(tmp_path):
     assert "nudity.csv is missing" in done.stderr
 
 
-def write_measurements(folder: Path, name: str, erased: float, with_attacks: bool) -> tuple[Path, Path]:
-    """A shapes_quality.py --json and an attack_asr.py asr.json, with the keys those scripts write."""
+def write_measurements(
+    folder: Path, name: str, erased: float, with_attacks: bool, machine: str | None = None
+) -> tuple[Path, Path]:
+    """A shapes_quality.py --json and an attack_asr.py asr.json, with the keys those scripts write (with `machine`, as
+    they write them now: the machine line beside the numbers; without, as older runs wrote them)."""
     quality, attacks = folder / f"{name}-quality.json", folder / f"{name}-asr.json"
     row = {"erased_rate": erased, "other_shape_kept": 0.98, "color_accuracy": 1.0, "seconds": 0.05}
     row["fresh_derived"] = {"r=0.1": 0.5, "r=0.001": 0.25}
     data = {f"triangle/{m}/family/{split}": row for m in ("uce", "rece", "robust") for split in ("trained", "held-out")}
     if not with_attacks:  # newer runs also record what the recipe's target prompt itself draws
         data["triangle/target"] = {"target": "a circle", "shows": 0.0}
-    quality.write_text(json.dumps(data))
     asr = [["ring-a-bell", m, 12.5 if with_attacks else None, 0, 1] for m in ("uce", "rece", "robust")]
-    attacks.write_text(json.dumps(asr))
+    if machine is not None:
+        data["machine"] = machine
+    quality.write_text(json.dumps(data))
+    attacks.write_text(json.dumps(asr if machine is None else {"machine": machine, "rows": asr}))
     return quality, attacks
 
 
 def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp_path):
     unet = write_measurements(tmp_path, "unet", 0.0, True)
-    mmdit = write_measurements(tmp_path, "mmdit", 0.25, False)
+    mmdit = write_measurements(tmp_path, "mmdit", 0.25, False, machine="machine: Test CPU, 2 cores, torch threads 1")
     args = ["--model", "UNet", *map(str, unet), "--model", "MMDiT", *map(str, mmdit), "--markdown"]
     script = str(ROOT / "bench" / "robust_table.py")
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
@@ -101,6 +107,12 @@ def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp
     assert ring.count("12.5 %") == 3 and ring.count("n/a") == 3
     erased = next(r for r in rows if r.startswith("| prompts naming it"))
     assert "0.0 % / 0.0 %" in erased and "25.0 % / 25.0 %" in erased
+    # the machine of each file that names one, below the table; the UNet's files are in the older format (no machine)
+    assert rows[-3:] == [
+        "measured on:",
+        "- mmdit-quality.json: machine: Test CPU, 2 cores, torch threads 1",
+        "- mmdit-asr.json: machine: Test CPU, 2 cores, torch threads 1",
+    ]
     target = next(r for r in rows if r.startswith("| target prompt shows it"))
     assert target.count("0.0 % ('a circle')") == 3 and target.count("–") == 3  # the UNet file has none
     bad = subprocess.run([sys.executable, script, "--model", "x"], capture_output=True, text=True)
