@@ -4,9 +4,9 @@ one signature. `runner.run_attack` runs any module that satisfies `Attack`, in t
     params = module.Params(...); params.validate()     # before anything is loaded
     module.check(target, params)                       # before the run folder is made
     cases = module.cases(target, params)
+    module.resolved(target, params)                    # the parameters as the manifest records them
     shared, info = module.prepare(target, params, store, sampling)   # once, kept in adversarial.safetensors
     result = module.attack_case(target, params, case, {**shared, **sampling})   # per case not yet done
-    module.resolved(target, params)                    # the parameters as the manifest records them
 
 A module satisfies it structurally (PEP 544: a module can implement a protocol); `tests/test_contracts.py`
 checks every registered attack against these signatures.
@@ -31,7 +31,7 @@ class AttackParams(Protocol):
 
 @runtime_checkable
 class Attack(Protocol):
-    """An attack: its name, the model families it runs on, what it needs, its parameters and its four steps."""
+    """An attack: its name, the model families it runs on, what it needs, its parameters and its steps."""
 
     NAME: str  # as `rece attack --attack` spells it
     FAMILIES: tuple[str, ...] | None  # the family names it runs on (None: every family rece knows)
@@ -47,6 +47,10 @@ class Attack(Protocol):
         """What the attack runs on: one case per prompt row or per concept."""
         ...
 
+    def resolved(self, target: Target, params: AttackParams) -> dict:
+        """The parameters as the manifest records them (defaults taken from the target filled in, files by checksum)."""
+        ...
+
     def prepare(self, target: Target, params: AttackParams, store: dict, sampling: dict) -> tuple[dict, dict]:
         """Work shared by the cases (tensors kept in adversarial.safetensors, reused from `store` on resume), and its
         numbers for the manifest."""
@@ -54,8 +58,4 @@ class Attack(Protocol):
 
     def attack_case(self, target: Target, params: AttackParams, case: AttackCase, shared: dict) -> CaseResult:
         """Attack one case; `shared` holds `prepare`'s tensors and the sampling settings (steps, guidance, size)."""
-        ...
-
-    def resolved(self, target: Target, params: AttackParams) -> dict:
-        """The parameters as the manifest records them (defaults taken from the target filled in, files by checksum)."""
         ...
