@@ -1,7 +1,6 @@
 """rece: reliable, efficient closed-form concept erasure for text-to-image diffusion models (RECE, ECCV 2024)."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .apply import write_applied_pipeline  # noqa: E402
 from .attacks import run_attack  # noqa: E402
 from .config import PRESETS, EraseConfig  # noqa: E402

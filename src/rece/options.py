@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _MISSING = dataclasses.MISSING
 
@@ -74,6 +74,11 @@ def cli_fields(cls, skip: Sequence[str] = ()) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and "help" in f.metadata and f.name not in skip]
 
 
+def field_of(cls, name: str) -> dataclasses.Field:
+    """The field `name` of the dataclass `cls`."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 def help_of(field: dataclasses.Field) -> str:
     """A field's help with its default appended (None and empty defaults are explained by the help itself)."""
     default = default_of(field)
@@ -88,19 +93,41 @@ def add_option(parser, field: dataclasses.Field, help_text: str | None = None) -
     flags = [flag_of(field)] + ([field.metadata["short"]] if field.metadata.get("short") else [])
     text = help_text if help_text is not None else help_of(field)
     kind = _kind(field)
+    metavar = flags[0].lstrip("-").replace("-", "_").upper()  # named after the flag, not the field: --detector DETECTOR
     if kind == "bool":
         parser.add_argument(*flags, dest=field.name, action="store_true", default=None, help=text)
     elif kind == "list":
-        parser.add_argument(*flags, dest=field.name, action="append", default=None, help=text)
+        parser.add_argument(*flags, dest=field.name, action="append", default=None, metavar=metavar, help=text)
     else:
         convert = {"int": int, "float": finite_float, "str": str}[kind]
-        parser.add_argument(*flags, dest=field.name, type=convert, default=None, help=text)
+        parser.add_argument(*flags, dest=field.name, type=convert, default=None, metavar=metavar, help=text)
 
 
 def add_options(parser, cls, skip: Sequence[str] = ()) -> None:
     """Add a flag for every CLI field of the dataclass `cls`."""
     for field in cli_fields(cls, skip):
         add_option(parser, field)
+
+
+def add_option_groups(parser, classes: dict[str, type], title: Callable[[str, type], str]) -> None:
+    """One argument group per dataclass (`classes`: owner name → dataclass; `title(owner, cls)`: the group's heading)
+    with the flags of its CLI fields. A field several dataclasses take is one flag, in its first owner's group, with
+    each owner's default in its help when they differ; the other owners' groups name it in their description."""
+    owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for owner, cls in classes.items():
+        for field in cli_fields(cls):
+            owners.setdefault(field.name, []).append((owner, field))
+    groups = {}
+    for owner, cls in classes.items():
+        shared = [flag_of(f) for f in cli_fields(cls) if owners[f.name][0][0] != owner]
+        groups[owner] = parser.add_argument_group(title(owner, cls), f"also {', '.join(shared)} (above)" if shared else None)
+    for taken in owners.values():
+        owner, field = taken[0]
+        text = None
+        if len({shown(default_of(f)) for _, f in taken}) > 1:
+            defaults = ", ".join(f"{o} {shown(default_of(f))}" for o, f in taken)
+            text = f"{field.metadata['help']} (defaults: {defaults})"
+        add_option(groups[owner], field, text)
 
 
 def option_values(args: argparse.Namespace, cls, skip: Sequence[str] = ()) -> dict:

@@ -7,14 +7,14 @@ import os
 import time
 from pathlib import Path
 
-import torch
+from ._version import __version__
 
 
 def library_versions() -> dict[str, str]:
     """Versions of rece and the libraries whose numerics an output depends on (read without importing them)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    import torch  # here, not at the top: `import rece.provenance` stays light for the command line's parsers
 
     versions = {"rece": __version__, "torch": torch.__version__}
     for name in ("diffusers", "transformers"):

@@ -14,48 +14,21 @@ embedding (what the erasure changed), of the c′ the edit stored at each RECE i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import closed_form as cf
 from ..edit import load_edit
-from ..errors import ReceError
-from ..options import option
+from ..provenance import file_id
 from .common import AttackCase, CaseResult, Target
+from .params import BASE, SELF
+from .params import DerivedParams as Params
 
 NAME = "derived"
 NEEDS_PROMPTS = False
 IMAGES_PER_PROMPT = 10
 FAMILIES = None  # closed form on the family's own rows and layers: every family rece knows
-SELF, BASE = "self", "base"
-
-
-@dataclass
-class Params:
-    """r of the derivation (default: the edit's own `regularization`) and the weights c′ is derived against."""
-
-    regularization: float | None = option(None, "r of the derivation (default: the edit's own, 0.1 for RECE presets)")
-    derive_from: str | None = option(None, "derive c′ against: self (the attacked model, default), base, or another edit file")
-
-    def validate(self) -> None:
-        if self.regularization is not None and not self.regularization > 0:
-            raise ReceError(f"--regularization must be > 0 for the derived attack (got {self.regularization})")
-        source = self.derive_from
-        if source not in (None, SELF, BASE) and not Path(source).is_file():
-            raise ReceError(f"--derive-from '{source}' is neither 'self', 'base' nor an edit file; pass an edit .safetensors")
-
-    def resolved(self, target: Target) -> dict:
-        """The parameters as the manifest records them (the edit's r filled in, the source edit by checksum)."""
-        from ..provenance import file_id
-
-        source = self.derive_from or SELF
-        return {
-            "regularization": regularization(self, target),
-            "regularization_type": edit_config(target).get("regularization_type", "regzero"),
-            "derive_from": source if source in (SELF, BASE) else file_id(source),
-        }
 
 
 def edit_config(target: Target) -> dict:
@@ -68,6 +41,20 @@ def regularization(params: Params, target: Target) -> float:
     if params.regularization is not None:
         return float(params.regularization)
     return float(edit_config(target).get("regularization", 0.1) or 0.1)
+
+
+def resolved(target: Target, params: Params) -> dict:
+    """The parameters as the manifest records them (the edit's r filled in, the source edit by checksum)."""
+    source = params.derive_from or SELF
+    return {
+        "regularization": regularization(params, target),
+        "regularization_type": edit_config(target).get("regularization_type", "regzero"),
+        "derive_from": source if source in (SELF, BASE) else file_id(source),
+    }
+
+
+def check(target: Target, params: Params) -> None:
+    """Nothing to refuse: the closed form runs on every family and edit."""
 
 
 def cases(target: Target, params: Params) -> list[AttackCase]:

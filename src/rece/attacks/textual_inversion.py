@@ -15,13 +15,12 @@ from __future__ import annotations
 import copy
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..errors import ReceError
-from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -35,6 +34,7 @@ from .common import (
     token_embedding_table,
     tokenize,
 )
+from .params import TextualInversionParams as Params
 
 NAME = "textual-inversion"
 FAMILIES = ("sd",)  # a new token of the one CLIP encoder, trained through pipe.unet
@@ -45,41 +45,20 @@ TRAIN_SEED_OFFSET = 100_000  # training images use seeds the evaluation images o
 WEIGHT_DECAY = 1e-2  # diffusers' textual_inversion.py AdamW default
 
 
-@dataclass
-class Params:
-    """CCE's settings (NYU-DICE-Lab/circumventing-concept-erasure train.sh): 25 training images, batch 4, gradient
-    accumulation 4, 5000 steps, lr 5e-3 scaled by batch × accumulation (--scale_lr), constant schedule."""
+def resolved(target: Target, params: Params) -> dict:
+    """The parameters as the manifest records them (the concept's initializer and placeholder filled in)."""
+    images = str(Path(params.images).resolve()) if params.images else "drawn by the original model from the prompt set"
+    return {
+        **asdict(params),
+        "images": images,
+        "initializer": params.initializer or target.concepts[0],
+        "placeholder": placeholder_name(params, target.concepts[0]),
+        "effective_lr": params.effective_lr,
+    }
 
-    train_steps: int = option(5000, "optimisation steps")
-    lr: float = option(5e-3, "learning rate, scaled by batch × accumulation unless --no-scale-lr")
-    train_batch_size: int = option(4, "images per step")
-    gradient_accumulation: int = option(4, "batches per step")
-    scale_lr: bool = option(True, "use --lr as is (default: lr × batch × accumulation, as CCE's --scale_lr)")
-    train_images: int = option(25, "training images drawn by the original model from the prompt set")
-    images: str | None = option(None, "folder of images of the concept to train on instead")
-    initializer: str | None = option(None, "word the new embedding starts from (default: the concept)")
-    placeholder: str | None = option(None, "the new word (default: <concept>)")
 
-    def validate(self) -> None:
-        for name in ("train_steps", "train_batch_size", "gradient_accumulation", "train_images"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ReceError(f"--lr must be > 0 (got {self.lr})")
-        if self.images is not None and not Path(self.images).is_dir():
-            raise ReceError(f"--images '{self.images}' is not a folder; pass a folder of images of the concept")
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr * (self.train_batch_size * self.gradient_accumulation if self.scale_lr else 1)
-
-    def resolved(self, target: Target) -> dict:
-        out = asdict(self)
-        out["images"] = str(Path(self.images).resolve()) if self.images else "drawn by the original model from the prompt set"
-        out["initializer"] = self.initializer or target.concepts[0]
-        out["placeholder"] = placeholder_name(self, target.concepts[0])
-        out["effective_lr"] = self.effective_lr
-        return out
+def check(target: Target, params: Params) -> None:
+    """Nothing to refuse once the family is known: the word and its initializer are checked as training starts."""
 
 
 def placeholder_name(params: Params, concept: str) -> str:

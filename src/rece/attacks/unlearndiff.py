@@ -15,13 +15,12 @@ The images are generated from the final projected tokens' embeddings; prompts.cs
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..errors import ReceError
-from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -36,6 +35,7 @@ from .common import (
     token_embedding_table,
     tokenize,
 )
+from .params import UnlearnDiffParams as Params
 
 NAME = "unlearndiff"
 FAMILIES = ("sd",)  # gradients through pipe.unet and the one CLIP encoder
@@ -43,36 +43,14 @@ NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 
 
-@dataclass
-class Params:
-    """UnlearnDiff's settings (OPTML-Group/Diffusion-MU-Attack, text_grad configs): 5 prefix tokens, 40 iterations per
-    timestep, Adam lr 0.01 with weight decay 0.1, 50 evenly spaced timesteps, L2 loss. `target_run`: a `rece generate`
-    run folder of the original model whose images/{case}_0.png are the targets (default: drawn here)."""
+def resolved(target: Target, params: Params) -> dict:
+    """The parameters as the manifest records them (the target run's absolute path)."""
+    target_run = str(Path(params.target_run).resolve()) if params.target_run else "original model, same prompt and seed"
+    return {**asdict(params), "target_run": target_run}
 
-    iterations: int = option(40, "optimisation steps per sampled timestep")
-    lr: float = option(0.01, "learning rate")
-    weight_decay: float = option(0.1, "Adam weight decay")
-    adv_tokens: int = option(5, "adversarial tokens prepended to each prompt")
-    timesteps: int = option(50, "evenly spaced timesteps visited in turn")
-    target_run: str | None = option(
-        None, "a `rece generate` run of the original model whose images are the targets (default: drawn here)"
-    )
 
-    def validate(self) -> None:
-        for name in ("iterations", "adv_tokens", "timesteps"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ReceError(f"--lr must be > 0 and --weight-decay >= 0 (got {self.lr}, {self.weight_decay})")
-        if self.target_run is not None and not (Path(self.target_run) / "images").is_dir():
-            raise ReceError(
-                f"--target-run '{self.target_run}' has no images/ folder; pass a `rece generate` run of the original model"
-            )
-
-    def resolved(self, target: Target) -> dict:
-        out = asdict(self)
-        out["target_run"] = str(Path(self.target_run).resolve()) if self.target_run else "original model, same prompt and seed"
-        return out
+def check(target: Target, params: Params) -> None:
+    """Nothing to refuse once the family is known: a missing target image is refused when its case is reached."""
 
 
 def sampled_timesteps(count: int, train_steps: int) -> list[int]:

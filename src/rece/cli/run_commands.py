@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
 
 from ..errors import ReceError
-from ..options import add_option, cli_fields, finite_float, help_of, option_values, shown
+from ..metrics.params import ClipScoreParams, NudenetParams
+from ..options import add_option, add_option_groups, field_of, finite_float, help_of, option_values
 from ..toy import door
 from .edit_commands import MODEL_HELP, add_erase_arguments, erase_config
 
@@ -52,29 +52,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def attack_parameter_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
-    """Each attack parameter once, with every (attack, field) that takes it: the flags come from the Params classes."""
-    from ..attacks import ATTACKS
-
-    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
-    for name, module in ATTACKS.items():
-        for field in cli_fields(module.Params):
-            out.setdefault(field.name, []).append((name, field))
-    return out
-
-
 def add_attack_parameters(p: argparse.ArgumentParser) -> None:
     """One group per attack with its Params' flags; a parameter several attacks take lists each one's default."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for owners in attack_parameter_fields().values():
-        attack, field = owners[0]
-        if attack not in groups:
-            groups[attack] = p.add_argument_group(f"{attack} parameters (defaults: the paper's)")
-        text = help_of(field)
-        if len(owners) > 1:
-            defaults = ", ".join(f"{a} {shown(f.default)}" for a, f in owners)
-            text = f"{field.metadata['help']} (defaults: {defaults})"
-        add_option(groups[attack], field, text)
+    from ..attacks import ATTACKS
+
+    classes = {name: entry.Params for name, entry in ATTACKS.items()}
+    add_option_groups(p, classes, lambda attack, _: f"{attack} parameters (defaults: the paper's)")
 
 
 def cmd_attack(args) -> int:
@@ -82,8 +65,8 @@ def cmd_attack(args) -> int:
     from ..runs import IMAGES, finished_images
 
     parameters = {}
-    for module in ATTACKS.values():
-        parameters.update(option_values(args, module.Params))
+    for entry in ATTACKS.values():
+        parameters.update(option_values(args, entry.Params))
     start = time.perf_counter()
     out = run_attack(
         args.model, args.edit, args.attack, args.output,
@@ -100,16 +83,13 @@ def cmd_attack(args) -> int:
     return 0
 
 
-EVALUATE_OPTIONS = ("threshold", "clip_model", "reference", "fid_features", "fid_weights", "against", "lpips_weights",
-                    "classifier_weights", "class_names", "batch_size", "device", "concept")  # fmt: skip
-
-
 def cmd_evaluate(args) -> int:
-    from ..metrics import check_metrics, evaluate, results_table
+    from ..metrics import METRICS, check_metrics, evaluate, results_table
 
     metrics = check_metrics(args.metric) if args.metric else None
-    options = {k: getattr(args, k) for k in EVALUATE_OPTIONS}
-    options.update(resize=args.classifier_resize, detector_kind=args.detector)
+    options = {}
+    for entry in METRICS.values():
+        options.update(option_values(args, entry.Params))
     results = {run: evaluate(run, metrics, **options) for run in args.runs}
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
@@ -246,10 +226,12 @@ def _add_generate(sub) -> None:
 
 
 def _add_attack(sub) -> None:
-    p = sub.add_parser("attack", help="red-team an edited model: derived, ring-a-bell, unlearndiff, textual-inversion")
+    from ..attacks import ATTACKS
+
+    p = sub.add_parser("attack", help=f"red-team an edited model: {', '.join(ATTACKS)}")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--edit", default=None, help="edit file under attack (leave out to attack the original model)")
-    p.add_argument("--attack", required=True, help="derived, ring-a-bell, unlearndiff or textual-inversion")
+    p.add_argument("--attack", required=True, help=", ".join(ATTACKS))
     p.add_argument("--prompts", default=None, help="prompt set CSV or known name (all attacks but derived)")
     p.add_argument(
         "-o", "--output", required=True, help="run folder: adversarial.safetensors, prompts.csv, images/, manifest.json"
@@ -277,8 +259,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--prompts", default=None, help="prompt set naming the concept (shapes: built in)")
     p.add_argument("--preserve-eval", default=None, help="prompt set that must keep working, with a 'concept' column for asr")
     p.add_argument("--preserve-metric", default="asr", help="asr (share showing their concept; default) or clip-score")
-    p.add_argument("--clip-model", default=None, help="clip-score: CLIP folder or hub id (openai/clip-vit-large-patch14)")
-    p.add_argument("--threshold", type=finite_float, default=None, help="nudenet: detection score threshold (0.6)")
+    for metric, cls, name in (("clip-score", ClipScoreParams, "clip_model"), ("nudenet", NudenetParams, "threshold")):
+        add_option(p, field_of(cls, name), f"{metric}: {help_of(field_of(cls, name))}")  # the metric's own flag and default
     p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
     p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else 50)")
@@ -290,37 +272,23 @@ def _add_sweep(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="measure run folders: nudenet, clip-score, fid, lpips, classify (the paper's metrics)")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one table row each")
+    from ..metrics import METRICS
+
+    names = ", ".join(METRICS)
+    p = sub.add_parser("evaluate", help=f"measure run folders: {names}")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` / `rece attack` folder(s); one table row each")
     p.add_argument(
         "--metric",
         action="append",
         default=None,
-        help="nudenet, clip-score, fid, lpips, classify, shapes, asr (repeatable or comma-separated; default: asr for "
-        "`rece attack` runs, classify for a `class` column, nudenet for I2P `categories`, shapes for the shapes model)",
+        help=f"{names} (repeatable or comma-separated; default: asr for `rece attack` runs, classify for a `class` "
+        "column, nudenet for I2P `categories`, shapes for the shapes model)",
     )
-    p.add_argument("--concept", action="append", default=None, help="shapes / asr: the concept to look for (default: the run's)")
-    p.add_argument("--detector", default=None, help="asr: shapes, nudenet or classify (default: the attack's)")
-    p.add_argument("--threshold", type=finite_float, default=None, help="nudenet: detection score threshold (0.6)")
-    p.add_argument(
-        "--clip-model", default=None, help="clip-score / fid clip features: CLIP folder or hub id (openai/clip-vit-large-patch14)"
-    )
-    p.add_argument("--reference", default=None, help="fid: folder of reference images")
-    p.add_argument("--fid-features", default=None, help="fid: inception (pytorch-fid's weights) or clip")
-    p.add_argument("--fid-weights", default=None, help="fid: local pt_inception-2015-12-05 weights file (default: downloaded)")
-    p.add_argument("--against", default=None, help="lpips: the run folder to compare with, images matched by file name")
-    p.add_argument("--lpips-weights", default=None, help="lpips: LPIPS(net='alex').state_dict() file (default: downloaded)")
-    p.add_argument("--classifier-weights", default=None, help="classify: torchvision ResNet-50 state dict (default: downloaded)")
-    p.add_argument(
-        "--class-names", default=None, help="classify: text file of the 1000 ImageNet names (default: Imagenette's ten)"
-    )
-    p.add_argument(
-        "--classifier-resize",
-        type=int,
-        default=None,
-        help="classify: shorter side before the 224 crop (232: IMAGENET1K_V2; 256: V1)",
-    )
-    p.add_argument("--batch-size", type=int, default=None, help="images per model call (16)")
-    p.add_argument("--device", default=None, help="torch device for the models (cpu)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    add_option_groups(p, {name: entry.Params for name, entry in METRICS.items()}, metric_title)
     p.set_defaults(func=cmd_evaluate)
+
+
+def metric_title(name: str, params: type) -> str:
+    """A metric's heading in `rece evaluate --help`: its name and what it measures (its Params' docstring)."""
+    return f"{name}: {params.__doc__.strip()}"

@@ -15,6 +15,7 @@ from ..networks.resnet import load_classifier
 from ..networks.weights import RESNET50_URL
 from ..runs import Run
 from .common import MetricResult, batches, load_rgb, need_prompts, progress_bar
+from .params import ClassifyParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,16 +53,10 @@ def load_class_names(path: str | os.PathLike | None) -> dict[int, str]:
 
 
 def evaluate_classify(
-    run: Run,
-    classifier_weights: str | None = None,
-    class_names: str | None = None,
-    model: torch.nn.Module | None = None,
-    batch_size: int = 16,
-    device: str = "cpu",
-    resize: int = 232,
-    progress: bool | None = None,
+    run: Run, params: ClassifyParams, model: torch.nn.Module | None = None, progress: bool | None = None
 ) -> MetricResult:
     """Top-1 accuracy of an ImageNet ResNet-50 against the `class` column of prompts.csv, overall and per class."""
+    classifier_weights, class_names, device = params.classifier_weights, params.class_names, params.device
     prompts = need_prompts(run, "classify", "class")
     names = load_class_names(class_names)
     known = {norm_name(n) for n in names.values()}
@@ -75,8 +70,8 @@ def evaluate_classify(
     model = (model or load_classifier(classifier_weights)).to(device)
     rows = []
     bar = progress_bar(run.images, "classify", progress)
-    for chunk in batches(run.images, batch_size):
-        batch = torch.stack([imagenet_tensor(load_rgb(run.image_dir / n), resize) for n in chunk]).to(device)
+    for chunk in batches(run.images, params.batch_size):
+        batch = torch.stack([imagenet_tensor(load_rgb(run.image_dir / n), params.resize) for n in chunk]).to(device)
         with torch.no_grad():
             pred = model(batch).argmax(-1).cpu().tolist()
         for name, index in zip(chunk, pred):
@@ -97,10 +92,10 @@ def evaluate_classify(
     for label in sorted({r["class"] for r in rows}):
         hits = [r["correct"] for r in rows if r["class"] == label]
         summary[f"acc {label} %"] = round(100 * sum(hits) / len(hits), 4)
-    params = {
+    recorded = {
         "classifier": "resnet50",
         "weights": "custom" if custom else str(classifier_weights) if classifier_weights else RESNET50_URL,
         "class_names": str(class_names or "imagenette"),
-        "resize": resize,
+        "resize": params.resize,
     }
-    return MetricResult(summary, params, rows)
+    return MetricResult(summary, recorded, rows)

@@ -13,8 +13,7 @@ from ..errors import ReceError
 from ..hub import hub_offline
 from ..runs import Run
 from .common import MetricResult, batches, load_rgb, need_prompts, progress_bar
-
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+from .params import DEFAULT_CLIP_MODEL, ClipScoreParams
 
 
 @dataclass
@@ -71,19 +70,14 @@ def clip_scores(clip: Clip, images: Sequence[Image.Image], texts: Sequence[str])
 
 
 def evaluate_clip_score(
-    run: Run,
-    clip: Clip | None = None,
-    clip_model: str = DEFAULT_CLIP_MODEL,
-    batch_size: int = 16,
-    device: str = "cpu",
-    progress: bool | None = None,
+    run: Run, params: ClipScoreParams, clip: Clip | None = None, progress: bool | None = None
 ) -> MetricResult:
     """Mean CLIP score between each image and its prompt."""
     prompts = need_prompts(run, "clip-score", "prompt")
-    clip = clip or load_clip(clip_model, device)
+    clip = clip or load_clip(params.clip_model, params.device)
     rows = []
     bar = progress_bar(run.images, "clip-score", progress)
-    for chunk in batches(run.images, batch_size):
+    for chunk in batches(run.images, params.batch_size):
         scores = clip_scores(clip, [load_rgb(run.image_dir / n) for n in chunk], [prompts[n]["prompt"] for n in chunk])
         rows += [{"image": n, "clip_score": round(float(s), 6)} for n, s in zip(chunk, scores)]
         bar.update(len(chunk))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from ..errors import ReceError
 from ..networks.inception import FIDInception, load_fid_inception
 from ..networks.weights import FID_WEIGHTS_URL
 from ..runs import Run, load_run
-from .clip import DEFAULT_CLIP_MODEL, Clip, load_clip
+from .clip import Clip, load_clip
 from .common import MetricResult, batches, load_rgb, progress_bar
+from .params import FidParams
 
 
 def sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
@@ -98,31 +98,22 @@ def folder_features(run: Run, extract: Callable, batch_size: int, desc: str, pro
     return np.concatenate(parts)
 
 
-def evaluate_fid(
-    run: Run,
-    reference: str | os.PathLike | None = None,
-    fid_features: str = "inception",
-    fid_weights: str | None = None,
-    extract: Callable | None = None,
-    clip_model: str = DEFAULT_CLIP_MODEL,
-    batch_size: int = 16,
-    device: str = "cpu",
-    progress: bool | None = None,
-) -> MetricResult:
+def evaluate_fid(run: Run, params: FidParams, extract: Callable | None = None, progress: bool | None = None) -> MetricResult:
     """FID between the run's images and a reference folder, on the chosen features."""
+    reference, fid_features, clip_model = params.reference, params.fid_features, params.clip_model
     if reference is None:
         raise ReceError("fid needs --reference DIR, a folder of reference images (e.g. the COCO images of the prompts)")
     ref = load_run(reference, "reference folder")
     custom = extract is not None
-    extract = extract or fid_feature_extractor(fid_features, fid_weights, name=clip_model, device=device)
-    ours = folder_features(run, extract, batch_size, "fid (run)", progress)
-    theirs = folder_features(ref, extract, batch_size, "fid (reference)", progress)
+    extract = extract or fid_feature_extractor(fid_features, params.fid_weights, name=clip_model, device=params.device)
+    ours = folder_features(run, extract, params.batch_size, "fid (run)", progress)
+    theirs = folder_features(ref, extract, params.batch_size, "fid (reference)", progress)
     if ours.shape[1] != theirs.shape[1]:
         raise ReceError(f"FID features differ in size ({ours.shape[1]} vs {theirs.shape[1]}); use one feature extractor")
     fid = fid_from_features(ours, theirs)
-    params = {"reference": str(Path(reference).resolve()), "features": fid_features, "reference_images": len(ref.images)}
+    recorded = {"reference": str(Path(reference).resolve()), "features": fid_features, "reference_images": len(ref.images)}
     if fid_features == "clip":
-        params["clip_model"] = clip_model
+        recorded["clip_model"] = clip_model
     elif fid_features == "inception" and not custom:
-        params["fid_weights"] = str(fid_weights) if fid_weights else FID_WEIGHTS_URL
-    return MetricResult({"fid": round(fid, 4)}, params, [{"image": n} for n in run.images])
+        recorded["fid_weights"] = str(params.fid_weights) if params.fid_weights else FID_WEIGHTS_URL
+    return MetricResult({"fid": round(fid, 4)}, recorded, [{"image": n} for n in run.images])

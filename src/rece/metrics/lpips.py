@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from ..networks.lpips import LPIPS, load_lpips
 from ..networks.weights import ALEXNET_URL, LPIPS_ALEX_URL
 from ..runs import Run, load_run, natural_key
 from .common import MetricResult, load_rgb, progress_bar
+from .params import LpipsParams
 
 
 def to_lpips_tensor(img: Image.Image) -> torch.Tensor:
@@ -22,14 +22,9 @@ def to_lpips_tensor(img: Image.Image) -> torch.Tensor:
     return (arr / 127.5 - 1).unsqueeze(0)
 
 
-def evaluate_lpips(
-    run: Run,
-    against: str | os.PathLike | None = None,
-    lpips_weights: str | None = None,
-    model: LPIPS | None = None,
-    progress: bool | None = None,
-) -> MetricResult:
+def evaluate_lpips(run: Run, params: LpipsParams, model: LPIPS | None = None, progress: bool | None = None) -> MetricResult:
     """Mean LPIPS between the run's images and the same-named images of another run (same prompts and seeds)."""
+    against, lpips_weights = params.against, params.lpips_weights
     if against is None:
         raise ReceError(
             "lpips needs --against OTHER_RUN_DIR, a run of the same prompts (e.g. the unedited model) to compare with"
@@ -54,9 +49,9 @@ def evaluate_lpips(
                 )
             rows.append({"image": name, "lpips": round(float(model(to_lpips_tensor(a), to_lpips_tensor(b))[0]), 6)})
     mean = float(np.mean([r["lpips"] for r in rows]))
-    params = {
+    recorded = {
         "against": str(Path(against).resolve()),
         "net": "alex",
         "weights": "custom" if custom else str(lpips_weights) if lpips_weights else f"{ALEXNET_URL} + {LPIPS_ALEX_URL}",
     }
-    return MetricResult({"lpips": round(mean, 4)}, params, rows)
+    return MetricResult({"lpips": round(mean, 4)}, recorded, rows)

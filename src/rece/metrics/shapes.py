@@ -11,6 +11,7 @@ from ..runs import Run
 from ..toy import door
 from ..toy.detector import Detection, detect
 from .common import MetricResult, load_rgb, progress_bar, run_concepts
+from .params import ShapesParams
 
 
 def check_shapes_concepts(concepts: Sequence[str], run: Run) -> None:
@@ -34,9 +35,9 @@ def shows(detection: Detection, concept: str) -> bool:
     return concept in (detection.shape, detection.color)
 
 
-def evaluate_shapes(run: Run, concept: str | Sequence[str] | None = None, progress: bool | None = None) -> MetricResult:
+def evaluate_shapes(run: Run, params: ShapesParams, progress: bool | None = None) -> MetricResult:
     """Shapes model: share of images showing each concept (shape or colour) by the analytic detector."""
-    concepts = run_concepts(run, concept)
+    concepts = run_concepts(run, params.concept)
     check_shapes_concepts(concepts, run)
     found = shapes_detections(run, progress)
     rows = [
