@@ -345,7 +345,7 @@ def test_the_printed_evaluate_command_scores_an_attack_on_a_demo_edit(tmp_path, 
     from rece.toy.door import erasure_arguments
 
     edit = rece.erase(load_model("shapes"), **erasure_arguments("triangle")).save(tmp_path / "edit.safetensors")
-    run = tmp_path / "x"
+    run = tmp_path / "runs" / "x"  # runs/ is created
     code, out, err = run_cli(
         capsys, "attack", "shapes", "--edit", edit, "--attack", "derived", "-o", run, "--steps", "3", "--images-per-prompt", "1"
     )

@@ -135,7 +135,7 @@ def test_derived_embedding_brings_concept_back_after_uce_not_after_rece(pipe):
 def test_demo_end_to_end(tmp_path, capsys):
     from rece.cli import main
 
-    out = tmp_path / "demo"
+    out = tmp_path / "runs" / "demo"  # missing parents are created
     assert main(["demo", "-o", str(out), "--per-combo", "1", "--steps", "8"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["concept"] == "triangle" and metrics["method"] == "rece"

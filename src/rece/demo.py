@@ -14,7 +14,7 @@ from .edit import Edit
 from .erase import erase
 from .errors import ReceError
 from .families import family_of_pipeline
-from .io import atomic_dir, check_parent
+from .io import atomic_dir, check_folder_parent, make_parent
 from .pictures import html_page, html_table, image_grid, labelled_panels, png_data_uri
 from .pipelines import load_pipeline
 from .toy import door
@@ -120,7 +120,7 @@ DEMO_FILES = {"report.html", "grid.png", "metrics.json", "edit.safetensors"}
 def check_demo_output(output: Path, overwrite: bool = False) -> None:
     """Before any work: the demo replaces only an earlier demo's folder (its four files and nothing else); any other
     existing file or folder at OUTPUT is the user's and is refused unless `overwrite`."""
-    check_parent(output)
+    check_folder_parent(output)
     if overwrite or not output.exists():
         return
     if output.is_dir() and {p.name for p in output.iterdir()} <= DEMO_FILES:
@@ -131,6 +131,7 @@ def check_demo_output(output: Path, overwrite: bool = False) -> None:
 
 def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit: Edit) -> None:
     """Write the demo folder atomically: grid.png, report.html, metrics.json and edit.safetensors."""
+    make_parent(output)
     with atomic_dir(output, overwrite=True) as tmp:
         grid.save(tmp / "grid.png")
         (tmp / "report.html").write_text(page)

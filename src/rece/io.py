@@ -22,6 +22,25 @@ def check_parent(path: Path) -> Path:
     return parent
 
 
+def check_folder_parent(path: Path) -> Path:
+    """The folder a folder output `path` goes in, refused in one line if a file stands in the way; folders that do
+    not exist yet are fine (`make_parent` creates them when the output is written)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ReceError(f"output folder '{folder}' is a file; choose an -o path inside a folder")
+            break
+    return parent
+
+
+def make_parent(path: Path) -> Path:
+    """Create the folders a folder output `path` goes in (only `path` itself is checked for overwriting)."""
+    parent = check_folder_parent(path)
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
 def check_output_path(
     path: str | os.PathLike, *, overwrite: bool = True, inputs: Sequence[str | os.PathLike | None] = ()
 ) -> Path:
