@@ -36,9 +36,10 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         lines.append("              " + ", ".join(how))
     lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
     if m["kind"] == "transform":
-        eye = torch.eye(transform.shape[0], dtype=torch.float64)
-        rank = int(torch.linalg.matrix_rank(transform - eye).item())
-        kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank of M − I {rank}"
+        kind = f"one {m['base']['dim']}×{m['base']['dim']} transform"
+        if transform is not None:  # None: described from metadata alone (a LoRA's record of its edit)
+            eye = torch.eye(transform.shape[0], dtype=torch.float64)
+            kind += f", rank of M − I {int(torch.linalg.matrix_rank(transform - eye).item())}"
     else:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")

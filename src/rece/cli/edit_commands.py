@@ -110,7 +110,12 @@ def cmd_apply(args) -> int:
 
 def cmd_info(args) -> int:
     from ..edit import load_edit
+    from ..lora_file import describe_lora, lora_info
 
+    lora = lora_info(args.edit) if os.path.isfile(args.edit) else None  # rece's LoRA files too
+    if lora is not None:
+        print(json.dumps(lora, indent=2) if args.json else describe_lora(lora))
+        return 0
     edit = load_edit(args.edit)
     if args.json:
         print(json.dumps(edit.metadata, indent=2))
@@ -186,7 +191,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("info", help="show what an edit file contains")
+    p = sub.add_parser("info", help="show what an edit file (or a LoRA written by rece lora) contains")
     p.add_argument("edit")
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     p.set_defaults(func=cmd_info)
