@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from .console import silence_library_noise  # noqa: E402
+
+silence_library_noise()  # the known-noisy library warnings and log lines (console.NOISY_*), as a library too
+
 from .apply import write_applied_pipeline  # noqa: E402
 from .attacks import run_attack  # noqa: E402
 from .config import PRESETS, EraseConfig  # noqa: E402
