@@ -57,6 +57,9 @@ def quality_rows(quality: dict, concept: str) -> dict[str, dict[str, str]]:
         rows.setdefault("other shapes / baseline", {})[method] = f"{kept:.2f}"
         colours = (trained["color_accuracy"] + held["color_accuracy"]) / 2
         rows.setdefault("colours", {})[method] = percent(colours)
+        if "erased_colours" in trained:  # newer measurements: the erased prompts' own colours
+            on_erased = (trained["erased_colours"] + held["erased_colours"]) / 2
+            rows.setdefault("erased prompts' colours", {})[method] = percent(on_erased)
         if fresh:
             rows.setdefault("fresh c′ (r = 0.1 / 1e-3)", {})[method] = f"{percent(fresh['r=0.1'])} / {percent(fresh['r=0.001'])}"
         if f"{concept}/target" in quality:  # the recipe's target prompt itself: what erased prompts are drawn like

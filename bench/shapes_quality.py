@@ -1,8 +1,9 @@
 """Quality bars of the shapes model, measured with the analytic detector (issue: shapes world).
 
 Prints: prompt following (25 steps); erasing shapes and colours with UCE, RECE and robust mode side by side
-(erased rate, other-shape accuracy relative to baseline, colour accuracy, edit seconds, and how often a fresh
-closed-form c′ derived against the edit brings the concept back); and the RECE mechanism: images generated
+(erased rate, other-shape accuracy relative to baseline, colour accuracy of the other prompts, how often the erased
+prompts' images still show their prompt's colour (a shape erased) or shape (a colour erased), edit seconds, and how
+often a fresh closed-form c′ derived against the edit brings the concept back); and the RECE mechanism: images generated
 from the derived embedding c′ after UCE, after RECE, and from a fresh c′ derived against the RECE model.
 
     HF_HUB_OFFLINE=1 python bench/shapes_quality.py [--model shapes-mmdit] [--per-combo 6] [--steps 25] [--concepts triangle red]
@@ -108,7 +109,7 @@ def main() -> None:
         grids[template] = (p, s, sh, co, generate(pipe, p, s, args.steps, args.guidance))
     print(
         f"{'concept':9s} {'method':6s} {'recipe':7s} {'prompts':9s} {'erased':>7s} {'others/base':>11s} {'colours':>8s} "
-        f"{'seconds':>8s} {'fresh c′ r=0.1':>14s} {'r=1e-3':>7s}"
+        f"{'on erased':>9s} {'seconds':>8s} {'fresh c′ r=0.1':>14s} {'r=1e-3':>7s}"
     )
     probe_seeds = list(range(args.probe_images))
     for concept in args.concepts:
@@ -141,16 +142,19 @@ def main() -> None:
                     erased = float(np.mean([rows[t][0]["erased_rate"] for t in keys]))
                     kept = float(np.mean([rows[t][1] for t in keys]))
                     colours = float(np.mean([rows[t][0]["color_accuracy"] for t in keys]))
+                    kept_key = "erased_colours" if concept in SHAPES else "erased_shapes"
+                    on_erased = float(np.mean([rows[t][0][kept_key] for t in keys]))
                     results[f"{concept}/{method}/{recipe}/{label}"] = {
                         "erased_rate": erased,
                         "other_shape_kept": kept,
                         "color_accuracy": colours,
+                        kept_key: on_erased,
                         "seconds": edit.metadata["seconds"],
                         "fresh_derived": fresh,
                     }
                     print(
                         f"{concept:9s} {method:6s} {recipe:7s} {label:9s} {erased:7.3f} {kept:11.3f} {colours:8.3f} "
-                        f"{edit.metadata['seconds']:8.3f} {fresh['r=0.1']:14.3f} {fresh['r=0.001']:7.3f}",
+                        f"{on_erased:9.3f} {edit.metadata['seconds']:8.3f} {fresh['r=0.1']:14.3f} {fresh['r=0.001']:7.3f}",
                         flush=True,
                     )
     # The RECE mechanism, on the first concept (its word is the first erased text)

@@ -6,6 +6,7 @@ Attack parameters are cut far below the papers' (see docs/attacks.md) so the fil
 
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +337,30 @@ def test_recipe_family_texts_are_scored_on_the_world_concept():
         "2_0.png": "red",
     }
     assert shapes_world_concepts({"0_0.png": "a blue triangle"}, ["a blue triangle"]) == {"0_0.png": "a blue triangle"}
+
+
+def test_the_printed_evaluate_command_scores_an_attack_on_a_demo_edit(tmp_path, capsys):
+    # `rece demo`'s edit names the concept's short prompts ("a red triangle") beside the concept: the attack's
+    # manifest must still name the shapes detector, so that the command it prints works as printed
+    from rece.toy.door import erasure_arguments
+
+    edit = rece.erase(load_model("shapes"), **erasure_arguments("triangle")).save(tmp_path / "edit.safetensors")
+    run = tmp_path / "runs" / "x"  # runs/ is created
+    code, out, err = run_cli(
+        capsys, "attack", "shapes", "--edit", edit, "--attack", "derived", "-o", run, "--steps", "3", "--images-per-prompt", "1"
+    )
+    assert code == 0, err
+    assert json.loads((run / "manifest.json").read_text())["attack"]["detector"] == "shapes"
+    printed = [line for line in out.splitlines() if line.startswith("score it with: rece ")][-1]
+    code, out, err = run_cli(capsys, *shlex.split(printed.removeprefix("score it with: rece ")))
+    assert code == 0, err
+    assert "asr %" in out
+    assert json.loads((run / "metrics.json").read_text())["asr"]["params"]["detector"] == "shapes"
+
+
+def test_an_attack_without_an_implied_detector_prints_the_flag_it_needs(tmp_path, capsys):
+    run = tmp_path / "x"
+    code, out, err = run_cli(capsys, "attack", "shapes", "--attack", "derived", "--concept", "a dog", "-o", run,
+                             "--steps", "2", "--images-per-prompt", "1")  # fmt: skip
+    assert code == 0, err
+    assert f"score it with: rece evaluate {run} --detector DETECTOR" in out

@@ -83,6 +83,8 @@ def write_measurements(
     quality, attacks = folder / f"{name}-quality.json", folder / f"{name}-asr.json"
     row = {"erased_rate": erased, "other_shape_kept": 0.98, "color_accuracy": 1.0, "seconds": 0.05}
     row["fresh_derived"] = {"r=0.1": 0.5, "r=0.001": 0.25}
+    if not with_attacks:  # newer runs also record the erased prompts' own colours
+        row["erased_colours"] = 0.75
     data = {f"triangle/{m}/family/{split}": row for m in ("uce", "rece", "robust") for split in ("trained", "held-out")}
     if not with_attacks:  # newer runs also record what the recipe's target prompt itself draws
         data["triangle/target"] = {"target": "a circle", "shows": 0.0}
@@ -115,6 +117,8 @@ def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp
     ]
     target = next(r for r in rows if r.startswith("| target prompt shows it"))
     assert target.count("0.0 % ('a circle')") == 3 and target.count("–") == 3  # the UNet file has none
+    colours = next(r for r in rows if r.startswith("| erased prompts' colours"))
+    assert colours.count("75.0 %") == 3 and colours.count("–") == 3
     bad = subprocess.run([sys.executable, script, "--model", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--model LABEL QUALITY" in bad.stderr
     gone = subprocess.run([sys.executable, script, "--model", "x", str(tmp_path / "none.json")], capture_output=True, text=True)

@@ -1,7 +1,10 @@
 """The command line: happy paths, and each bad input as a one-line error that writes nothing."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +151,48 @@ def test_apply_bad_inputs(capsys, sd_path, tmp_path, edit_file):
     assert not any(p.name.startswith(("out", ".out", "l.", ".l.")) for p in tmp_path.iterdir())
     code, out, err = run(capsys, "apply", other, edit_file, "-o", tmp_path / "out5", "--allow-other-base")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("raised", ["shutil.Error", "OSError"])
+def test_apply_on_a_full_disk_says_so_in_one_line(capsys, sd_path, tmp_path, edit_file, monkeypatch, raised):
+    # copytree gathers every failed file into one shutil.Error, which printed as a Python list of tuples
+    import rece.apply
+
+    def full_disk(src, dst, **kwargs):
+        (Path(dst) / "model_index.json").write_text("{}")  # a partial copy, to be cleaned up
+        why = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(dst) / "unet" / "x.safetensors"))
+        if raised == "OSError":
+            raise why
+        raise shutil.Error([(str(Path(src) / n), str(Path(dst) / n), str(why)) for n in ("unet", "vae")])
+
+    monkeypatch.setattr(rece.apply.shutil, "copytree", full_disk)
+    out = tmp_path / "applied"
+    code, _, err = run(capsys, "apply", sd_path, edit_file, "-o", out)
+    needed = sum(p.stat().st_size for p in Path(sd_path).rglob("*") if p.is_file())
+    assert code == 2 and err == f"error: no space left on device writing {out} ({max(1, round(needed / 1e6))} MB needed); " + (
+        "free some space or choose another -o\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no partial folder left
+    monkeypatch.setattr(rece.apply.shutil, "copytree", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    code, _, err = run(capsys, "apply", sd_path, edit_file, "-o", out)  # other errors stay what they are
+    assert code == 2 and "no space" not in err and "denied" in err
+
+
+def test_apply_to_one_file_on_a_full_disk_says_so_in_one_line(capsys, sd_path, tmp_path, edit_file, monkeypatch):
+    import rece.checkpoint
+
+    from .ldm_checkpoint import save_ldm_checkpoint
+
+    ckpt = save_ldm_checkpoint(sd_path, tmp_path / "tiny.safetensors")
+
+    def full_disk(src, out, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+
+    monkeypatch.setattr(rece.checkpoint, "write_replaced", full_disk)
+    out = tmp_path / "out.safetensors"
+    code, _, err = run(capsys, "apply", ckpt, edit_file, "-o", out)
+    needed = max(1, round(ckpt.stat().st_size / 1e6))
+    assert code == 2 and err.startswith(f"error: no space left on device writing {out} ({needed} MB needed)")
 
 
 def test_erase_reads_concept_and_preserve_prompt_files(capsys, sd_path, tmp_path):

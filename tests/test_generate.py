@@ -375,7 +375,7 @@ def test_bad_inputs(capsys, sd_path, tmp_path, monkeypatch):
         (["--prompts", tmp_path / "missing.csv", "-o", tmp_path / "r1"], "missing.csv' does not exist"),
         (["--prompts", no_prompt, "-o", tmp_path / "r2"], "has no 'prompt' column (columns: 'case_number', 'caption')"),
         (["--prompts", "coco-30k", "-o", tmp_path / "r3"], "RECE_BENCHMARKS is not set"),
-        (["--prompts", good, "-o", tmp_path / "absent" / "r4"], "output folder"),
+        (["--prompts", good, "-o", good / "runs" / "r4"], f"output folder '{good}' is a file"),
         (["--prompts", good, "-o", tmp_path / "r5", "--steps", "0"], "--steps must be at least 1"),
         (["--prompts", good, "-o", tmp_path / "r6", "--height", "12"], "--height must be a positive multiple of 8"),
         (["--prompts", good, "-o", tmp_path / "r7", "--scheduler", "magic"], "unknown scheduler 'magic'"),
@@ -384,6 +384,15 @@ def test_bad_inputs(capsys, sd_path, tmp_path, monkeypatch):
         code, _, err = run(capsys, "generate", sd_path, *argv, "--device", "cpu")
         assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.csv", "good.csv"]
+
+
+def test_missing_parent_folders_are_created(capsys, sd_path, tmp_path):
+    good = write_csv(tmp_path / "good.csv", ["prompt", "evaluation_seed"], [["a cat", 3]])
+    out = tmp_path / "runs" / "deep" / "shapes"
+    code, _, err = run(capsys, "generate", sd_path, "--prompts", good, "-o", out, *FAST_ARGS)
+    assert code == 0, err
+    assert (out / "manifest.json").is_file() and len(list((out / "images").glob("*.png"))) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["shapes"]  # the lock beside the run is gone
 
 
 def test_lms_scheduler_of_the_paper(capsys, sd_path, tmp_path):

@@ -1,5 +1,6 @@
 """kohya LoRAs and `.diff` files for ComfyUI / Automatic1111 / Forge, and a LoRA made on a base used on a fine-tune."""
 
+import json
 import shutil
 
 import pytest
@@ -113,3 +114,35 @@ def test_lora_from_the_base_on_a_fine_tune(sd_path, edits, tmp_path):
         )
     assert errors["other weights"] <= 1e-4 and predicted["other weights"] <= 1e-6
     assert errors["K/V too"] == pytest.approx(predicted["K/V too"], rel=1e-3) and errors["K/V too"] > 1e-3
+
+
+def test_info_describes_rece_loras_and_names_other_ones(edits, tmp_path, capsys):
+    # `rece info LORA` said "not a complete rece edit ... re-create it with rece erase" for rece's own LoRAs
+    folder, edit_path = edits["sd"]
+    edit = load_edit(edit_path)
+    files = {}
+    for fmt in ("diffusers", "kohya", "diff"):
+        files[fmt] = tmp_path / f"{fmt}.safetensors"
+        assert main(["lora", str(folder), str(edit_path), "--format", fmt, "-o", str(files[fmt])]) == 0
+    capsys.readouterr()
+    for fmt, path in files.items():
+        assert main(["info", str(path)]) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert out.startswith(f"rece LoRA     {fmt} (")
+        assert f"layers        {len(edit.layers)}: " in out
+        assert ("exact full differences" in out) == (fmt == "diff") and ("rank " in out.splitlines()[0]) == (fmt != "diff")
+        assert "concepts      cat" in out and "method        rece (preset nudity)" in out and "\nbase          " in out
+        prefix = "unet." if fmt == "diffusers" else "lora_unet_"
+        assert out.splitlines()[1].split(": ", 1)[1].startswith(prefix)
+    assert main(["info", str(files["kohya"]), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["lora_format"] == "kohya" and record["rank"] == record["lora_rank"] and record["edit"]["concepts"] == ["cat"]
+    assert len(record["modules"]) == len(edit.layers)
+
+    foreign = tmp_path / "foreign.safetensors"  # the same tensors without rece's record: another tool's LoRA
+    save_file(load_file(files["kohya"]), str(foreign))
+    assert main(["info", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is a LoRA that rece did not write ({len(edit.layers)} modules, rank " in err
+    assert main(["apply", str(folder), str(files["kohya"]), "-o", str(tmp_path / "out")]) == 2  # a LoRA is not an edit
+    assert "is a rece LoRA (kohya), not an edit file" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import csv
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,7 @@ def test_report_of_real_runs_before_and_after_an_edit(sd_path, tmp_path, capsys)
     assert page.count("<img ") == 4
     assert "uce: van gogh (" in page and "technique &#x27;replace&#x27;" in page  # parameters from the edit file
     assert "2 steps" in page and "16×16" in page
+    assert "preset" not in page.split("<h2>Edits and settings</h2>")[1].split("<h2>")[0]  # absent, not "preset None"
 
 
 def test_large_images_are_shrunk_small_ones_kept(tmp_path):
@@ -221,3 +223,53 @@ def test_large_images_are_shrunk_small_ones_kept(tmp_path):
     page = rp.build_report([a])
     sizes = [Image.open(io.BytesIO(base64.b64decode(uri.split("'")[0]))).size for uri in page.split("base64,")[1:]]
     assert sizes == [(8, 8), (rp.THUMBNAIL, rp.THUMBNAIL * 512 // 640)]
+
+
+def test_short_cells_never_break_inside_a_word():
+    # `overflow-wrap: anywhere` on every cell let the table squeeze the attack and ASR columns to "derive|d", "98.3|33"
+    style = re.sub(r"/\*.*?\*/", "", rp.REPORT_STYLE, flags=re.S)
+    for selector, body in (rule.split("{") for rule in style.split("}") if "{" in rule):
+        if "anywhere" in body:
+            assert ".runs td" not in selector and "td:nth-child(2)" in selector, selector  # only the model path column
+    assert ".runs td { overflow-wrap: break-word; }" in rp.REPORT_STYLE
+
+
+def test_absent_edit_parameters_are_left_out():
+    config = {"preset": None, "target": " ", "epochs": 1, "lamb": None}
+    manifest = {"edits": [{"method": "rece", "concepts": ["cat"], "config": config}]}
+    assert rp.describe_edits(manifest) == "rece: cat (target ' ', epochs 1)"
+
+
+def test_asr_and_other_values_read_the_same_in_the_page_and_on_the_terminal(tmp_path):
+    asr = {"asr": {"summary": {"asr %": 98.33333, "prompt asr %": 100.0}, "params": {}}}
+    lpips = {"lpips": {"summary": {"lpips": 0.12345}, "params": {}}}
+    attack = {"format": "rece-attack", "attack": {"name": "derived", "concepts": ["cat"]}, "edits": []}
+    run = make_run(tmp_path / "a", names(1), PROMPTS, manifest=attack, metrics={**asr, **lpips})
+    page = rp.build_report([run])
+    from rece.metrics.table import results_table
+
+    terminal = results_table({"a": {**asr, **lpips}})
+    for shown in ("98.33", "100.00", "0.123"):
+        assert f"<td>{shown}</td>" in page and f" {shown}" in terminal
+    assert "98.333" not in page and "98.333" not in terminal
+
+
+def prompt_set_run(folder: Path, checksum: str, source: str) -> Path:
+    manifest = {"format": "rece-generate", "settings": {"prompts_sha256": checksum}, "prompts": {"source": source}, "edits": []}
+    return make_run(folder, names(2), PROMPTS, manifest=manifest)
+
+
+def test_runs_of_different_prompt_sets_are_not_paired_by_file_name(tmp_path, capsys):
+    a, b = prompt_set_run(tmp_path / "a", "1" * 64, "cats.csv"), prompt_set_run(tmp_path / "b", "1" * 64, "cats.csv")
+    c = prompt_set_run(tmp_path / "c", "2" * 64, "dogs.csv")
+    code, _, err = run_cli(capsys, "report", a, b, "-o", tmp_path / "same.html")
+    assert code == 0 and "warning" not in err
+    assert "<th>a</th><th>b</th>" in (tmp_path / "same.html").read_text()  # one set: side by side
+    code, _, err = run_cli(capsys, "report", a, b, c, "-o", tmp_path / "mixed.html")
+    assert code == 0
+    assert "warning: the runs use 2 different prompt sets (a, b: prompt set cats.csv; c: prompt set dogs.csv)" in err
+    page = (tmp_path / "mixed.html").read_text()
+    assert "<th>a</th><th>b</th></tr>" in page and "<th>c</th></tr>" in page  # c's images in a table of their own
+    assert "<th>b</th><th>c</th>" not in page and page.count("<img ") == 2 * 3
+    with pytest.warns(UserWarning, match="different prompt sets"):
+        rp.build_report([a, c])

@@ -121,3 +121,18 @@ def test_an_edit_of_many_concepts_can_leave_out_its_derived_embeddings(base, tmp
     a, b = full.save(tmp_path / "full.safetensors"), small.save(tmp_path / "small.safetensors")
     assert b.stat().st_size < a.stat().st_size / 5
     assert load_edit(b).derived == [] and load_edit(b).metadata["config"]["derived"] is False
+
+
+def test_summary_lines_say_what_they_count(sd_path):
+    # one text is "1 text"; preserve has a line of its own (not after the target); '' is counted and said
+    text = rece.erase(sd_path, ["cat"], preserve=["dog"], check=["house"]).summary()
+    assert "\ntarget        ' '\npreserve      1 text and '' (UCE's default): 'dog'\n" in text
+    assert "preserved     K/V change over 2 texts (the preserve texts and ''): mean" in text
+    assert "check texts   K/V change over 1 text: mean" in text
+    many = [f"a {c} {s} painting" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle", "star")]
+    lines = rece.erase(sd_path, ["cat"], preserve=many, preserve_empty=False).summary().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("preserve "))
+    assert lines[start].startswith("preserve      12 texts: 'a red circle painting', ")
+    assert all(len(line) <= 100 for line in lines if not line.startswith("created"))  # wrapped between the texts
+    assert lines[start + 1].startswith(" " * 14 + "'a ") and lines[start + 1].rstrip().endswith(",")
+    assert "preserved     K/V change over 12 texts (the preserve texts): mean" in "\n".join(lines)

@@ -135,7 +135,7 @@ def test_derived_embedding_brings_concept_back_after_uce_not_after_rece(pipe):
 def test_demo_end_to_end(tmp_path, capsys):
     from rece.cli import main
 
-    out = tmp_path / "demo"
+    out = tmp_path / "runs" / "demo"  # missing parents are created
     assert main(["demo", "-o", str(out), "--per-combo", "1", "--steps", "8"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["concept"] == "triangle" and metrics["method"] == "rece"
@@ -150,7 +150,30 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "data:image/png;base64" in (out / "report.html").read_text()
     assert rece.load_edit(out / "edit.safetensors").concepts == concept_prompts("triangle")
     assert metrics["after"]["erased_rate"] <= 0.25 and metrics["after"]["color_accuracy"] >= 0.9
-    assert "erased_rate" in capsys.readouterr().out
+    assert 0 <= metrics["after"]["erased_colours"] <= 1 and metrics["after"]["erased_images"] == len(COLORS)
+    printed = capsys.readouterr().out
+    assert "erased_rate" in printed and "erased_colours" in printed and str(out / "edit.safetensors") in printed
+    page = (out / "report.html").read_text()
+    assert "<td>erased_colours</td>" in page and "the 4 images of prompts naming triangle" in page
+    assert "the 12 images of the other prompts: share showing the colour their prompt names" in page
+    assert "the 18 prompts of the other shapes are preserved, and '' (the empty prompt" in page
+    assert "<code>edit.safetensors</code>" in page
+    assert "\ntarget        &#x27; &#x27;\npreserve      18 texts and &#x27;&#x27;" in page  # preserve on its own line
+
+
+def test_erased_prompts_colours_are_a_figure_of_their_own():
+    # `rece demo --method robust` drew "a blue triangle" as a red cross while color_accuracy (the other prompts
+    # only) read 1.000: erased_colours counts the erased prompts' images
+    shapes = ["triangle"] * 4 + ["circle"] * 4
+    colors = list(COLORS) * 2
+    drawn = [("square", "red"), ("square", "green"), ("cross", "red"), ("square", "yellow")]  # "a blue triangle": red
+    drawn += [("circle", c) for c in COLORS]
+    images = render([Scene(shape, color, 16.0, 16.0, 9.0) for shape, color in drawn])
+    m = erasure_metrics(images, shapes, colors, "triangle")
+    assert m["erased_rate"] == 0 and m["color_accuracy"] == 1 and m["other_shape_accuracy"] == 1
+    assert m["erased_colours"] == 0.75 and m["erased_images"] == 4 and m["other_images"] == 4
+    colour = erasure_metrics(images, shapes, colors, "red")  # a colour erased: the erased prompts' shapes
+    assert "erased_colours" not in colour and colour["erased_shapes"] == 0.5 and colour["erased_images"] == 2
 
 
 def test_demo_rejects_unknown_concept(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from .errors import ReceError
 from .families import family_of_pipeline
 from .hub import snapshot
-from .io import atomic_dir
+from .io import atomic_dir, disk_full_reported, folder_bytes
 from .models import BaseModel, load_model
 from .weights import component_weight_files, load_pickled_weights
 
@@ -96,18 +96,29 @@ def write_applied_pipeline(
     """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
     base = model if isinstance(model, BaseModel) else load_model(model)
     new = composed_weights(edits, base.kv, allow_other_base, base.source)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
-            pipe = base.pipeline
-            for edit in edits:
-                apply_edit(edit, pipe, allow_other_base)
-            pipe.save_pretrained(tmp)
-            for edit in reversed(edits):
-                revert_edit(edit, pipe)
-            return Path(out_dir)
-        folder = base.folder
-        if base.source != str(folder) and not (folder / "vae").exists():
-            folder = snapshot(base.source)
+    if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
+        pipe = base.pipeline
+        with disk_full_reported(out_dir, lambda: pipeline_bytes(pipe)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            applied = []
+            try:
+                for edit in edits:
+                    applied.append(apply_edit(edit, pipe, allow_other_base) and edit)
+                pipe.save_pretrained(tmp)
+            finally:  # the pipeline is the caller's: it leaves as it came, the save failed or not
+                for edit in reversed(applied):
+                    revert_edit(edit, pipe)
+        return Path(out_dir)
+    folder = base.folder
+    if base.source != str(folder) and not (folder / "vae").exists():
+        folder = snapshot(base.source)
+    # a full disk makes copytree raise one shutil.Error listing every file it could not copy: say it in one line
+    with disk_full_reported(out_dir, lambda: folder_bytes(folder)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True)
         _rewrite_weights(tmp / base.family.denoiser, new)
     return Path(out_dir)
+
+
+def pipeline_bytes(pipe) -> int:
+    """The bytes of a pipeline's weights (what save_pretrained writes, give or take configs and tokenizers)."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])

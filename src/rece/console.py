@@ -1,10 +1,13 @@
 """What reaches the terminal: rece's own lines, its warnings and the libraries' warnings, one line each; no library
-progress bars or advisory logs; and the few known-noisy library warnings, which are filtered (listed below)."""
+progress bars or advisory logs; and the few known-noisy library warnings and log lines, which are filtered (listed
+below) whether rece runs as a command or as a library."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -18,6 +21,59 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
         "numpy 2 about torch tensors: diffusers' Euler schedulers call np.array(tensor) at every set_timesteps",
     ),
 )
+
+
+# (logger, message regex, why it is dropped): library log lines that rece's own work causes and that say nothing the
+# user can act on; docs/layout.md lists them too.
+NOISY_LOGS: tuple[tuple[str, str, str], ...] = (
+    (
+        "transformers.utils.import_utils",
+        r"requires torchvision \(not installed\); falling back to",
+        "transformers 5 without torchvision, once per image processor class diffusers' pipelines import (the safety "
+        "checker's feature extractor), none of which rece runs",
+    ),
+)
+
+
+class _DropNoisyLogs(logging.Filter):
+    """Drops the records of one logger whose message matches one of its NOISY_LOGS patterns."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def silence_library_noise() -> None:
+    """Drop NOISY_LOGS and NOISY_WARNINGS in this process, once: as a command or as a library. Every other warning
+    and log line is left to the user's own filters (the NOISY_WARNINGS filters go after theirs)."""
+    if getattr(silence_library_noise, "done", False):
+        return
+    silence_library_noise.done = True
+    by_logger: dict[str, list[str]] = {}
+    for name, pattern, _ in NOISY_LOGS:
+        by_logger.setdefault(name, []).append(pattern)
+    for name, patterns in by_logger.items():  # the logger exists before the library that logs to it is imported
+        logging.getLogger(name).addFilter(_DropNoisyLogs(patterns))
+    for category, pattern, _ in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category, append=True)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' and diffusers' progress bars off while rece loads a model from local files (its own few seconds
+    of work, not the user's), then as they were; downloads keep theirs."""
+    libraries = [sys.modules[name].utils.logging for name in ("transformers", "diffusers") if name in sys.modules]
+    enabled = [lib for lib in libraries if lib.is_progress_bar_enabled()]
+    for lib in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in enabled:
+            lib.enable_progress_bar()
 
 
 def quiet_libraries(diffusers: bool = True) -> None:

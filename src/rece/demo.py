@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from .edit import Edit
 from .erase import erase
 from .errors import ReceError
 from .families import family_of_pipeline
-from .io import atomic_dir, check_parent
+from .io import atomic_dir, check_folder_parent, make_parent
 from .pictures import html_page, html_table, image_grid, labelled_panels, png_data_uri
 from .pipelines import load_pipeline
 from .toy import door
@@ -22,7 +23,8 @@ from .toy.evaluate import erasure_metrics, generate, grid_prompts
 from .toy.world import COLORS, SHAPES
 
 DEMO_SEED = 0
-METRIC_KEYS = ("erased_rate", "other_shape_accuracy", "color_accuracy")
+# erased_colours after a shape erasure, erased_shapes after a colour one (toy.evaluate.erasure_metrics)
+METRIC_KEYS = ("erased_rate", "other_shape_accuracy", "color_accuracy", "erased_colours", "erased_shapes")
 
 
 def _load_pipeline(model: str):
@@ -87,9 +89,22 @@ def demo_grid(before: np.ndarray, after: np.ndarray, per_combo: int, concept: st
     )
 
 
-def metric_rows(metrics: dict) -> list[tuple[str, float, float]]:
-    """(metric, before, after) of the demo's detector measurements."""
-    return [(key, metrics["before"][key], metrics["after"][key]) for key in METRIC_KEYS]
+def metric_rows(metrics: dict) -> list[tuple[str, float, float, str]]:
+    """(metric, before, after, which images it counts) of the demo's detector measurements."""
+    covers = metric_coverage(metrics["concept"], metrics["after"]["erased_images"], metrics["after"]["other_images"])
+    return [(key, metrics["before"][key], metrics["after"][key], covers[key]) for key in METRIC_KEYS if key in metrics["after"]]
+
+
+def metric_coverage(concept: str, erased: int, others: int) -> dict[str, str]:
+    """What each figure counts: which prompts' images, and what share of them."""
+    naming, other = f"the {erased} images of prompts naming {concept}", f"the {others} images of the other prompts"
+    return {
+        "erased_rate": f"{naming}: share showing {concept}",
+        "other_shape_accuracy": f"{other}: share showing the shape their prompt names",
+        "color_accuracy": f"{other}: share showing the colour their prompt names",
+        "erased_colours": f"{naming}: share still showing the colour their prompt names",
+        "erased_shapes": f"{naming}: share still showing the shape their prompt names",
+    }
 
 
 def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds: float) -> str:
@@ -97,20 +112,26 @@ def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds
     concept, method, sampling = metrics["concept"], metrics["method"], metrics["sampling"]
     per_combo, steps, guidance = sampling["images_per_prompt"], sampling["steps"], sampling["guidance"]
     images = len(SHAPES) * len(COLORS) * per_combo
+    erased = ", ".join(f"'{c}'" for c in metrics["erased_prompts"])
+    others = "shapes" if concept in SHAPES else "colours"
     return html_page(
         f"rece demo: erasing '{concept}' from the {metrics['model']} model",
         [
-            f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts "
-            + ", ".join(f"'{c}'" for c in metrics["erased_prompts"])
-            + f" map to '{metrics['target']}' while {len(metrics['preserved_prompts'])} prompts of the other "
-            + ("shapes" if concept in SHAPES else "colours")
-            + f" are preserved (r = {metrics['regularization']:g}). {images} images per panel "
+            f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts {html.escape(erased)} map to "
+            f"'{html.escape(metrics['target'])}' while the {len(metrics['preserved_prompts'])} prompts of the other "
+            f"{others} are preserved, and '' (the empty prompt, which every erasure preserves by default) with them "
+            f"(r = {metrics['regularization']:g}). {images} images per panel "
             f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} sampling steps, guidance {guidance}, '
-            "same seeds before and after. Measured by the analytic shape / colour detector.</p>",
-            html_table(metric_rows(metrics), ["metric", "before", "after"]),
+            "same seeds before and after. Measured by the analytic shape / colour detector; each figure counts the "
+            "images the last column names.</p>",
+            html_table(metric_rows(metrics), ["metric", "before", "after", "counts"]),
             f"<img src='{png_data_uri(grid)}' alt='before and after grid'>",
-            f"<h2>Edit</h2><pre>{edit_summary}</pre>",
+            f"<h2>Edit</h2><p>Saved beside this page as <code>edit.safetensors</code>: <code>rece info edit.safetensors</code>"
+            f" describes it, <code>rece apply {html.escape(metrics['model'])} edit.safetensors -o OUT</code> writes the "
+            "edited model, and <code>rece attack</code> red-teams it.</p>"
+            f"<pre>{html.escape(edit_summary)}</pre>",
         ],
+        style="td:nth-child(4) { text-align: left; }",  # the counts column reads as text
     )
 
 
@@ -120,7 +141,7 @@ DEMO_FILES = {"report.html", "grid.png", "metrics.json", "edit.safetensors"}
 def check_demo_output(output: Path, overwrite: bool = False) -> None:
     """Before any work: the demo replaces only an earlier demo's folder (its four files and nothing else); any other
     existing file or folder at OUTPUT is the user's and is refused unless `overwrite`."""
-    check_parent(output)
+    check_folder_parent(output)
     if overwrite or not output.exists():
         return
     if output.is_dir() and {p.name for p in output.iterdir()} <= DEMO_FILES:
@@ -131,6 +152,7 @@ def check_demo_output(output: Path, overwrite: bool = False) -> None:
 
 def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit: Edit) -> None:
     """Write the demo folder atomically: grid.png, report.html, metrics.json and edit.safetensors."""
+    make_parent(output)
     with atomic_dir(output, overwrite=True) as tmp:
         grid.save(tmp / "grid.png")
         (tmp / "report.html").write_text(page)
@@ -141,10 +163,11 @@ def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit:
 def _print_summary(metrics: dict, erase_seconds: float, output: Path) -> None:
     """The demo's result on the terminal: timing, the metrics table and the files written."""
     print(f"erased '{metrics['concept']}' from {metrics['model']} with {metrics['method']} in {erase_seconds:.2f} s")
-    print(f"{'metric':24s} {'before':>8s} {'after':>8s}")
-    for key, b, a in metric_rows(metrics):
-        print(f"{key:24s} {b:8.3f} {a:8.3f}")
-    print(f"wrote {output / 'report.html'}, {output / 'grid.png'}, {output / 'metrics.json'}")
+    print(f"{'metric':24s} {'before':>8s} {'after':>8s}  counts")
+    for key, b, a, covers in metric_rows(metrics):
+        print(f"{key:24s} {b:8.3f} {a:8.3f}  {covers}")
+    files = ", ".join(str(output / name) for name in ("report.html", "grid.png", "metrics.json", "edit.safetensors"))
+    print(f"wrote {files}")
 
 
 def run_demo(

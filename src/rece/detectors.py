@@ -37,7 +37,10 @@ def imagenette_name(concept: str) -> str:
 def detector_for(concepts: Sequence[str], model_record: dict) -> str | None:
     """The detector that tells whether images show `concepts` on a model (a manifest's model record), or None."""
     words = {norm_name(c) for c in concepts}
-    if door.is_shapes_model(model_record) and all(door.is_world_concept(w) for w in words):
+    # a recipe's edit (`rece demo`) names the concept and its short prompts ("a red triangle"): the ASR scores
+    # those on the concept itself (metrics.asr.shapes_world_concepts)
+    world = door.is_shapes_model(model_record) and any(door.is_world_concept(w) for w in words)
+    if world and all(door.names_world_concept(w) for w in words):
         return "shapes"
     if words & set(NUDITY_WORDS):
         return "nudenet"

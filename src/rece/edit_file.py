@@ -71,6 +71,11 @@ def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, 
         raise ReceError(f"'{path}' is not a rece edit (no rece metadata); if it is a LoRA, load it with pipe.load_lora_weights")
     try:
         meta = json.loads(header[METADATA_KEY])
+        if isinstance(meta, dict) and "lora_format" in meta:
+            raise ReceError(
+                f"'{path}' is a rece LoRA ({meta['lora_format']}), not an edit file: pass the edit it was exported from, "
+                f"or load the LoRA with pipe.load_lora_weights or a web UI (`rece info {path}` describes it)"
+            )
         check_metadata(meta)
         if meta["kind"] == "transform":
             delta = tensors["transform.delta"].to(torch.float64)

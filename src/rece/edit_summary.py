@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import torch
 
 from .preservation import describe
+
+WIDTH = 100  # long lines (a preserve list) wrap between words, under their value's column
 
 
 def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
     """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base."""
     m, c = metadata, metadata["config"]
     lines = [
-        f"concepts      {', '.join(m['concepts'])}",
+        f"concepts      {', '.join(unbroken(t) for t in m['concepts'])}",
         f"method        {m['method']}" + (f" (preset {c['preset']})" if c.get("preset") else ""),
-        f"target        {c['target']!r}   preserve {c['preserve'] or '-'}",
+        f"target        {c['target']!r}",
+        f"preserve      {preserved_texts(c)}",
     ]
     if m["method"] == "rece":
         lines.append(
@@ -31,12 +36,34 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         lines.append("              " + ", ".join(how))
     lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
     if m["kind"] == "transform":
-        eye = torch.eye(transform.shape[0], dtype=torch.float64)
-        rank = int(torch.linalg.matrix_rank(transform - eye).item())
-        kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank of M − I {rank}"
+        kind = f"one {m['base']['dim']}×{m['base']['dim']} transform"
+        if transform is not None:  # None: described from metadata alone (a LoRA's record of its edit)
+            eye = torch.eye(transform.shape[0], dtype=torch.float64)
+            kind += f", rank of M − I {int(torch.linalg.matrix_rank(transform - eye).item())}"
     else:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
     lines.append(f"base          {m['base']['source']} (fingerprint {m['base']['fingerprint']}, {m['base']['pipeline']})")
-    lines.extend(describe(m.get("preservation") or {}))
-    return "\n".join(lines)
+    empty = " and ''" if c.get("preserve_empty", True) and c["preserve"] else ""
+    lines.extend(describe(m.get("preservation") or {}, {"preserved": f"the preserve texts{empty}"}))
+    return "\n".join(wrapped(line) for line in lines)
+
+
+def preserved_texts(config: dict) -> str:
+    """The preserve list as the summary shows it: how many, then the texts; '' (UCE's default) said apart."""
+    texts, empty = list(config["preserve"]), config.get("preserve_empty", True)
+    if not texts:
+        return "'' (the empty prompt, UCE's default)" if empty else "-"
+    count = f"{len(texts)} text{'s' if len(texts) != 1 else ''}" + (" and '' (UCE's default)" if empty else "")
+    return f"{count}: " + ", ".join(unbroken(repr(t)) for t in texts)
+
+
+def unbroken(text: str) -> str:
+    """`text` with its spaces made unbreakable for `wrapped`, so that a list wraps between its items."""
+    return text.replace(" ", "\xa0")
+
+
+def wrapped(line: str) -> str:
+    """A summary line wrapped between words at WIDTH, continuation lines under the value's column."""
+    filled = textwrap.fill(line, WIDTH, subsequent_indent=" " * 14, break_long_words=False, break_on_hyphens=False)
+    return filled.replace("\xa0", " ")

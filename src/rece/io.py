@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import ReceError
@@ -19,6 +20,25 @@ def check_parent(path: Path) -> Path:
         raise ReceError(f"output folder '{parent}' is a file; choose an -o path inside a folder")
     if not parent.is_dir():
         raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    return parent
+
+
+def check_folder_parent(path: Path) -> Path:
+    """The folder a folder output `path` goes in, refused in one line if a file stands in the way; folders that do
+    not exist yet are fine (`make_parent` creates them when the output is written)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ReceError(f"output folder '{folder}' is a file; choose an -o path inside a folder")
+            break
+    return parent
+
+
+def make_parent(path: Path) -> Path:
+    """Create the folders a folder output `path` goes in (only `path` itself is checked for overwriting)."""
+    parent = check_folder_parent(path)
+    parent.mkdir(parents=True, exist_ok=True)
     return parent
 
 
@@ -134,6 +154,34 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error is the disk (or the user's quota) running out: ENOSPC / EDQUOT itself, or a message that holds
+    it (shutil.copytree's list of (source, target, reason) strings, safetensors' wrapped I/O error)."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError) and exc.errno in codes:
+        return True
+    return any(os.strerror(code) in str(exc) for code in codes) or "StorageFull" in str(exc)
+
+
+@contextlib.contextmanager
+def disk_full_reported(output: str | os.PathLike, needed_bytes: Callable[[], int]) -> Iterator[None]:
+    """Turn the disk filling up while writing `output` into one line saying so and how much the output needs."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        needed = max(1, round(needed_bytes() / 1e6))
+        raise ReceError(
+            f"no space left on device writing {output} ({needed} MB needed); free some space or choose another -o"
+        ) from None
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes a copy of `folder` takes (linked files counted at their targets' size, as copytree copies them)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def read_prompt_file(path: str | os.PathLike, option: str = "--concept-prompts") -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .console import quiet_loading
 from .errors import ReceError
 from .families import FAMILIES, family_of_checkpoint, family_of_index, family_of_pipeline
 from .hub import first_line, snapshot
@@ -38,7 +39,8 @@ def load_single_file_pipeline(path: Path, config: str | None = None):
         family = family_of_checkpoint(path)
         kwargs = {"config": str(config)} if config else {}
         cls = getattr(diffusers, family.pipelines[0])
-        return cls.from_single_file(str(path), dtype=torch.float32, **kwargs, **family.pipeline_kwargs)
+        with quiet_loading():
+            return cls.from_single_file(str(path), dtype=torch.float32, **kwargs, **family.pipeline_kwargs)
     except ReceError:
         raise
     except Exception as exc:
@@ -68,9 +70,10 @@ def load_pipeline(model, config: str | None = None):
         # components the folder leaves out ([null, null]) are passed as None: diffusers requires some (SD3's T5)
         absent = {name: None for name, entry in index.items() if entry == [None, None]}
         try:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(
-                folder, dtype=torch.float32, **{**absent, **family.pipeline_kwargs}
-            )
+            with quiet_loading():
+                pipe = diffusers.DiffusionPipeline.from_pretrained(
+                    folder, dtype=torch.float32, **{**absent, **family.pipeline_kwargs}
+                )
         except Exception as exc:  # missing components, damaged files
             raise ReceError(
                 f"cannot load pipeline '{model}' ({first_line(exc)}); the pipeline folder is incomplete; re-download it"

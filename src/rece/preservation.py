@@ -70,15 +70,16 @@ def summary(sums: dict[str, tuple[float, float]]) -> dict | None:
     }
 
 
-def describe(report: dict) -> list[str]:
-    """Lines for `rece info`: each group's mean and max relative K/V change and its worst texts."""
+def describe(report: dict, which: dict[str, str] | None = None) -> list[str]:
+    """Lines for `rece info`: each group's mean and max relative K/V change and its worst texts; `which` says what a
+    group's texts are ({"preserved": "the preserve texts and ''"})."""
     lines = []
     for group, title in (("preserved", "preserved"), ("check", "check texts")):
         part = report.get(group)
         if not part:
             continue
         worst = ", ".join(f"'{t[:30]}' {v:.3g}" for t, v in part["worst"][:3])
-        lines.append(
-            f"{title:13s} K/V change over {part['texts']} texts: mean {part['mean']:.3g}, max {part['max']:.3g} ({worst})"
-        )
+        n = part["texts"]
+        texts = f"{n} text{'s' if n != 1 else ''}" + (f" ({which[group]})" if (which or {}).get(group) else "")
+        lines.append(f"{title:13s} K/V change over {texts}: mean {part['mean']:.3g}, max {part['max']:.3g} ({worst})")
     return lines

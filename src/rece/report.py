@@ -15,7 +15,7 @@ from PIL import Image
 from .edit_file import read_edit_metadata
 from .errors import ReceError
 from .io import atomic_file, check_output_path
-from .metrics.table import results_rows
+from .metrics.table import format_value, results_rows
 from .pictures import html_page, html_table, png_data_uri
 from .provenance import file_sha256
 from .runs import ATTACK_FORMAT, IMAGES, MANIFEST, METRICS_JSON, PROMPTS, image_files, image_set_digest, read_prompts
@@ -29,7 +29,10 @@ EDIT_KEYS = ("preset", "target", "preserve", "epochs", "regularization", "regula
 REPORT_STYLE = """
 .runs td, .runs th { vertical-align: top; text-align: left; }
 .runs td:first-child { white-space: nowrap; }
-.runs td { overflow-wrap: anywhere; }  /* a long preserve list or model path wraps instead of widening the page */
+/* a long preserve list or model path wraps between words, and inside a word only when that word alone is wider than
+   the page; `anywhere` let the table squeeze short columns below a word's width ("derive|d", "98.3|33") */
+.runs td { overflow-wrap: break-word; }
+.settings td:nth-child(2) { overflow-wrap: anywhere; min-width: 8em; }  /* a model path breaks anywhere, not a name */
 .compare th, .compare td { text-align: center; }
 .compare td:first-child { text-align: left; max-width: 260px; font-size: 0.9em; }
 .compare img { width: 192px; height: auto; display: block; margin: auto; }
@@ -114,6 +117,42 @@ def current_metrics(path: Path, metrics: dict, digest: str) -> dict:
     return out
 
 
+def prompt_set_key(run: ReportRun) -> tuple | None:
+    """What a run's image names index: its prompt set's checksum, else (an attack of the edit's concepts) the attacked
+    concepts; None when the manifest records neither."""
+    settings = run.manifest.get("settings") or {}
+    checksum = settings.get("prompts_sha256") or (run.manifest.get("prompts") or {}).get("sha256")
+    if checksum:
+        return ("prompts", checksum)
+    concepts = settings.get("concepts") or (run.manifest.get("attack") or {}).get("concepts")
+    return ("concepts", tuple(concepts)) if concepts else None
+
+
+def prompt_set_name(run: ReportRun) -> str:
+    """The prompt set of a run as the page names it."""
+    key = prompt_set_key(run)
+    if key is None:
+        return "an unrecorded prompt set"
+    if key[0] == "concepts":
+        return "the concepts " + ", ".join(f"'{c}'" for c in key[1])
+    return f"prompt set {(run.manifest.get('prompts') or {}).get('source') or key[1][:12]}"
+
+
+def prompt_set_groups(runs: Sequence[ReportRun]) -> list[list[ReportRun]]:
+    """The runs grouped by prompt set, in the order given; a warning when there is more than one, since images of
+    different sets share file names ("0_0.png") without sharing prompts and seeds."""
+    groups: dict[tuple | None, list[ReportRun]] = {}
+    for run in runs:
+        groups.setdefault(prompt_set_key(run), []).append(run)
+    if len(groups) > 1:
+        sets = "; ".join(f"{', '.join(r.name for r in g)}: {prompt_set_name(g[0])}" for g in groups.values())
+        warnings.warn(
+            f"the runs use {len(groups)} different prompt sets ({sets}); their images are compared only within each set",
+            stacklevel=2,
+        )
+    return list(groups.values())
+
+
 def common_images(runs: Sequence[ReportRun]) -> list[str]:
     """Image file names every run has (same prompt and seed), in the first run's natural order."""
     shared = set.intersection(*(set(r.images) for r in runs))
@@ -135,7 +174,7 @@ def metrics_section(runs: Sequence[ReportRun]) -> str:
     if not any(r.metrics for r in runs):
         return "<h2>Metrics</h2><p>No run has a metrics.json yet; measure them with <code>rece evaluate RUN_DIR ...</code>.</p>"
     header, rows = results_rows({r.name: r.metrics for r in runs})
-    rows = [[("-" if v is None else v) for v in row] for row in rows]
+    rows = [[row[0]] + [format_value(v, title) for v, title in zip(row[1:], header[1:])] for row in rows]
     return "<h2>Metrics</h2>" + html_table(rows, header)
 
 
@@ -167,7 +206,7 @@ def describe_edits(manifest: dict) -> str:
     lines = []
     for entry in edits:
         config = _edit_config(entry)
-        params = ", ".join(f"{k} {_param(config[k])}" for k in EDIT_KEYS if k in config)
+        params = ", ".join(f"{k} {_param(config[k])}" for k in EDIT_KEYS if config.get(k) is not None)
         concepts = ", ".join(entry.get("concepts") or []) or "?"
         lines.append(f"{entry.get('method', '?')}: {concepts}" + (f" ({params})" if params else ""))
     return "\n".join(lines)
@@ -186,7 +225,7 @@ def edits_section(runs: Sequence[ReportRun]) -> str:
         (r.name, (r.manifest.get("model") or {}).get("source", "?"), describe_edits(r.manifest), describe_sampling(r.manifest))
         for r in runs
     ]
-    table = html_table(rows, ["run", "model", "edits", "sampling"]).replace("<table>", "<table class='runs'>", 1)
+    table = html_table(rows, ["run", "model", "edits", "sampling"]).replace("<table>", "<table class='runs settings'>", 1)
     return "<h2>Edits and settings</h2>" + table.replace("\n", "<br>")
 
 
@@ -211,13 +250,15 @@ def _row_label(runs: Sequence[ReportRun], name: str) -> str:
     )
 
 
-def images_section(runs: Sequence[ReportRun], names: Sequence[str], max_images: int) -> str:
+def images_section(runs: Sequence[ReportRun], names: Sequence[str], max_images: int, title: str = "<h2>Images</h2>") -> str:
     """Same prompt and seed side by side: one row per image file name, one column per run."""
     shown = names[:max_images]
     head = "<tr><th>prompt / image</th>" + "".join(f"<th>{html.escape(r.name)}</th>" for r in runs) + "</tr>"
     body = "".join("<tr>" + _row_label(runs, n) + "".join(_image_cell(r, n) for r in runs) + "</tr>" for n in shown)
     note = f"{len(shown)} of the {len(names)} images the runs have in common (same file name: same prompt and seed)."
-    return f"<h2>Images</h2><p>{note}</p><table class='compare'><thead>{head}</thead><tbody>{body}</tbody></table>"
+    if len(runs) == 1:
+        note = f"{len(shown)} of the run's {len(names)} images."
+    return f"{title}<p>{note}</p><table class='compare'><thead>{head}</thead><tbody>{body}</tbody></table>"
 
 
 def is_attack_run(run: ReportRun) -> bool:
@@ -231,7 +272,7 @@ def attack_row(run: ReportRun) -> list:
     asr = (run.metrics.get("asr") or {}).get("summary", {})
     methods = ", ".join(e.get("method", "?") for e in run.manifest.get("edits") or []) or "none (original model)"
     params = attack.get("parameters") or {}
-    shown = ", ".join(f"{k} {_param(v)}" for k, v in params.items() if not isinstance(v, (dict, list)))
+    shown = ", ".join(f"{k} {_param(v)}" for k, v in params.items() if v is not None and not isinstance(v, (dict, list)))
     return [
         run.name,
         attack.get("name", "none (prompts)"),
@@ -239,8 +280,8 @@ def attack_row(run: ReportRun) -> list:
         ", ".join(attack.get("concepts") or []) or "-",
         shown or "-",
         attack.get("detector") or (run.metrics.get("asr") or {}).get("params", {}).get("detector") or "-",
-        "-" if asr.get("asr %") is None else asr["asr %"],
-        "-" if asr.get("prompt asr %") is None else asr["prompt asr %"],
+        format_value(asr.get("asr %"), "asr %"),
+        format_value(asr.get("prompt asr %"), "prompt asr %"),
     ]
 
 
@@ -256,13 +297,33 @@ def attacks_section(runs: Sequence[ReportRun]) -> str:
     return "<h2>Attacks</h2>" + note + html_table(rows, header).replace("<table>", "<table class='runs'>", 1)
 
 
-def gallery_section(runs: Sequence[ReportRun], max_images: int) -> str:
+def gallery_section(runs: Sequence[ReportRun], max_images: int, title: str = "<h2>Images</h2>") -> str:
     """Each run's first images in its own row, for attack runs whose cases differ (no file names in common)."""
     body = "".join(
         f"<tr><td>{html.escape(r.name)}</td>" + "".join(_image_cell(r, n) for n in r.images[:max_images]) + "</tr>" for r in runs
     )
     note = "The runs attack different cases, so their images are shown per run (first images of each)."
-    return f"<h2>Images</h2><p>{note}</p><table class='compare'><tbody>{body}</tbody></table>"
+    return f"{title}<p>{note}</p><table class='compare'><tbody>{body}</tbody></table>"
+
+
+def group_images(runs: Sequence[ReportRun], max_images: int, title: str) -> str:
+    """The images of runs of one prompt set: side by side by file name, or per run for attacks of different cases."""
+    shared = set.intersection(*(set(r.images) for r in runs))
+    if not shared and all(is_attack_run(r) and r.images for r in runs):
+        return gallery_section(runs, max_images, title)
+    return images_section(runs, common_images(runs), max_images, title)
+
+
+def all_images_section(runs: Sequence[ReportRun], max_images: int) -> str:
+    """The images section: one part per prompt set (images are paired only within a set)."""
+    groups = prompt_set_groups(runs)
+    if len(groups) == 1:
+        return group_images(runs, max_images, "<h2>Images</h2>")
+    parts = [
+        group_images(g, max_images, f"<h3>{html.escape(', '.join(r.name for r in g))}: {html.escape(prompt_set_name(g[0]))}</h3>")
+        for g in groups
+    ]
+    return "<h2>Images</h2><p>The runs use different prompt sets: images are compared within each set.</p>" + "".join(parts)
 
 
 def manifests_section(runs: Sequence[ReportRun]) -> str:
@@ -309,11 +370,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], max_images: int = REPORT
     if not paths:
         return html_page("rece report: sweep " + ", ".join(p.name for p in sweeps), sections, style=REPORT_STYLE)
     runs = [load_report_run(p, n) for p, n in zip(paths, run_labels(paths))]
-    shared = set.intersection(*(set(r.images) for r in runs))
-    if not shared and all(is_attack_run(r) and r.images for r in runs):
-        images = gallery_section(runs, max_images)
-    else:
-        images = images_section(runs, common_images(runs), max_images)
+    images = all_images_section(runs, max_images)
     title = "rece report: " + " vs ".join(r.name for r in runs)
     sections += [metrics_section(runs), attacks_section(runs), edits_section(runs), images, manifests_section(runs)]
     return html_page(title, sections, style=REPORT_STYLE)

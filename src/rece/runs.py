@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReceError
-from .io import atomic_file, process_running, stale_temporary
+from .io import atomic_file, check_folder_parent, make_parent, process_running, stale_temporary
 from .provenance import file_sha256
 
 IMAGES = "images"
@@ -208,11 +208,9 @@ def edit_record(path: Path, edit, allow_other_base: bool) -> dict:
 
 # -- opening a run folder ----------------------------------------------------------------------------
 def check_output_folder(output: str | os.PathLike) -> Path:
-    """RUN_DIR as a Path after checking that its parent exists and that it is not a file."""
+    """RUN_DIR as a Path after checking that it is not a file, nor inside one (missing parents are created later)."""
     path = Path(output)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise ReceError(f"output folder '{parent}' does not exist; create it first or choose another -o path")
+    check_folder_parent(path)
     if path.exists() and not path.is_dir():
         raise ReceError(f"output '{path}' is a file; -o names a run folder, choose another path")
     return path
@@ -280,7 +278,7 @@ def run_folder_lock(output: Path) -> Iterator[None]:
     if os.environ.get(LOCK_ENV) == str(output.resolve()):
         yield
         return
-    lock = (output.parent if str(output.parent) else Path(".")) / f".{output.name}.rece-lock"
+    lock = make_parent(output) / f".{output.name}.rece-lock"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -233,7 +233,7 @@ def plan_sweep(
     else:
         prompts, preserve_prompts = resolve_prompt_set(prompts), resolve_prompt_set(preserve_prompts)
     output = check_output_folder(output)
-    output.mkdir(exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     if prompts is None or preserve_prompts is None:
         prompts, preserve_prompts = default_prompt_sets(model, concept, output)
     steps, guidance = default_sampling(str(model), o.steps, o.guidance)

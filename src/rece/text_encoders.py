@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .console import quiet_loading
 from .errors import ReceError
 from .weights import safetensors_files
 
@@ -24,7 +25,8 @@ def load_text_encoder(folder: Path, sub: str, class_name: str, classes: tuple[st
         variant = "fp16"
     encoder = mapped_text_encoder(folder / sub, cls, variant)
     if encoder is None:
-        encoder = cls.from_pretrained(folder / sub, dtype=torch.float32, variant=variant, local_files_only=True)
+        with quiet_loading():
+            encoder = cls.from_pretrained(folder / sub, dtype=torch.float32, variant=variant, local_files_only=True)
     return encoder.to(device).eval()
 
 

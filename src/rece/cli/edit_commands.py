@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..config import PRESETS, EraseConfig
-from ..io import check_not_input, check_output_path, read_prompt_file
+from ..io import check_not_input, check_output_path, disk_full_reported, read_prompt_file
 from ..options import add_options, finite_float, option_values
 
 MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit' or 'tiny'"
@@ -98,7 +98,8 @@ def cmd_apply(args) -> int:
     single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
     check_not_input(Path(args.output), [args.model, *args.edit, args.config])
     if single:
-        out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
+        with disk_full_reported(args.output, lambda: os.path.getsize(args.model)):  # the output is the input's size
+            out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
         concepts = ", ".join(c for e in edits for c in e.concepts)
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
         return 0
@@ -110,7 +111,12 @@ def cmd_apply(args) -> int:
 
 def cmd_info(args) -> int:
     from ..edit import load_edit
+    from ..lora_file import describe_lora, lora_info
 
+    lora = lora_info(args.edit) if os.path.isfile(args.edit) else None  # rece's LoRA files too
+    if lora is not None:
+        print(json.dumps(lora, indent=2) if args.json else describe_lora(lora))
+        return 0
     edit = load_edit(args.edit)
     if args.json:
         print(json.dumps(edit.metadata, indent=2))
@@ -186,7 +192,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("info", help="show what an edit file contains")
+    p = sub.add_parser("info", help="show what an edit file (or a LoRA written by rece lora) contains")
     p.add_argument("edit")
     p.add_argument("--json", action="store_true", help="print the full metadata as JSON")
     p.set_defaults(func=cmd_info)

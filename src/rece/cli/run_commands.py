@@ -62,7 +62,7 @@ def add_attack_parameters(p: argparse.ArgumentParser) -> None:
 
 def cmd_attack(args) -> int:
     from ..attacks import ATTACKS, residual_table, run_attack
-    from ..runs import IMAGES, finished_images
+    from ..runs import IMAGES, finished_images, read_manifest
 
     parameters = {}
     for entry in ATTACKS.values():
@@ -79,7 +79,9 @@ def cmd_attack(args) -> int:
     done = len(finished_images(out / IMAGES))
     seconds = time.perf_counter() - start
     print(f"{done} images in {out / IMAGES}; adversarial.safetensors, prompts.csv, manifest.json in {out} ({seconds:.1f} s)")
-    print(f"score it with: rece evaluate {out}")
+    detector = (read_manifest(out).get("attack") or {}).get("detector")
+    # without a detector the concepts imply, `rece evaluate` needs one named: print the command that works
+    print(f"score it with: rece evaluate {out}" + ("" if detector else " --detector DETECTOR (shapes, nudenet or classify)"))
     return 0
 
 

@@ -28,14 +28,17 @@ def results_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[l
 def results_table(results: dict[str, dict[str, dict]]) -> str:
     """A plain-text table: one row per run, one column per summary value of each metric (as the paper's tables read)."""
     header, rows = results_rows(results)
-    lines = [[row[0]] + [_cell(v) for v in row[1:]] for row in rows]
+    lines = [[row[0]] + [format_value(v, title) for v, title in zip(row[1:], header[1:])] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     fmt = lambda row: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths)))  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
-def _cell(value) -> str:
-    """A table cell: floats with 2 decimals, missing as '-'."""
+def format_value(value, title: str = "") -> str:
+    """A summary value as every table shows it (terminal and page alike): a percentage (a column titled '... %') with
+    2 decimals, any other float with 3 (an LPIPS of 0.123), missing as '-'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.2f}" if title.endswith("%") else f"{value:.3f}"
+    return str(value)

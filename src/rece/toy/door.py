@@ -60,6 +60,11 @@ def is_world_concept(concept: str) -> bool:
     return concept in SHAPES or concept in COLORS
 
 
+def names_world_concept(text: str) -> bool:
+    """Whether a text is a shape or colour, or one of the short prompts a recipe erases with it ("a red triangle")."""
+    return any(text in concept_prompts(c) for c in world_concepts())
+
+
 def world_concepts() -> tuple[str, ...]:
     """Every shape and colour of the world."""
     return SHAPES + tuple(COLORS)

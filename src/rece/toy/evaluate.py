@@ -81,8 +81,11 @@ def accuracy(images: np.ndarray, shapes: Sequence[str], colors: Sequence[str]) -
 def erasure_metrics(images: np.ndarray, shapes: Sequence[str], colors: Sequence[str], concept: str) -> dict:
     """What an erasure of `concept` (a shape or a colour) shows in images of the grid prompts.
 
-    erased_rate: share of images for prompts naming the concept that show it; other_shape_accuracy and
-    color_accuracy: detector accuracy on the prompts that do not name it.
+    erased_rate: share of the images of prompts naming the concept that show it; other_shape_accuracy and
+    color_accuracy: detector accuracy on the prompts that do not name it; erased_colours (a shape erased) or
+    erased_shapes (a colour erased): how often the images of prompts naming the concept still show the prompt's
+    other attribute ("a blue triangle" drawn blue), a figure of its own so that color_accuracy never hides it.
+    erased_images and other_images: how many images each figure counts.
     """
     dets = [detect(img) for img in images]
     shapes, colors = np.array(shapes), np.array(colors)
@@ -90,9 +93,13 @@ def erasure_metrics(images: np.ndarray, shapes: Sequence[str], colors: Sequence[
     named = (shapes if concept in SHAPES else colors) == concept
     shape_ok = np.array([d.shape == s for d, s in zip(dets, shapes)])
     color_ok = np.array([d.color == c for d, c in zip(dets, colors)])
+    kept_on_erased = ("erased_colours", color_ok) if concept in SHAPES else ("erased_shapes", shape_ok)
     return {
         "erased_rate": float((shown[named] == concept).mean()),
         "other_shape_accuracy": float(shape_ok[~named].mean()),
         "color_accuracy": float(color_ok[~named].mean()),
+        kept_on_erased[0]: float(kept_on_erased[1][named].mean()),
         "images": int(len(images)),
+        "erased_images": int(named.sum()),
+        "other_images": int((~named).sum()),
     }
