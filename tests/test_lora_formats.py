@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from rece.cli import main
 from rece.edit import load_edit
 from rece.errors import ReceError
-from rece.families import FLUX, SANA
-from rece.lora import kohya_modules
+from rece.families import FLUX, SANA, SDXL
+from rece.lora import denoiser_config, kohya_modules
 from rece.models import load_model
 
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -38,6 +38,7 @@ def test_kohya_lora_loads_in_diffusers_and_fuses_to_the_edit(family, edits, tmp_
     lora = tmp_path / "kohya.safetensors"
     code = main(["lora", str(folder), str(edit_path), "--format", "kohya", "--tolerance", "1e-6", "-o", str(lora)])
     assert code == 0, capsys.readouterr().err
+    assert "this is for ComfyUI" not in capsys.readouterr().out  # SD1/SDXL kohya LoRAs load in diffusers too
     state = load_file(lora)
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in state)
     blocks = ("input_blocks", "output_blocks", "middle_block") if family == "sdxl" else ("down_blocks", "up_blocks", "mid_block")
@@ -65,19 +66,20 @@ def test_diff_file_holds_the_exact_change_under_the_kohya_names(family, edits, t
     assert {k.removesuffix(".diff") for k in state} == names and all(v.dtype == torch.float32 for v in state.values())
     edit, base = load_edit(edit_path), load_model(folder)
     new = edit.edited_kv(base.kv)
-    modules = kohya_modules(base.family, list(edit.layers), 1)
+    modules = kohya_modules(base.family, list(edit.layers), denoiser_config(base))
     for name in edit.layers:
         assert _relative(base.kv[name] + state[f"{modules[name]}.diff"], new[name]) <= 1e-6
 
 
 def test_kohya_names_only_where_they_exist(capsys):
-    assert kohya_modules(FLUX, ["context_embedder"], None) == {"context_embedder": "lora_unet_txt_in"}
-    with pytest.raises(ReceError, match="SD1/SD2/SDXL, FLUX.1 and SD3 only"):
-        kohya_modules(SANA, ["transformer_blocks.0.attn2.to_k"], None)
+    assert kohya_modules(FLUX, ["context_embedder"], {}) == {"context_embedder": "lora_unet_txt_in"}
+    with pytest.raises(ReceError, match=r"Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5 only, not Sana"):
+        kohya_modules(SANA, ["transformer_blocks.0.attn2.to_k"], {})
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # level 1, attention 0: input block 1·3 + 0 + 1
+    assert kohya_modules(SDXL, [layer], {"layers_per_block": [2, 2]}) == {layer: sgm}
     with pytest.raises(ReceError, match="different numbers of layers"):
-        from rece.families import SDXL
-
-        kohya_modules(SDXL, ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"], None)
+        kohya_modules(SDXL, [layer], {"layers_per_block": [2, 1]})
 
 
 def test_lora_from_the_base_on_a_fine_tune(sd_path, edits, tmp_path):

@@ -20,7 +20,7 @@ from . import apply as applying
 from .edit_file import FORMAT, FORMAT_VERSION, edit_tensors, read_edit_file, write_edit_file
 from .edit_summary import summarize
 from .errors import ReceError
-from .lora import LORA_FORMATS, kohya_modules, kohya_state, lora_state, save_lora, unet_layers_per_block
+from .lora import LORA_FORMATS, denoiser_config, kohya_modules, kohya_state, lora_state, save_lora
 from .models import BaseModel, load_model
 from .provenance import library_versions, utc_now
 from .weights import kv_fingerprint
@@ -90,6 +90,11 @@ class Edit:
     @property
     def layers(self) -> list[str]:
         return self.metadata["edited_layers"]
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """The T5 rows per prompt the erasure covered (FLUX, SD3), the one to draw with first; [] for other families."""
+        return list(self.metadata.get("sequence_lengths") or [])
 
     @property
     def base_fingerprint(self) -> str:
@@ -187,8 +192,7 @@ class Edit:
         if format == "diffusers":
             state, rank = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
         else:
-            per_block = unet_layers_per_block(base) if base.family.kohya_names == "ldm" else None
-            modules = kohya_modules(base.family, list(self.layers), per_block)
+            modules = kohya_modules(base.family, list(self.layers), denoiser_config(base))
             state, rank = kohya_state(deltas, base.kv, modules, format, tolerance, max_rank)
         if path is not None:
             save_lora(path, state, rank, tolerance, self.metadata, format)

@@ -17,8 +17,8 @@ import torch
 
 from .edit_file import METADATA_KEY
 from .errors import ReceError
+from .families import titles_where
 from .io import atomic_file
-from .ldm_names import kohya_name, ldm_name
 
 LORA_FORMATS = ("diffusers", "kohya", "diff")
 
@@ -60,32 +60,22 @@ def lora_state(
     return state, rank
 
 
-def kohya_modules(family, layers: list[str], layers_per_block: int | None) -> dict[str, str]:
-    """The kohya name of each edited layer (`lora_unet_…`), in the naming the family's kohya LoRAs use."""
-    if family.kohya_names is None:
+def kohya_modules(family, layers: list[str], denoiser_config: dict) -> dict[str, str]:
+    """The kohya name of each edited layer (`lora_unet_…`), as the family's kohya LoRAs name it."""
+    if not family.has_kohya_names():
         raise ReceError(
-            f"kohya LoRA names exist here for SD1/SD2/SDXL, FLUX.1 and SD3 only, not {family.name}; use --format diffusers "
+            f"kohya LoRA names exist for {titles_where('has_kohya_names')} only, not {family.title}; use --format diffusers "
             "(the pipeline's load_lora_weights reads it)"
         )
-    if family.kohya_names == "diffusers":
-        return {n: kohya_name(n) for n in layers}
-    if family.kohya_names == "original":
-        return {n: kohya_name(dict(family.original_names)[n]) for n in layers}
-    if layers_per_block is None:
-        raise ReceError("this UNet's blocks have different numbers of layers; kohya's SGM names cannot address them")
-    return {n: kohya_name(ldm_name(n, layers_per_block)) for n in layers}
+    return family.kohya_modules(layers, denoiser_config)
 
 
-def unet_layers_per_block(base) -> int | None:
-    """layers_per_block of a base model's UNet (None when its blocks differ), from the pipeline or the folder's config."""
+def denoiser_config(base) -> dict:
+    """The config of a base model's denoiser, from the pipeline or the folder."""
     if base.pipeline is not None:
-        config = dict(getattr(base.pipeline, base.family.denoiser).config)
-    else:
-        config = json.loads((base.folder / base.family.denoiser / "config.json").read_text())
-    value = config.get("layers_per_block", 2)
-    if isinstance(value, (list, tuple)):
-        return value[0] if len(set(value)) == 1 else None
-    return value
+        return dict(getattr(base.pipeline, base.family.denoiser).config)
+    path = base.folder / base.family.denoiser / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def kohya_state(

@@ -152,7 +152,7 @@ def cmd_lora(args) -> int:
         return 0
     rank = next(v for k, v in state.items() if "lora_A" in k or "lora_down" in k).shape[0]
     print(f"wrote LoRA {args.output}: rank {rank}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
-    if args.format == "kohya" and edit.kind in ("flux", "flux-schnell", "sd3"):
+    if args.format == "kohya" and base.family.kohya_comfyui_only:
         print("note: this is for ComfyUI; with diffusers use the default --format diffusers (load_lora_weights)")
     shapes = [edit.metadata["base"]["shapes"][n] for n in edit.layers]
     if args.format == "kohya" and rank * sum(o + i for o, i in shapes) >= sum(o * i for o, i in shapes):
@@ -202,7 +202,7 @@ def add_parsers(sub) -> None:
         choices=("diffusers", "kohya", "diff"),
         default="diffusers",
         help="diffusers: PEFT keys for pipe.load_lora_weights (default); kohya: lora_unet_* keys for ComfyUI, "
-        "Automatic1111, Forge (SD1/SD2/SDXL); diff: kohya-named exact full differences",
+        "Automatic1111, Forge; diff: kohya-named exact full differences",
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
