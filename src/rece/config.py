@@ -22,6 +22,7 @@ PRESETS: dict[str, dict] = {
     "object-hard": {"regularization": 1e-3, "epochs": 1},
 }
 METHODS = ("rece", "uce", "robust")
+LORA_TOLERANCE = 1e-4  # `rece lora`'s default: each fused weight equals the applied edit to this relative error
 MAX_PARAMETER = 1e12  # the largest scale, λ or r rece accepts
 # robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
 ROBUST_TEMPLATES = (
