@@ -35,8 +35,9 @@ def fused_lora_weights(pipe, path, state: dict, layers) -> dict:
         return {n: modules[n].base_layer.weight if hasattr(modules[n], "base_layer") else modules[n].weight for n in layers}
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    rank = next(iter(state.values())).shape[0]
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layers)), pipe.transformer)
+    ranks = {k.removeprefix("transformer.").removesuffix(".lora_A.weight"): v.shape[0] for k, v in state.items() if "lora_A" in k}
+    config = LoraConfig(r=max(ranks.values()), target_modules=list(ranks), rank_pattern=ranks, alpha_pattern=ranks)
+    inject_adapter_in_model(config, pipe.transformer)  # each layer its own rank (exact layers: full), at scale 1
     set_peft_model_state_dict(pipe.transformer, {k.removeprefix("transformer."): v for k, v in state.items()})
     modules = dict(pipe.transformer.named_modules())
     for name in layers:

@@ -74,7 +74,9 @@ def test_ring_a_bell_runs_on_sd_sd3_and_flux_and_refuses_the_rest(folder, tmp_pa
                population=4, generations=2, length=3, pairs=str(pairs))  # fmt: skip
     family = load_model(folder).family.name
     if family not in ("sd", "sd3", "flux"):
-        with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x, SD3 and FLUX.1 pipelines.*derived attack is"):
+        with pytest.raises(
+            ReceError, match="supports Stable Diffusion 1.x/2.x, SD3/SD3.5 and FLUX.1 pipelines.*derived attack is"
+        ):
             run_attack(folder, None, "ring-a-bell", tmp_path / "r", **run)
         assert not (tmp_path / "r").exists()
         return

@@ -18,7 +18,7 @@ from rece.cli import main
 from rece.edit import load_edit
 from rece.edit_file import METADATA_KEY
 from rece.errors import ReceError
-from rece.ldm_names import diffusers_name, layers_per_block_of, ldm_name
+from rece.families.ldm_names import diffusers_name, layers_per_block_of, ldm_name
 from rece.models import load_model
 
 from .ldm_checkpoint import save_ldm_checkpoint, save_sgm_checkpoint

@@ -41,7 +41,7 @@ def test_every_registered_attack_satisfies_the_contract(name):
     assert isinstance(module, Attack)
     assert module.NAME == name and module.Params is ATTACKS[name].Params
     assert contract_signature(module) == contract_signature(Attack)
-    assert module.FAMILIES is None or set(module.FAMILIES) <= {f.name for f in FAMILIES}
+    assert module.FAMILIES is None or all(f in FAMILIES for f in module.FAMILIES)
     assert isinstance(module.NEEDS_PROMPTS, bool) and module.IMAGES_PER_PROMPT >= 1
     params = module.Params()
     assert dataclasses.is_dataclass(params) and isinstance(params, AttackParams)

@@ -1,12 +1,15 @@
 """The model-family seam: each pipeline is recognised as its family, whose layers and encodings rece uses."""
 
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+import rece
 from rece.errors import ReceError
 from rece.families import FAMILIES, family_named, family_of_checkpoint, family_of_index, family_of_pipeline
 from rece.families.sd import SD
@@ -75,3 +78,44 @@ def test_every_family_encodes_as_its_pipeline(sd_path, sdxl_path):
         theirs = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         assert torch.equal(ours, theirs) and ours.shape[-1] == family.dim([e for _, e in parts])
     assert {f.name for f in FAMILIES} == {"sd", "sdxl", "pixart-sigma", "pixart-alpha", "sana", "flux", "sd3"}
+
+
+def family_name_literals(root: Path) -> list[str]:
+    """Every string literal in the modules under `root` outside families/ that is a family's name (or its stem, as in
+    `startswith("flux")`): what a test of a family's name outside its module would be written with."""
+    from rece.families import VARIANTS
+
+    names = set()
+    for family in FAMILIES + VARIANTS:
+        for name in [family.name, *(s.name for s in family.spaces)]:
+            names |= {name, name.split(":")[0], name.split("-")[0]}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "families" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip().lower() in names:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_nothing_outside_the_families_tests_a_family_name(tmp_path):
+    """Each family answers for itself: no module outside families/ compares a family's name (the check is live: a
+    module that does is caught)."""
+    src = Path(rece.__file__).parent
+    assert family_name_literals(src) == []
+    (tmp_path / "lora.py").write_text('def note(edit):\n    return edit.kind in ("flux", "sd3")\n')
+    (tmp_path / "demo.py").write_text('def mmdit(family):\n    return family.name.startswith("pixart")\n')
+    assert family_name_literals(tmp_path) == ["demo.py:2 'pixart'", "lora.py:2 'flux'", "lora.py:2 'sd3'"]
+
+
+def test_titles_and_lists_come_from_the_families():
+    from rece.families import SHOWN, supported, titles, titles_where
+
+    assert supported().startswith("Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline)")
+    assert all(f.title in supported() and f.pipelines[0] in supported() for f in SHOWN)
+    assert titles_where("has_kohya_names") == "Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5"
+    assert titles_where("takes_sequence_length") == "FLUX.1 and SD3/SD3.5"
+    assert titles([SDXL]) == "SDXL"
+    docs = (Path(__file__).parents[1] / "docs" / "families.md").read_text(encoding="utf-8")
+    assert all(f.title in docs for f in SHOWN)

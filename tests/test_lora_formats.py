@@ -11,9 +11,10 @@ from safetensors.torch import load_file, save_file
 from rece.cli import main
 from rece.edit import load_edit
 from rece.errors import ReceError
-from rece.families import FLUX, SANA
-from rece.lora import kohya_modules
+from rece.families import FLUX, SANA, SDXL
+from rece.lora import denoiser_config, kohya_modules, lora_factors, read_lora_record
 from rece.models import load_model
+from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
 
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
@@ -34,25 +35,29 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_kohya_lora_loads_in_diffusers_and_fuses_to_the_edit(family, edits, tmp_path, capsys):
+def test_kohya_lora_loads_in_diffusers_under_its_names(family, edits, tmp_path, capsys):
+    """kohya's names reach the right modules at scale 1 through diffusers' converter (factors only: a rank below
+    every layer's width, since diffusers reads no `.diff` key)."""
     folder, edit_path = edits[family]
     lora = tmp_path / "kohya.safetensors"
-    code = main(["lora", str(folder), str(edit_path), "--format", "kohya", "--tolerance", "1e-6", "-o", str(lora)])
+    code = main(["lora", str(folder), str(edit_path), "--format", "kohya", "--max-rank", "16", "-o", str(lora)])
     assert code == 0, capsys.readouterr().err
+    assert "this is for ComfyUI" not in capsys.readouterr().out  # SD1/SDXL kohya LoRAs load in diffusers too
     state = load_file(lora)
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in state)
     blocks = ("input_blocks", "output_blocks", "middle_block") if family == "sdxl" else ("down_blocks", "up_blocks", "mid_block")
     assert all(any(f"_{b}_" in k for b in blocks) for k in state)  # SGM names for SDXL, diffusers' for SD1
-    assert len({v.item() for k, v in state.items() if k.endswith(".alpha")}) == 1
+    assert {v.item() for k, v in state.items() if k.endswith(".alpha")} == {16.0}
 
-    edit = load_edit(edit_path)
-    expected = edit.apply(PIPELINES[family].from_pretrained(folder, dtype=torch.float32))
+    edit, base = load_edit(edit_path), load_model(folder)
+    modules = kohya_modules(base.family, list(edit.layers), denoiser_config(base))
     pipe = PIPELINES[family].from_pretrained(folder, dtype=torch.float32)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora()
-    modules, want = dict(pipe.unet.named_modules()), dict(expected.unet.named_modules())
+    fused = dict(pipe.unet.named_modules())
     for name in edit.layers:
-        assert _relative(modules[name].weight, want[name].weight) <= 1e-4, name
+        up, down = state[f"{modules[name]}.lora_up.weight"].double(), state[f"{modules[name]}.lora_down.weight"].double()
+        assert _relative(fused[name].weight, base.kv[name].double() + up @ down) <= 1e-6, name
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -61,24 +66,25 @@ def test_diff_file_holds_the_exact_change_under_the_kohya_names(family, edits, t
     kohya, diff = tmp_path / "kohya.safetensors", tmp_path / "diff.safetensors"
     assert main(["lora", str(folder), str(edit_path), "--format", "kohya", "-o", str(kohya)]) == 0
     assert main(["lora", str(folder), str(edit_path), "--format", "diff", "-o", str(diff)]) == 0
-    names = {k.rsplit(".", 2)[0] for k in load_file(kohya) if k.endswith(".lora_down.weight")}
+    names = {k.split(".")[0] for k in load_file(kohya)}  # its factored modules and those it holds as .diff
     state = load_file(diff)
     assert {k.removesuffix(".diff") for k in state} == names and all(v.dtype == torch.float32 for v in state.values())
     edit, base = load_edit(edit_path), load_model(folder)
     new = edit.edited_kv(base.kv)
-    modules = kohya_modules(base.family, list(edit.layers), 1)
+    modules = kohya_modules(base.family, list(edit.layers), denoiser_config(base))
     for name in edit.layers:
         assert _relative(base.kv[name] + state[f"{modules[name]}.diff"], new[name]) <= 1e-6
 
 
 def test_kohya_names_only_where_they_exist(capsys):
-    assert kohya_modules(FLUX, ["context_embedder"], None) == {"context_embedder": "lora_unet_txt_in"}
-    with pytest.raises(ReceError, match="SD1/SD2/SDXL, FLUX.1 and SD3 only"):
-        kohya_modules(SANA, ["transformer_blocks.0.attn2.to_k"], None)
+    assert kohya_modules(FLUX, ["context_embedder"], {}) == {"context_embedder": "lora_unet_txt_in"}
+    with pytest.raises(ReceError, match=r"Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and SD3/SD3.5 only, not Sana"):
+        kohya_modules(SANA, ["transformer_blocks.0.attn2.to_k"], {})
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # level 1, attention 0: input block 1·3 + 0 + 1
+    assert kohya_modules(SDXL, [layer], {"layers_per_block": [2, 2]}) == {layer: sgm}
     with pytest.raises(ReceError, match="different numbers of layers"):
-        from rece.families import SDXL
-
-        kohya_modules(SDXL, ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"], None)
+        kohya_modules(SDXL, [layer], {"layers_per_block": [2, 1]})
 
 
 def test_lora_from_the_base_on_a_fine_tune(sd_path, edits, tmp_path):
@@ -87,7 +93,7 @@ def test_lora_from_the_base_on_a_fine_tune(sd_path, edits, tmp_path):
     _, edit_path = edits["sd"]
     edit = load_edit(edit_path)
     lora = tmp_path / "lora.safetensors"
-    assert main(["lora", str(sd_path), str(edit_path), "--format", "kohya", "--tolerance", "1e-6", "-o", str(lora)]) == 0
+    assert main(["lora", str(sd_path), str(edit_path), "--format", "diffusers", "--tolerance", "1e-6", "-o", str(lora)]) == 0
     errors, predicted = {}, {}
     base = load_model(sd_path)
     for kind, scale in (("other weights", 0.0), ("K/V too", 0.05)):
@@ -146,3 +152,89 @@ def test_info_describes_rece_loras_and_names_other_ones(edits, tmp_path, capsys)
     assert err.count("\n") == 1 and f"is a LoRA that rece did not write ({len(edit.layers)} modules, rank " in err
     assert main(["apply", str(folder), str(files["kohya"]), "-o", str(tmp_path / "out")]) == 2  # a LoRA is not an edit
     assert "is a rece LoRA (kohya), not an edit file" in capsys.readouterr().err
+
+
+BUILDERS = {
+    "pixart": build_tiny_pixart,
+    "sana": build_tiny_sana,
+    "flux": build_tiny_flux,
+    "flux-schnell": lambda path: build_tiny_flux(path, schnell=True),
+    "sd3": build_tiny_sd3,
+}
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", *BUILDERS])
+def family_edit(request, tmp_path_factory):
+    """A folder of each tiny family and an edit erasing 'nudity' from it with the defaults."""
+    root = tmp_path_factory.mktemp("lora-" + request.param)
+    if request.param in BUILDERS:
+        folder = BUILDERS[request.param](root / "model")
+    else:
+        folder = request.getfixturevalue(f"{request.param}_path")
+    path = root / "edit.safetensors"
+    assert main(["erase", str(folder), "-c", "nudity", "-o", str(path)]) == 0
+    return folder, path
+
+
+def fused_weights(state: dict, base, fmt: str, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Each layer's weight with the LoRA file fused as its readers fuse it, in the model's dtype: W + B·A (diffusers),
+    W + alpha/rank · up·down or W + diff (kohya)."""
+    modules = kohya_modules(base.family, layers, denoiser_config(base)) if fmt == "kohya" else {}
+    out = {}
+    for n in layers:
+        w = base.kv[n].double()
+        if fmt == "diffusers":
+            a, b = state[f"{base.family.denoiser}.{n}.lora_A.weight"], state[f"{base.family.denoiser}.{n}.lora_B.weight"]
+            change = b.double() @ a.double()
+        elif f"{modules[n]}.diff" in state:
+            change = state[f"{modules[n]}.diff"].double()
+        else:
+            down, up = state[f"{modules[n]}.lora_down.weight"].double(), state[f"{modules[n]}.lora_up.weight"].double()
+            change = state[f"{modules[n]}.alpha"].item() / down.shape[0] * up @ down
+        out[n] = (w + change).to(base.kv[n].dtype)
+    return out
+
+
+def test_default_lora_equals_the_applied_edit_on_every_family(family_edit, tmp_path, capsys):
+    """`rece lora` with its defaults: every fused weight equals the applied edit to 1e-4 (relative), on every family and
+    in both formats; the layers that need their full width are written exactly, and the command says so."""
+    folder, edit_path = family_edit
+    edit, base = load_edit(edit_path), load_model(folder)
+    applied = edit.edited_kv(base.kv)
+    for fmt in ("diffusers", "kohya") if base.family.has_kohya_names() else ("diffusers",):
+        lora = tmp_path / f"{fmt}.safetensors"
+        assert main(["lora", str(folder), str(edit_path), "--format", fmt, "-o", str(lora)]) == 0
+        printed, state, record = capsys.readouterr().out, load_file(lora), read_lora_record(lora)
+        assert record["tolerance"] == 1e-4
+        for name, w in fused_weights(state, base, fmt, list(edit.layers)).items():
+            assert _relative(w, applied[name]) <= 1e-4, (fmt, name)
+        exact = record["exact_layers"]
+        assert ("exact:" in printed) == bool(exact)
+        for name in exact:  # full width: the exact change, as .diff (kohya) or full-rank factors (diffusers)
+            if fmt == "kohya":
+                assert f"{kohya_modules(base.family, [name], denoiser_config(base))[name]}.diff" in state
+            else:
+                assert state[f"{base.family.denoiser}.{name}.lora_A.weight"].shape[0] == min(base.kv[name].shape)
+
+
+def test_a_layer_that_needs_its_width_is_written_exactly():
+    g = torch.Generator().manual_seed(0)
+    kv = {"a": torch.randn(8, 8, generator=g), "b": torch.randn(64, 32, generator=g)}
+    deltas = {  # a: full rank; b: rank 3
+        "a": 0.1 * torch.randn(8, 8, generator=g, dtype=torch.float64),
+        "b": 0.1 * torch.randn(64, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 32, generator=g, dtype=torch.float64),
+    }
+    factors, rank, exact = lora_factors(deltas, kv, 1e-4, None)
+    assert exact == ["a"] and rank == 3 and factors["a"][0].shape == (8, 8) and factors["b"][0].shape == (3, 32)
+    for n, (a, b) in factors.items():
+        assert _relative(b.double() @ a.double(), deltas[n]) <= 1e-5, n
+    _, rank, exact = lora_factors(deltas, kv, 1e-4, 2)  # capped below a's width: factors for both
+    assert exact == [] and rank == 2
+    _, rank, exact = lora_factors(deltas, kv, 1e-4, 8)  # b's rank 3 ... and a at 8 = its width: exact
+    assert exact == ["a"] and rank == 3
+    # a layer that needs less than its width but is narrower than the shared rank: its full rank, exact, too
+    f64 = dict(generator=g, dtype=torch.float64)
+    wide = 0.1 * torch.randn(64, 6, **f64) @ torch.randn(6, 32, **f64)
+    narrow = 0.1 * torch.randn(4, 1, **f64) @ torch.randn(1, 64, **f64)
+    _, rank, exact = lora_factors({"b": wide, "c": narrow}, {"b": kv["b"], "c": torch.randn(4, 64, generator=g)}, 1e-4, None)
+    assert rank == 6 and exact == ["c"]

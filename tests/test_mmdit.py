@@ -8,13 +8,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from safetensors.torch import load_file
 
 import rece
 from rece import closed_form as cf
+from rece.attacks import run_attack
 from rece.cli import main
 from rece.families.flux import FLUX
 from rece.families.sd3 import SD3
 from rece.models import load_model
+from rece.runs import read_manifest
 from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
 
 from .family_checks import assert_cli_erase_info_apply, assert_only_edited_layers_change, built_case, cli, fused_lora_weights
@@ -150,7 +153,7 @@ def test_robust_mode_leaves_no_embedding_that_brings_the_concept_back(flux):
 
 
 def test_flux_schnell_is_told_apart_by_its_transformer(tmp_path, capsys):
-    """FLUX.1 [schnell] has no guidance embeddings: 256 T5 rows (what it is run with), 4 steps, guidance 0."""
+    """FLUX.1 [schnell] has no guidance embeddings: drawn with 256 T5 rows (its model card's), 4 steps, guidance 0."""
     from rece.families import family_named
 
     path = build_tiny_flux(tmp_path / "schnell", schnell=True)
@@ -165,7 +168,56 @@ def test_flux_schnell_is_told_apart_by_its_transformer(tmp_path, capsys):
     args = ["generate", path, "--prompts", tmp_path / "p.csv", "-o", tmp_path / "run", "--height", "32", "--width", "32"]
     assert main([str(a) for a in args]) == 0, capsys.readouterr().err
     settings = json.loads((tmp_path / "run" / "manifest.json").read_text())["settings"]
-    assert (settings["steps"], settings["guidance"]) == (4, 0.0)
+    assert (settings["steps"], settings["guidance"], settings["max_sequence_length"]) == (4, 0.0, 256)
+
+
+def test_flux_schnell_is_erased_at_both_lengths_it_is_run_with(tmp_path, capsys):
+    """FluxPipeline.__call__ encodes 512 T5 rows unless told (schnell's model card passes 256), and T5 masks no padding,
+    so a prompt's rows differ with the length: schnell is erased with both lengths' rows as erase / preserve pairs,
+    the edit records them, `rece info` shows them, and generate and the attacks draw with the edit's first."""
+    run = cli(capsys)
+    path = build_tiny_flux(tmp_path / "schnell", schnell=True)
+    base = load_model(path)
+    context = base.spaces[0]
+    pipe = FluxPipeline.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():  # the pipeline's own rows at its default length are the ones rece reads at 512
+        assert torch.equal(context.encoder.at_length(512).encode(PROMPTS), pipe.encode_prompt(PROMPTS, prompt_2=None)[0].double())
+
+    def residual(edit, length):
+        """How far the concept's rows (from its last word on) at `length` land from the target's, edited vs original."""
+        encoder, new = context.encoder.at_length(length), edit.edited_kv(base.kv)["context_embedder"].double()
+        (c, t), (n_c, n_t) = encoder.encode(["nudity", " "]), encoder.token_counts(["nudity", " "])
+        rows, target = cf.uce_token_rows(c, n_c, t, n_t)
+        return cf.relative_residual([new], [context.kv["context_embedder"].double()], rows, target)
+
+    exact = dict(method="uce", uce_lamb=1e-4, preserve_empty=False)  # nothing preserved: the erased rows are fit
+    both, short = rece.erase(base, ["nudity"], **exact), rece.erase(base, ["nudity"], max_sequence_length=256, **exact)
+    assert both.sequence_lengths == [256, 512] and short.sequence_lengths == [256]
+    assert residual(both, 256) < 1e-3 and residual(both, 512) < 1e-3
+    assert residual(short, 512) > 10 * residual(both, 512)  # erased at 256 alone, the 512 rows keep the concept
+
+    (tmp_path / "p.csv").write_text("prompt,evaluation_seed\na red cat,1\n")
+    for length, lengths in ((None, "256 and 512"), (512, "512")):
+        edit = tmp_path / f"edit-{length}.safetensors"
+        run("erase", path, "-c", "nudity", "-o", edit, *(["--max-sequence-length", length] if length else []))
+        assert f"T5 rows       erased at {lengths} per prompt; rece draws with {length or 256}" in run("info", edit)
+        out = tmp_path / f"run-{length}"
+        run("generate", path, "--edit", edit, "--prompts", tmp_path / "p.csv", "-o", out, "--height", "32", "--width", "32")
+        assert json.loads((out / "manifest.json").read_text())["settings"]["max_sequence_length"] == (length or 256)
+    attack = run_attack(
+        path, tmp_path / "edit-512.safetensors", "derived", tmp_path / "attack", images_per_prompt=1, progress=False
+    )
+    sampler = read_manifest(attack)["sampler"]
+    assert load_file(attack / "adversarial.safetensors")["embeds.0"].shape[0] == 512  # c′ at the edit's length
+    assert (sampler["steps"], sampler["guidance"]) == (4, 0.0)  # schnell's sampling, not SD's 50 / 7.5
+
+
+def test_max_sequence_length_only_where_rows_depend_on_it(sd_path, capsys):
+    out = cli(capsys)(
+        "erase", sd_path, "-c", "cat", "-o", sd_path.parent / "x.safetensors", "--max-sequence-length", "77", code=2
+    )
+    assert "--max-sequence-length applies to FLUX.1 and SD3/SD3.5" in out and len(out.strip().splitlines()) == 1
+    assert not (sd_path.parent / "x.safetensors").exists()
 
 
 def test_sd3_without_t5(tmp_path, capsys):

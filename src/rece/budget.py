@@ -49,7 +49,8 @@ def check_memory(base, config) -> None:
     others = 3 + len(config.preserve) + len(config.check) + (1 if config.preserve_empty else 0)
     if config.method == "robust" and config.templates:
         others += len(ROBUST_TEMPLATES) * (len(config.concepts) + 1)  # each concept in each template, and alone
-    need = sum(erase_bytes(len(config.concepts), others, v.encoder.max_length, v.dim, config.epochs) for v in base.views)
+    rows = [max(v.encoder.max_length, sum(v.family.erase_lengths(config.max_sequence_length))) for v in base.views]
+    need = sum(erase_bytes(len(config.concepts), others, n, v.dim, config.epochs) for n, v in zip(rows, base.views))
     free = available_bytes(base.encoder.device)
     limit = os.environ.get("RECE_MEMORY_LIMIT")  # bytes; lets a user (and the tests) set the budget
     if limit:

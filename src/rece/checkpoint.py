@@ -20,9 +20,8 @@ import torch
 from .apply import composed_weights
 from .edit_file import METADATA_KEY
 from .errors import ReceError
-from .families import family_of_checkpoint
+from .families import family_of_checkpoint, titles_where
 from .io import atomic_file, check_output_path
-from .ldm_names import UNET_PREFIX, diffusers_name, layers_per_block_of
 
 BLOCK = 16 * 2**20  # bytes copied at a time
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -99,25 +98,6 @@ def write_replaced(src: Path, out: Path, replacements: dict[str, torch.Tensor], 
     return out
 
 
-def original_keys(header: dict, family) -> dict[str, str]:
-    """The checkpoint key of each edited layer's weight, by diffusers module name: through the original UNet's block
-    names (SD1/SD2/SDXL) or the family's table of its single files' names, bare or under a prefix."""
-    keys = {}
-    if family.original_unet:
-        per_block = layers_per_block_of(header)
-        for key in header:
-            if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
-                name = diffusers_name(key[len(UNET_PREFIX) : -len(".weight")], per_block)
-                if name is not None and family.is_edited_weight(name + ".weight"):
-                    keys[name] = key
-        return keys
-    for name, original in family.original_names:
-        found = [k for k in header if k == f"{original}.weight" or k.endswith(f".{original}.weight")]
-        if len(found) == 1:
-            keys[name] = found[0]
-    return keys
-
-
 def checkpoint_kv(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The edited layers' weights of a single-file checkpoint, by diffusers module name (float32, as rece reads the
     checkpoint through diffusers), and each one's key in the file; only those tensors are read."""
@@ -125,11 +105,12 @@ def checkpoint_kv(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     header, _ = read_header(path)
     family = family_of_checkpoint(path)
-    if not (family.original_unet or family.original_names):
-        raise ReceError(f"rece rewrites single-file checkpoints of SD1/SD2/SDXL, FLUX.1 and SD3 only; '{path}' is {family.name}")
-    keys = original_keys(header, family)
-    if not keys or (family.original_names and len(keys) < len(family.original_names)):
-        raise ReceError(f"'{path}' lacks the {family.edited_title} layers of a {family.name} checkpoint; it is not one")
+    if not family.has_single_files():
+        families = titles_where("has_single_files")
+        raise ReceError(f"rece rewrites single-file checkpoints of {families} only; '{path}' is {family.title}")
+    keys = family.original_keys(header)
+    if not keys:
+        raise ReceError(f"'{path}' lacks the {family.edited_title} layers of a {family.title} checkpoint; it is not one")
     with safe_open(str(path), framework="pt") as f:
         kv = {n: f.get_tensor(k).to(torch.float32) for n, k in sorted(keys.items())}
     return kv, keys

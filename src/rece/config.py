@@ -22,6 +22,7 @@ PRESETS: dict[str, dict] = {
     "object-hard": {"regularization": 1e-3, "epochs": 1},
 }
 METHODS = ("rece", "uce", "robust")
+LORA_TOLERANCE = 1e-4  # `rece lora`'s default: each fused weight equals the applied edit to this relative error
 MAX_PARAMETER = 1e12  # the largest scale, λ or r rece accepts
 # robust mode: contexts around each concept for estimating its directions (the concept comes last, as in UCE's slice)
 ROBUST_TEMPLATES = (
@@ -67,6 +68,11 @@ class EraseConfig:
     templates: bool = option(True, "robust: estimate from the given texts only, not also from built-in templates")
     projection: str = option("keys", "robust: keys (K/V output directions), oblique or orthogonal")
     tradeoff: float = option(5.0, "robust keys: weight of preserved energy")
+    max_sequence_length: int | None = option(
+        None,
+        "FLUX/SD3: erase at this many T5 rows per prompt only (default: each length the model is run with; "
+        "FLUX.1 [schnell]: 256 and 512)",
+    )
 
     @classmethod
     def create(cls, concepts=None, preset: str | None = None, **overrides) -> EraseConfig:
@@ -111,6 +117,9 @@ class EraseConfig:
             raise ReceError(f"unknown projection '{self.projection}'; choose keys, oblique or orthogonal")
         if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
             raise ReceError("--method robust edits every K/V layer with one shared transform; drop --technique and --layers")
+        length = self.max_sequence_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ReceError(f"max sequence length must be a whole number >= 1, got {length!r}; fix --max-sequence-length")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ReceError(f"epochs must be a whole number >= 0, got {self.epochs!r}; pass --epochs 0 or more")
         for f in fields(self):

@@ -44,8 +44,8 @@ def _check_options(concept: str, per_combo: int, steps: int, guidance: float | N
 
 
 def recipe_model(pipe) -> str:
-    """Which shapes model's recipe erases from `pipe`: shapes-mmdit's for an SD3 pipeline (a retrained one too)."""
-    return door.MMDIT if family_of_pipeline(pipe).name == "sd3" else door.NAME
+    """Which shapes model's recipe erases from `pipe`: shapes-mmdit's for an MMDiT (two spaces; a retrained one too)."""
+    return door.MMDIT if family_of_pipeline(pipe).spaces else door.NAME
 
 
 def measure_demo(

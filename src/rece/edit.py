@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from . import apply as applying
+from .config import LORA_TOLERANCE
 from .edit_file import FORMAT, FORMAT_VERSION, edit_tensors, read_edit_file, write_edit_file
 from .edit_summary import summarize
 from .errors import ReceError
-from .lora import LORA_FORMATS, kohya_modules, kohya_state, lora_state, save_lora, unet_layers_per_block
+from .lora import LORA_FORMATS, denoiser_config, kohya_modules, kohya_state, lora_state, save_lora
 from .models import BaseModel, load_model
 from .provenance import library_versions, utc_now
 from .weights import kv_fingerprint
@@ -90,6 +91,11 @@ class Edit:
     @property
     def layers(self) -> list[str]:
         return self.metadata["edited_layers"]
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """The T5 rows per prompt the erasure covered (FLUX, SD3), the one to draw with first; [] for other families."""
+        return list(self.metadata.get("sequence_lengths") or [])
 
     @property
     def base_fingerprint(self) -> str:
@@ -163,7 +169,7 @@ class Edit:
         self,
         model,
         path: str | os.PathLike | None = None,
-        tolerance: float = 1e-3,
+        tolerance: float = LORA_TOLERANCE,
         max_rank: int | None = None,
         allow_other_base: bool = False,
         format: str = "diffusers",
@@ -173,25 +179,26 @@ class Edit:
         full differences (exact).
 
         One rank for all layers: the smallest at which every layer satisfies
-        ‖W_lora − W_edit‖_F ≤ tolerance·‖W_edit‖_F (from each ΔW's SVD), capped by `max_rank`.
+        ‖W_lora − W_edit‖_F ≤ tolerance·‖W_edit‖_F (from each ΔW's SVD), capped by `max_rank`; a layer that needs its
+        full width is written exactly (full-rank factors; `.diff` in kohya's format), as the file's metadata records
+        (`lora.read_lora_record`).
         """
         if format not in LORA_FORMATS:
             raise ReceError(f"unknown LoRA format '{format}'; choose one of {', '.join(LORA_FORMATS)}")
         if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and 0 < tolerance < 1):
-            raise ReceError(f"tolerance must be a number in (0, 1), got {tolerance!r}; fix --tolerance (e.g. 1e-3)")
+            raise ReceError(f"tolerance must be a number in (0, 1), got {tolerance!r}; fix --tolerance (e.g. {LORA_TOLERANCE:g})")
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ReceError(f"max rank must be a whole number >= 1, got {max_rank!r}; fix --max-rank")
         base = model if isinstance(model, BaseModel) else load_model(model)
         self.check_base(base.kv, allow_other_base, base.source)
         deltas = {n: self.delta64(n, base.kv[n].to(torch.float64)) for n in self.layers}
         if format == "diffusers":
-            state, rank = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
+            state, rank, exact = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
         else:
-            per_block = unet_layers_per_block(base) if base.family.kohya_names == "ldm" else None
-            modules = kohya_modules(base.family, list(self.layers), per_block)
-            state, rank = kohya_state(deltas, base.kv, modules, format, tolerance, max_rank)
+            modules = kohya_modules(base.family, list(self.layers), denoiser_config(base))
+            state, rank, exact = kohya_state(deltas, base.kv, modules, format, tolerance, max_rank)
         if path is not None:
-            save_lora(path, state, rank, tolerance, self.metadata, format)
+            save_lora(path, state, rank, tolerance, self.metadata, format, exact)
         return state
 
 

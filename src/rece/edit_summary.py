@@ -44,6 +44,9 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
     lines.append(f"base          {m['base']['source']} (fingerprint {m['base']['fingerprint']}, {m['base']['pipeline']})")
+    if m.get("sequence_lengths"):
+        lengths = m["sequence_lengths"]
+        lines.append(f"T5 rows       erased at {' and '.join(map(str, lengths))} per prompt; rece draws with {lengths[0]}")
     empty = " and ''" if c.get("preserve_empty", True) and c["preserve"] else ""
     lines.extend(describe(m.get("preservation") or {}, {"preserved": f"the preserve texts{empty}"}))
     return "\n".join(wrapped(line) for line in lines)

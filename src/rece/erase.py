@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from .config import ROBUST_TEMPLATES, EraseConfig
 from .console import progress_bar
 from .edit import Edit
 from .errors import ReceError
+from .families import titles_where
 from .models import BaseModel, load_model
 
 
@@ -38,14 +39,31 @@ class _Texts:
     masked: bool = False  # the model masks padding rows: a text is its attended rows only
     end_rows: int = 1  # attended rows after a text's last word token
     whole: bool = False  # UCE pairs every row (a pooled space)
+    # (rows, counts) of each sequence length whose rows are joined in a text's rows (FLUX.1 [schnell]: 256, then 512)
+    segments: list[tuple[int, dict[str, int]]] = field(default_factory=list)
 
     @classmethod
-    def encode(cls, base: BaseModel, texts: list[str], progress: bool | None = None) -> _Texts:
+    def encode(cls, base: BaseModel, texts: list[str], progress: bool | None = None, lengths: tuple[int, ...] = ()) -> _Texts:
+        """The texts' rows as `base` reads them, at each of `lengths` (T5 rows per prompt) joined, or as its encoder is."""
         unique = list(dict.fromkeys(texts))
-        emb = base.encoder.encode(unique, progress=progress)
-        counts = base.encoder.token_counts(unique)
+        encoders = [base.encoder.at_length(n) for n in lengths] or [base.encoder]
+        parts = [e.encode(unique, progress=progress) for e in encoders]
+        segments = [(p.shape[1], dict(zip(unique, e.token_counts(unique)))) for p, e in zip(parts, encoders)]
         family = base.family
-        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), family.masks_padding, family.end_rows, family.whole_rows)
+        emb = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        counts = segments[0][1]
+        return cls(dict(zip(unique, emb)), counts, family.masks_padding, family.end_rows, family.whole_rows, segments)
+
+    def parts(self) -> list[_Texts]:
+        """The texts at each sequence length their rows join (itself when there is one)."""
+        if len(self.segments) < 2:
+            return [self]
+        out, start = [], 0
+        for rows, counts in self.segments:
+            embeddings = {t: e[start : start + rows] for t, e in self.embeddings.items()}
+            out.append(replace(self, embeddings=embeddings, counts=counts, segments=[]))
+            start += rows
+        return out
 
     def attended(self, text: str) -> torch.Tensor:
         """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
@@ -66,7 +84,11 @@ class _Texts:
 
 
 def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked)."""
+    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked;
+    at each sequence length, joined)."""
+    if len(texts.segments) > 1:
+        per_length = [uce_pairs(part, concepts, target) for part in texts.parts()]
+        return [tuple(torch.cat(rows) for rows in zip(*pairs)) for pairs in zip(*per_length)]
     emb, counts = texts.embeddings, texts.counts
     if texts.whole:  # a pooled vector: the concept's one row to the target's
         return [(emb[c], emb[target]) for c in concepts]
@@ -134,6 +156,7 @@ def erase(
     config = config or EraseConfig.create(concepts, preset, **overrides)
     start = time.perf_counter()
     base = model if isinstance(model, BaseModel) else load_model(model, device)
+    lengths = sequence_lengths(base, config)
     check_memory(base, config)
     base.encoder.warn_if_truncated(config.concepts + config.preserve)
     edited = select_layers(list(base.kv), config.layers)
@@ -160,6 +183,8 @@ def erase(
     else:
         transform = cf.identity_plus(*first.transform) if isinstance(first.transform, tuple) else first.transform
         edit = Edit.from_transform(transform, base, config, kept, seconds(), robust=first.report)
+    if lengths:  # what `rece generate` and the attacks draw this edit with: the first
+        edit.metadata["sequence_lengths"] = list(lengths)
     edit.metadata["preservation"] = {
         group: preservation.summary(preservation.merge_sums(*(r.sums[group] for r in results.values())))
         for group in ("preserved", "check")
@@ -167,8 +192,18 @@ def erase(
     return edit
 
 
+def sequence_lengths(base: BaseModel, config: EraseConfig) -> tuple[int, ...]:
+    """The T5 rows per prompt an erasure covers (FLUX, SD3): --max-sequence-length, else each the model is run with."""
+    if config.max_sequence_length is not None and not base.family.takes_sequence_length():
+        raise ReceError(
+            f"--max-sequence-length applies to {titles_where('takes_sequence_length')} (their T5 rows are not masked); "
+            f"{base.family.title} rows do not depend on it: leave it out"
+        )
+    return base.family.erase_lengths(config.max_sequence_length)
+
+
 def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progress: bool | None = None) -> _SpaceResult:
-    """The procedure on one space's rows and layers."""
+    """The procedure on one space's rows and layers (at each sequence length it is run with, the rows joined)."""
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
@@ -176,6 +211,7 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
         base,
         config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra + config.check,
         progress,
+        base.family.erase_lengths(config.max_sequence_length),
     )
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
@@ -186,6 +222,8 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
     else:
         deltas, derived = _run_per_layer(base, config, texts, edited)
         result = _SpaceResult(None, deltas, derived, None, {})
+    if len(texts.segments) > 1:  # the edit keeps the c′ rows of the length it is drawn with
+        result.derived = [d[:, : texts.segments[0][0]].contiguous() for d in result.derived]
     gram0 = base.original_gram()
     gram_delta = preservation.delta_gram(gram0, result.transform, result.deltas)
     for group, names in (("preserved", config.uce_preserve_texts), ("check", config.check)):
@@ -273,7 +311,9 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
 
 def aligned_token_rows(texts: _Texts, names: list[str]) -> torch.Tensor:
     """Each text's rows from its last word onward (attended ones, when the model masks padding; the one row of a pooled
-    space), cut to a common length: [len(names), L, d]."""
+    space), cut to a common length: [len(names), L, d] (at each sequence length, joined)."""
+    if len(texts.segments) > 1:
+        return torch.cat([aligned_token_rows(part, names) for part in texts.parts()], dim=1)
     if texts.whole:
         starts, ends = [0] * len(names), [1] * len(names)
     elif texts.masked:

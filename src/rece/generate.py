@@ -55,6 +55,7 @@ from .runs import (
     write_csv,
     write_json,
 )
+from .sampling import sampling_for
 from .sources import is_pipeline
 
 SEED_CONVENTION = (
@@ -76,8 +77,9 @@ class RunJob:
     prompts: str
     output: Path
     edits: tuple[str, ...] = ()
-    steps: int | None = None  # None: the family's default, filled in by `prepare`
+    steps: int | None = None  # None: the model's default (`sampling.sampling_for`), filled in by `prepare`
     guidance: float | None = None
+    sequence_length: int | None = None  # filled in by `prepare`: the T5 rows the edits were erased at (FLUX, SD3)
     images_per_prompt: int = 1
     batch_size: int = 4
     height: int | None = None
@@ -134,6 +136,7 @@ def build_manifest(job: RunJob, pipe, model_info: dict, edit_infos: list[dict], 
         "scheduler_config": scheduler_config,
         "steps": job.steps,
         "guidance": job.guidance,
+        **({"max_sequence_length": job.sequence_length} if job.sequence_length is not None else {}),
         "height": job.height,
         "width": job.width,
         "images_per_prompt": job.images_per_prompt,
@@ -202,10 +205,10 @@ def prepare(job: RunJob, local_rank: int, world: int) -> Prepared:
             if device.startswith("cuda"):
                 torch.cuda.set_device(torch.device(device))
             pipe.to(device)
-        size, family = image_size(pipe), family_of_pipeline(pipe)
-        steps = job.steps if job.steps is not None else family.steps
-        guidance = job.guidance if job.guidance is not None else family.guidance
-        prepared.job = replace(job, height=job.height or size, width=job.width or size, steps=steps, guidance=guidance)
+        size = image_size(pipe)
+        sampling = sampling_for(job.model, family_of_pipeline(pipe), job.steps, job.guidance, [e for _, e in edits])
+        prepared.job = replace(job, height=job.height or size, width=job.width or size, steps=sampling.steps,
+                               guidance=sampling.guidance, sequence_length=sampling.sequence_length)  # fmt: skip
         prompt_info = _prompt_info(job, set_path, all_rows, rows)
         prepared.manifest = build_manifest(prepared.job, pipe, model_info, edit_infos, prompt_info, world)
     except BaseException:
@@ -244,9 +247,10 @@ def write_prompts_csv(path: Path, rows: Sequence[PromptRow], images_per_prompt: 
     write_csv(path, lines, columns)
 
 
-def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float, steps: int, height: int, width: int):
-    """PIL images of (row, k) pairs, each from its own CPU generator seeded with row.seed + k (and the family's fixed
-    call options, e.g. PixArt's caption cleaning off)."""
+def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float, steps: int, height: int, width: int,
+                   sequence_length: int | None = None):  # fmt: skip
+    """PIL images of (row, k) pairs, each from its own CPU generator seeded with row.seed + k (and the family's call
+    options: fixed ones, e.g. PixArt's caption cleaning off, and the sequence length)."""
     return seeded_images(
         pipe,
         [row.seed + k for row, k in batch],
@@ -256,7 +260,7 @@ def generate_batch(pipe, batch: Sequence[tuple[PromptRow, int]], guidance: float
         height=height,
         width=width,
         output_type="pil",
-        **family_of_pipeline(pipe).call_kwargs,
+        **family_of_pipeline(pipe).call_options(sequence_length),
     )
 
 
@@ -284,7 +288,7 @@ def generate_shard(prepared: Prepared, rank: int, world: int, bar=None) -> int:
     if bar is not None:
         bar.update(count_done(images_dir, everything) - bar.n)
     for guidance, batch in plan_batches(mine, job, finished_images(images_dir)):
-        images = generate_batch(pipe, batch, guidance, job.steps, job.height, job.width)
+        images = generate_batch(pipe, batch, guidance, job.steps, job.height, job.width, job.sequence_length)
         for (row, k), image in zip(batch, images):
             with atomic_file(images_dir / image_name(row.case_number, k)) as tmp:
                 image.save(tmp, format="PNG")
@@ -399,8 +403,9 @@ def generate_run(
     """Generate (or finish) the images of a prompt set into RUN_DIR `output`; return RUN_DIR.
 
     `model` is a diffusers folder, hub id, single-file checkpoint, `shapes`/`shapes-mmdit`/`tiny`, or a pipeline object
-    (used as is, edits reverted afterwards). `steps` and `guidance` None are the model family's defaults (SD and
-    SDXL: 50, 7.5). `device` None picks cuda when available, else cpu.
+    (used as is, edits reverted afterwards). `steps` and `guidance` None are the model's defaults (`sampling.sampling_for`:
+    the shapes models' 25, 4.0, else the family's, SD and SDXL 50, 7.5); FLUX and SD3 draw at the sequence length the
+    edits were erased at. `device` None picks cuda when available, else cpu.
     """
     job = RunJob(
         model=model if is_pipeline(model) else str(model),

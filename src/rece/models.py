@@ -161,9 +161,10 @@ def _check_dims(encoder: PromptEncoder, kv: dict[str, torch.Tensor], source: str
         )
 
 
-def from_pipeline(pipe, source: str = "pipeline") -> BaseModel:
-    """Use a diffusers pipeline already in memory (its current weights count as the originals)."""
-    family = family_of_pipeline(pipe)
+def from_pipeline(pipe, source: str = "pipeline", sequence_length: int | None = None) -> BaseModel:
+    """Use a diffusers pipeline already in memory (its current weights count as the originals); `sequence_length`: the
+    T5 rows per prompt to encode at (FLUX, SD3; None: the family's first)."""
+    family = family_of_pipeline(pipe).at_length(sequence_length)
     modules = family.edited_modules(getattr(pipe, family.denoiser))
     kv = {n: m.weight.detach().clone() for n, m in modules.items()}
     if not kv:

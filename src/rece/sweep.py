@@ -19,7 +19,6 @@ from pathlib import Path
 from PIL import Image
 
 from .attacks import attack_module, make_params, run_attack
-from .attacks.common import default_sampling
 from .config import EraseConfig
 from .erase import erase
 from .errors import ReceError
@@ -31,6 +30,7 @@ from .pictures import line_chart
 from .prompt_sets import resolve_prompt_set
 from .provenance import file_sha256
 from .runs import check_output_folder, write_csv, write_json
+from .sampling import sampling_for
 from .toy import door
 
 # every number of an erasure can be swept: the int and float fields of EraseConfig
@@ -236,7 +236,7 @@ def plan_sweep(
     output.mkdir(parents=True, exist_ok=True)
     if prompts is None or preserve_prompts is None:
         prompts, preserve_prompts = default_prompt_sets(model, concept, output)
-    steps, guidance = default_sampling(str(model), o.steps, o.guidance)
+    steps, guidance = o.steps, o.guidance  # None: the model's, settled by `run_sweep` once the model is read
     return SweepPlan(
         model, config, parameter, values, concept, prompts, preserve_prompts, output, attack, attack_parameters,
         preserve_metric, metric_options, images_per_prompt, dict(steps=steps, guidance=guidance, **sampling),
@@ -297,13 +297,15 @@ def run_sweep(model, config, parameter: str, values: str | Sequence, output: str
     with the same settings keeps the finished points and resumes unfinished runs. Returns the sweep record.
     """
     plan = plan_sweep(model, config, parameter, values, output, SweepOptions(**options))
+    base = load_model(model, plan.sampling["device"] or "cpu")
+    drawn = sampling_for(model, base.family, plan.sampling["steps"], plan.sampling["guidance"])
+    plan = replace(plan, sampling={**plan.sampling, "steps": drawn.steps, "guidance": drawn.guidance})
     sweep_path = plan.output / SWEEP_FILE
     record = _open_record(sweep_path, plan.settings(), plan.sampling["overwrite"])
     done = {json.dumps(p["value"]) for p in record["points"]}
     if "original" not in record:
         record["original"] = measure_original(plan)
         write_json(sweep_path, record)
-    base = load_model(model, plan.sampling["device"] or "cpu")
     values = plan.values
     for value in values:
         if json.dumps(value) in done:

@@ -32,6 +32,10 @@ class PromptEncoder:
         self.device = torch.device(device)
         self.projection = projection  # the family's denoiser modules between the encoder and the edited layers
 
+    def at_length(self, length: int) -> PromptEncoder:
+        """This encoder at `length` T5 rows per prompt (FLUX, SD3), sharing its tokenizers and encoders."""
+        return PromptEncoder(self.family.at_length(length), self.tokenizers, self.text_encoders, self.device, self.projection)
+
     @property
     def kind(self) -> str:
         return self.family.name

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from ..families import Family
     from .common import AttackCase, CaseResult, Target
 
 
@@ -34,7 +35,7 @@ class Attack(Protocol):
     """An attack: its name, the model families it runs on, what it needs, its parameters and its steps."""
 
     NAME: str  # as `rece attack --attack` spells it
-    FAMILIES: tuple[str, ...] | None  # the family names it runs on (None: every family rece knows)
+    FAMILIES: tuple[Family, ...] | None  # the families it runs on, their variants included (None: every family rece knows)
     NEEDS_PROMPTS: bool  # attacks a prompt set (True) or the edit's concepts (False)
     IMAGES_PER_PROMPT: int  # images per case unless --images-per-prompt says otherwise
     Params: type[AttackParams]

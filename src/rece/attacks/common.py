@@ -20,14 +20,13 @@ import torch
 
 from ..detectors import imagenette_name
 from ..errors import ReceError
-from ..families import family_of_pipeline
+from ..families import Family, family_of_pipeline, titles
 from ..families import tokenize as tokenize_texts
-from ..families.sd import SD, eos_attention_mask
 from ..families.sd import encode_ids as encode_sd_ids
+from ..families.sd import eos_attention_mask
 from ..io import atomic_file
 from ..pipelines import denoiser, image_size, seeded_images
 from ..runs import IMAGES, drop_damaged_images, finished_images, image_name
-from ..toy import door
 
 ADVERSARIAL = "adversarial.safetensors"
 METADATA_KEY = "rece-attack"
@@ -94,17 +93,13 @@ class Target:
 
 
 # -- text encoding -----------------------------------------------------------------------------------
-FAMILY_TITLES = {"sd": "Stable Diffusion 1.x/2.x", "sd3": "SD3", "flux": "FLUX.1"}
-
-
-def check_family(pipe, attack: str, families: tuple[str, ...] | None) -> None:
-    """Refuse pipelines an attack does not handle (`families`: the family names it supports; None: every family)."""
+def check_family(pipe, attack: str, families: Sequence[Family] | None) -> None:
+    """Refuse pipelines an attack does not handle (`families`: the families it supports, variants included; None:
+    every family)."""
     family = family_of_pipeline(pipe)
-    if families is not None and family.name not in families:
-        titles = [FAMILY_TITLES.get(f, f) for f in families]
-        names = titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
+    if families is not None and not family.among(families):
         raise ReceError(
-            f"the {attack} attack supports {names} pipelines; {type(pipe).__name__} ({family.name}) "
+            f"the {attack} attack supports {titles(families)} pipelines; {type(pipe).__name__} ({family.title}) "
             "is not supported yet (the derived attack is)"
         )
 
@@ -210,15 +205,6 @@ def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
         latents = pipe.vae.encode(pixels).latent_dist.mean
     shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * pipe.vae.config.scaling_factor).float()
-
-
-# -- sampling defaults -------------------------------------------------------------------------------
-def default_sampling(model, steps: int | None, guidance: float | None, family=SD) -> tuple[int, float]:
-    """Sampling steps and guidance: the given ones, else the shapes model's (25, 4.0) or the model family's (50, 7.5)."""
-    default_steps, default_guidance = door.sampling_defaults(model) or (family.steps, family.guidance)
-    steps = steps if steps is not None else default_steps
-    guidance = guidance if guidance is not None else default_guidance
-    return steps, float(guidance)
 
 
 # -- run folders ----------------------------------------------------------------------------------

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from ..errors import ReceError
+from ..families import FLUX, SD, SD3
 from ..provenance import file_id
 from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
 from .params import RingABellParams as Params
 
 NAME = "ring-a-bell"
-FAMILIES = ("sd", "sd3", "flux")  # SD1/2: E on the token ids, as in the paper; MMDiTs: on each candidate's text
+FAMILIES = (SD, SD3, FLUX)  # SD1/2: E on the token ids, as in the paper; MMDiTs: on each candidate's text
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..detectors import DETECTORS, detector_for
 from ..edit import load_edit
 from ..errors import ReceError
+from ..families import family_of_pipeline
 from ..models import from_pipeline
 from ..pipelines import image_size, load_pipeline, model_record, resolve_device
 from ..prompt_sets import load_prompt_set, resolve_prompt_set
@@ -33,6 +34,7 @@ from ..runs import (
     write_csv,
     write_json,
 )
+from ..sampling import drawing_length, sampling_for
 from ..sources import is_pipeline
 from ..toy import door
 from .base import Attack, AttackParams
@@ -41,7 +43,6 @@ from .common import (
     Target,
     case_key,
     check_family,
-    default_sampling,
     generate_missing_images,
     progress_bar,
     prompts_rows,
@@ -76,7 +77,9 @@ def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other
     if not is_pipeline(model) or device is not None:
         pipe.to(resolve_device(device))
     model_info = model_record(model, pipe)
-    base = from_pipeline(pipe, source=model_info["source"])
+    # the rows the edit's images are drawn from: at the sequence length rece draws the edit with
+    length = drawing_length(family_of_pipeline(pipe), [edit] if edit is not None else [])
+    base = from_pipeline(pipe, source=model_info["source"], sequence_length=length)
     edited_kv = {}
     if edit is not None:
         edit.apply(pipe, allow_other_base=allow_other_base)
@@ -255,10 +258,11 @@ def run_attack(
         start = time.perf_counter()
         target, model_info, edits = load_target(model, edit, concepts, rows, int(seed), device, allow_other_base, attack)
         try:
-            steps, guidance = default_sampling(target.model_name, steps, guidance)
+            applied = [target.edit] if target.edit is not None else []
+            sampling = sampling_for(target.model_name, family_of_pipeline(target.pipe), steps, guidance, applied)
             job = {
-                "steps": steps,
-                "guidance": guidance,
+                "steps": sampling.steps,
+                "guidance": sampling.guidance,
                 "size": image_size(target.pipe),
                 "images_per_prompt": images_per_prompt or module.IMAGES_PER_PROMPT,
                 "batch_size": batch_size,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
+from ..families import SD
 from .common import (
     AttackCase,
     CaseResult,
@@ -37,7 +38,7 @@ from .common import (
 from .params import TextualInversionParams as Params
 
 NAME = "textual-inversion"
-FAMILIES = ("sd",)  # a new token of the one CLIP encoder, trained through pipe.unet
+FAMILIES = (SD,)  # a new token of the one CLIP encoder, trained through pipe.unet
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 TEMPLATES = ("a photo of a {}", "a picture of a {}", "a drawing of a {}", "a {}")

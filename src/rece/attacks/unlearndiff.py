@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
+from ..families import SD
 from .common import (
     AttackCase,
     CaseResult,
@@ -38,7 +39,7 @@ from .common import (
 from .params import UnlearnDiffParams as Params
 
 NAME = "unlearndiff"
-FAMILIES = ("sd",)  # gradients through pipe.unet and the one CLIP encoder
+FAMILIES = (SD,)  # gradients through pipe.unet and the one CLIP encoder
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import PRESETS, EraseConfig
+from ..config import LORA_TOLERANCE, PRESETS, EraseConfig
 from ..io import check_not_input, check_output_path, disk_full_reported, read_prompt_file
 from ..options import add_options, finite_float, option_values
 
@@ -138,12 +138,13 @@ LORA_HINTS = {
 
 def cmd_lora(args) -> int:
     from ..edit import load_edit
+    from ..lora import read_lora_record
     from ..models import load_model
 
     check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config])
     edit = load_edit(args.edit)
     base = load_model(args.model, "cpu", config=args.config)
-    state = edit.to_lora(
+    edit.to_lora(
         base,
         args.output,
         tolerance=args.tolerance,
@@ -156,12 +157,22 @@ def cmd_lora(args) -> int:
     if args.format == "diff":
         print(f"wrote {args.output}: the exact change of {layers} layers, {size:.2f} MiB ({LORA_HINTS['diff']})")
         return 0
-    rank = next(v for k, v in state.items() if "lora_A" in k or "lora_down" in k).shape[0]
-    print(f"wrote LoRA {args.output}: rank {rank}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
-    if args.format == "kohya" and edit.kind in ("flux", "flux-schnell", "sd3"):
+    record = read_lora_record(args.output)
+    rank, exact = record["lora_rank"], record["exact_layers"]
+    shown = f"rank {rank}" if rank else "every layer exact"
+    print(f"wrote LoRA {args.output}: {shown}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
+    if exact:
+        held = "its exact float32 change (.diff)" if args.format == "kohya" else "its full-rank factors, exact"
+        names = ", ".join(exact[:2]) + (", ..." if len(exact) > 2 else "")
+        print(f"exact: {len(exact)} of {layers} layers need their full width for --tolerance {args.tolerance:g}; "
+              f"each holds {held} ({names})")  # fmt: skip
+    if args.format == "kohya" and exact:
+        print("note: ComfyUI and Automatic1111 read the .diff keys; diffusers' load_lora_weights does not "
+              "(use --format diffusers)")  # fmt: skip
+    if args.format == "kohya" and base.family.kohya_comfyui_only:
         print("note: this is for ComfyUI; with diffusers use the default --format diffusers (load_lora_weights)")
-    shapes = [edit.metadata["base"]["shapes"][n] for n in edit.layers]
-    if args.format == "kohya" and rank * sum(o + i for o, i in shapes) >= sum(o * i for o, i in shapes):
+    shapes = [edit.metadata["base"]["shapes"][n] for n in edit.layers if n not in exact]
+    if args.format == "kohya" and shapes and rank * sum(o + i for o, i in shapes) >= sum(o * i for o, i in shapes):
         print("note: at this rank the factors hold as many numbers as the full change; --format diff is exact and no larger")
     return 0
 
@@ -201,14 +212,20 @@ def add_parsers(sub) -> None:
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("edit")
     p.add_argument("-o", "--output", required=True, help="LoRA file to write (.safetensors)")
-    p.add_argument("--tolerance", type=finite_float, default=1e-3, help="max relative error per edited weight (1e-3)")
+    p.add_argument(
+        "--tolerance",
+        type=finite_float,
+        default=LORA_TOLERANCE,
+        help=f"max relative error of each fused weight against the applied edit ({LORA_TOLERANCE:g}); a layer that needs "
+        "its full width is written exactly",
+    )
     p.add_argument("--max-rank", type=int, default=None, help="cap on the LoRA rank")
     p.add_argument(
         "--format",
         choices=("diffusers", "kohya", "diff"),
         default="diffusers",
         help="diffusers: PEFT keys for pipe.load_lora_weights (default); kohya: lora_unet_* keys for ComfyUI, "
-        "Automatic1111, Forge (SD1/SD2/SDXL); diff: kohya-named exact full differences",
+        "Automatic1111, Forge; diff: kohya-named exact full differences",
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -207,9 +207,12 @@ def _add_generate(sub) -> None:
         "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS (i2p, i2p-nudity: else from the hub)",
     )
     p.add_argument("-o", "--output", required=True, help="run folder: images/, manifest.json, prompts.csv")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model family's, 50)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
     p.add_argument(
-        "--guidance", type=finite_float, default=None, help="guidance scale (the family's, 7.5); a row's evaluation_guidance wins"
+        "--guidance",
+        type=finite_float,
+        default=None,
+        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5); a row's evaluation_guidance wins",
     )
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per row; image k uses seed + k (1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call; does not change the images (4)")
@@ -240,8 +243,13 @@ def _add_attack(sub) -> None:
     )
     p.add_argument("--concept", action="append", default=None, help="concept to attack (default: the edit's concepts)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack (and of derived's images: seed + k) (0)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's, 50)")
-    p.add_argument("--guidance", type=finite_float, default=None, help=f"guidance scale (shapes {door.GUIDANCE:g}, else 7.5)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5)",
+    )
     p.add_argument("--images-per-prompt", type=int, default=None, help="images per case (derived 10, others 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of the prompt set")
@@ -265,8 +273,13 @@ def _add_sweep(sub) -> None:
         add_option(p, field_of(cls, name), f"{metric}: {help_of(field_of(cls, name))}")  # the metric's own flag and default
     p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
     p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else 50)")
-    p.add_argument("--guidance", type=finite_float, default=None, help=f"guidance scale (shapes {door.GUIDANCE:g}, else 7.5)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        default=None,
+        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5)",
+    )
     p.add_argument("--images", type=int, default=2, help="images per prompt (2)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing sweep in the output folder")
     p.add_argument("-o", "--output", required=True, help="sweep folder: runs, sweep.json, sweep.png")

@@ -5,6 +5,7 @@ Everything that knows SD1/SD2 or SDXL lives in its family's module; the rest of 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import ReceError
@@ -19,17 +20,31 @@ from .sdxl import SDXL
 # most specific first: an SDXL pipeline also has SD's components
 FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX, SD3)
 VARIANTS: tuple[Family, ...] = (FLUX_SCHNELL,)  # told apart from their pipeline's family by the denoiser's config
+SHOWN: tuple[Family, ...] = (SD, SDXL, PIXART_ALPHA, PIXART_SIGMA, SANA, FLUX, SD3)  # the order messages list them in
 
-__all__ = ["FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "tokenize"]
+__all__ = [
+    "FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "titles", "tokenize",
+]  # fmt: skip
+
+
+def listed(words: Sequence[str]) -> str:
+    """Words as a sentence lists them: "a, b and c"."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def titles(families: Iterable[Family]) -> str:
+    """Families' titles as a sentence lists them: "SDXL, FLUX.1 and SD3/SD3.5"."""
+    return listed([f.title for f in families])
+
+
+def titles_where(question: str) -> str:
+    """The titles of the families whose answer to `question` (a method name, e.g. 'has_kohya_names') is yes."""
+    return titles(f for f in SHOWN if getattr(f, question)())
 
 
 def supported() -> str:
-    """The families rece knows, for error messages."""
-    return (
-        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), PixArt-α/Σ "
-        "(PixArtAlphaPipeline, PixArtSigmaPipeline), Sana (SanaPipeline), FLUX.1 (FluxPipeline) and SD3/SD3.5 "
-        "(StableDiffusion3Pipeline)"
-    )
+    """The families rece knows, with their pipeline classes, for error messages."""
+    return listed([f"{f.title} ({', '.join(f.pipelines)})" for f in SHOWN])
 
 
 def family_named(name: str) -> Family:

@@ -2,8 +2,8 @@
 
 A family says which text encoders a pipeline has and how a prompt becomes the embedding rows exactly as the
 pipeline builds them, which linear layers of which component read those rows (the layers an erasure edits),
-how its single-file checkpoints are recognised, and its default sampling settings. Adding a family is one module
-here plus tests; see docs/families.md.
+how its single-file checkpoints and kohya LoRAs name those layers, its title, and how its pipelines are run by
+default (steps, guidance, sequence length). Adding a family is one module here plus tests; see docs/families.md.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from ..errors import ReceError
+from .ldm_names import kohya_name
+
+MAX_SEQUENCE_LENGTH = 512  # the most T5 rows FluxPipeline and StableDiffusion3Pipeline take
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int | None = None):
@@ -28,6 +33,7 @@ class Family:
     """One kind of pipeline. Subclasses implement `encode_batch` (and `dim` when the rows join several encoders)."""
 
     name: str  # recorded in edit files and manifests
+    title: str  # what messages and docs call it ("FLUX.1")
     pipelines: tuple[str, ...]  # diffusers pipeline class names
     text_parts: tuple[tuple[str, str], ...]  # (tokenizer, text encoder) component names, in the pipeline's order
     text_encoder_classes: tuple[str, ...]  # transformers classes rece can read for those text encoders
@@ -35,12 +41,14 @@ class Family:
     denoiser: str = "unet"  # the component whose linear layers read the embedding
     edited: re.Pattern = re.compile(r"(^|\.)attn2\.to_[kv]\.weight$")  # weight names of those layers
     edited_title: str = "cross-attention (attn2.to_k/to_v)"  # those layers, as messages name them
-    steps: int = 50  # default sampling steps of `rece generate`
-    guidance: float = 7.5  # default guidance scale of `rece generate`
+    steps: int = 50  # sampling steps rece draws with unless told (generate, attacks, sweeps)
+    guidance: float = 7.5  # guidance scale rece draws with unless told
+    # T5 rows per prompt (the pipeline's `max_sequence_length`) the family is run with, the one rece draws with first;
+    # T5 masks no padding, so its rows differ with the length, and an erasure covers each (empty: rows of one length)
+    sequence_lengths: tuple[int, ...] = ()
     checkpoint_marker: str | None = None  # a key part only this family's original single-file checkpoints have
-    original_unet: bool = False  # its single files hold an original (LDM/SGM) UNet under model.diffusion_model.
     original_names: tuple[tuple[str, str], ...] = ()  # (edited module, its name in the family's published single files)
-    kohya_names: str | None = None  # its kohya LoRAs' module names: "diffusers", "ldm" or "original" (None: none)
+    kohya_comfyui_only: bool = False  # its kohya LoRAs are read by ComfyUI, not by diffusers' load_lora_weights
     pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
     call_kwargs: dict = field(default_factory=dict)  # what rece passes to every pipeline call (fixed preprocessing)
     max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)
@@ -50,6 +58,7 @@ class Family:
     whole_rows: bool = False  # UCE pairs every row (a pooled vector), not the rows from the last word on
     spaces: tuple[Family, ...] = ()  # several spaces read the prompt (MMDiT: token rows, pooled vector), one each
     by_components: bool = True  # also recognised by its components (SD/SDXL); transformer families by class only
+    variant_of: str | None = None  # the family whose pipeline class it shares, told apart by `variant` (FLUX.1 schnell)
 
     def tokenizer_class_of(self, part: int) -> str:
         """The transformers tokenizer class of text part `part`."""
@@ -71,6 +80,65 @@ class Family:
     def variant(self, denoiser_config: dict) -> Family:
         """The family a model of this pipeline class really is, from its denoiser's config (FLUX: dev or schnell)."""
         return self
+
+    def among(self, families: Sequence[Family]) -> bool:
+        """Whether this family is one of `families` (a variant counts as the family it is a variant of)."""
+        return any(f.name in (self.name, self.variant_of) for f in families)
+
+    # -- how its pipelines are run -------------------------------------------------------------
+    def takes_sequence_length(self) -> bool:
+        """Whether its rows depend on the pipeline's `max_sequence_length` (unmasked T5 rows)."""
+        return bool(self.sequence_lengths)
+
+    def erase_lengths(self, requested: int | None = None) -> tuple[int, ...]:
+        """The sequence lengths an erasure covers: `requested` alone, else every one the family is run with; () when
+        its rows do not depend on one."""
+        if not self.sequence_lengths:
+            return ()
+        if requested is not None and requested > MAX_SEQUENCE_LENGTH:
+            raise ReceError(f"--max-sequence-length {requested}: the {self.title} pipeline takes at most {MAX_SEQUENCE_LENGTH}")
+        return (requested,) if requested is not None else self.sequence_lengths
+
+    def at_length(self, length: int | None) -> Family:
+        """This family encoding and drawing at `length` T5 rows per prompt (itself when None or length-free)."""
+        if length is None or not self.sequence_lengths:
+            return self
+        rows = length if self.max_length is not None else None
+        spaces = tuple(s.at_length(length) for s in self.spaces)
+        return replace(self, max_length=rows, sequence_lengths=(length,), spaces=spaces)
+
+    def call_options(self, length: int | None = None) -> dict:
+        """What rece passes to every pipeline call: the fixed options, and the sequence length it draws with (`length`,
+        else the family's first)."""
+        if not self.sequence_lengths:
+            return dict(self.call_kwargs)
+        return {**self.call_kwargs, "max_sequence_length": length or self.sequence_lengths[0]}
+
+    # -- its layers in other tools' files ------------------------------------------------------
+    def has_single_files(self) -> bool:
+        """Whether the family has original single-file checkpoints rece can rewrite."""
+        return bool(self.original_names)
+
+    def original_keys(self, header: dict) -> dict[str, str]:
+        """The key of each edited layer's weight in one of the family's single files (its table of names, bare or under
+        a prefix such as ComfyUI's model.diffusion_model.), by diffusers module name; {} when the file lacks one."""
+        keys = {}
+        for name, original in self.original_names:
+            found = [k for k in header if k == f"{original}.weight" or k.endswith(f".{original}.weight")]
+            if len(found) != 1:
+                return {}
+            keys[name] = found[0]
+        return keys
+
+    def has_kohya_names(self) -> bool:
+        """Whether kohya LoRAs of this family exist, so rece can name its layers in one."""
+        return bool(self.original_names)
+
+    def kohya_modules(self, layers: Sequence[str], denoiser_config: dict) -> dict[str, str]:
+        """The kohya name (`lora_unet_…`) of each edited layer: here its single files' name, which is how ComfyUI
+        addresses an MMDiT's modules (call only when `has_kohya_names`)."""
+        table = dict(self.original_names)
+        return {n: kohya_name(table[n]) for n in layers}
 
     # -- recognising a pipeline ----------------------------------------------------------------
     def matches_index(self, index: dict) -> bool:

@@ -1,19 +1,15 @@
-"""FLUX.1: the prompt reaches the transformer in two spaces. The T5 rows (512, padding not masked) through
-`context_embedder`, the last place where every text row is a linear function of the prompt alone (the double blocks
-mix text and image tokens), and CLIP's pooled vector through `time_text_embed.text_embedder.linear_1` (the
-modulation). Each space is erased on its own, with the same procedure."""
+"""FLUX.1: two spaces (`two_space`). The T5 rows (padding not masked) through `context_embedder`, and CLIP's pooled
+vector through `time_text_embed.text_embedder.linear_1`. FLUX.1 [schnell] is the transformer without guidance
+embeddings, run in 4 steps without guidance."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
 from .base import Family, tokenize
-
-CONTEXT = re.compile(r"^context_embedder\.weight$")
-POOLED = re.compile(r"^time_text_embed\.text_embedder\.linear_1\.weight$")
+from .two_space import TwoSpace, two_space_family
 
 
 class FluxContext(Family):
@@ -41,17 +37,12 @@ class FluxPooled(Family):
         return encoders[0](ids, output_hidden_states=False).pooler_output[:, None]
 
 
-class Flux(Family):
+class Flux(TwoSpace):
     def variant(self, denoiser_config: dict) -> Family:
-        """FLUX.1 [schnell] is the transformer without guidance embeddings: 256 T5 rows, 4 steps, guidance 0."""
-        if self.name == "flux" and denoiser_config.get("guidance_embeds") is False:
+        """FLUX.1 [schnell] is the transformer without guidance embeddings."""
+        if self is FLUX and denoiser_config.get("guidance_embeds") is False:
             return FLUX_SCHNELL
         return self
-
-    def embeds_call(self, pipe, rows, attended, texts) -> dict:
-        """The token rows and the pooled vector, each where the pipeline takes it."""
-        device, dtype = pipe.transformer.device, pipe.transformer.dtype
-        return {"prompt_embeds": rows[0].to(device, dtype), "pooled_prompt_embeds": rows[1][:, 0].to(device, dtype)}
 
 
 _SHARED = dict(
@@ -63,32 +54,18 @@ _SHARED = dict(
     by_components=False,  # recognised by its pipeline class only
     steps=28,
     guidance=3.5,
+    sequence_lengths=(512,),  # FluxPipeline.__call__'s default max_sequence_length
     # Black Forest Labs' single files (and kohya's FLUX LoRAs, lora_unet_txt_in / lora_unet_vector_in_in_layer)
     checkpoint_marker="double_blocks.",
     original_names=(("context_embedder", "txt_in"), ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")),
-    kohya_names="original",
+    kohya_comfyui_only=True,  # diffusers 0.42.1 drops lora_unet_txt_in / vector_in when it converts a kohya file
 )
 
-
-def two_space_family(name: str, context: type[Family], pooled: type[Family], shared: dict, rows: int | None = None,
-                     call_kwargs: dict | None = None) -> Flux:  # fmt: skip
-    """An MMDiT family: its token space (`context_embedder`, `rows` rows) and its pooled space (`text_embedder.linear_1`)."""
-    return Flux(
-        name=name,
-        edited=re.compile(f"{CONTEXT.pattern}|{POOLED.pattern}"),
-        edited_title="context_embedder / time_text_embed.text_embedder.linear_1",
-        spaces=(
-            context(name=f"{name}:context", edited=CONTEXT, max_length=rows, **shared),
-            pooled(name=f"{name}:pooled", edited=POOLED, whole_rows=True, **shared),
-        ),
-        call_kwargs=call_kwargs or {},
-        **shared,
-    )
-
-
-FLUX = two_space_family("flux", FluxContext, FluxPooled, _SHARED, rows=512)
-# what schnell is run with: 256 rows (the pipeline's own default is dev's 512), 4 steps, no guidance
-SCHNELL = {**_SHARED, "steps": 4, "guidance": 0.0}
+FLUX = two_space_family(Flux, "flux", FluxContext, FluxPooled, {**_SHARED, "title": "FLUX.1"}, rows=512)
+# schnell is run with 256 rows (its model card) and with the pipeline's default 512: rece draws with the first and
+# erases at both
 FLUX_SCHNELL = two_space_family(
-    "flux-schnell", FluxContext, FluxPooled, SCHNELL, rows=256, call_kwargs={"max_sequence_length": 256}
-)
+    Flux, "flux-schnell", FluxContext, FluxPooled,
+    {**_SHARED, "title": "FLUX.1 [schnell]", "steps": 4, "guidance": 0.0, "sequence_lengths": (256, 512), "variant_of": "flux"},
+    rows=256,
+)  # fmt: skip

@@ -94,5 +94,5 @@ _PIXART = dict(
     text_modules=("caption_projection",),
     call_kwargs={"clean_caption": False, "use_resolution_binning": False},
 )
-PIXART_SIGMA = PixArt(name="pixart-sigma", pipelines=("PixArtSigmaPipeline",), max_length=300, **_PIXART)
-PIXART_ALPHA = PixArt(name="pixart-alpha", pipelines=("PixArtAlphaPipeline",), max_length=120, **_PIXART)
+PIXART_SIGMA = PixArt(name="pixart-sigma", title="PixArt-Σ", pipelines=("PixArtSigmaPipeline",), max_length=300, **_PIXART)
+PIXART_ALPHA = PixArt(name="pixart-alpha", title="PixArt-α", pipelines=("PixArtAlphaPipeline",), max_length=120, **_PIXART)

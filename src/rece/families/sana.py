@@ -69,6 +69,7 @@ class Sana(PixArt):
 
 SANA = Sana(
     name="sana",
+    title="Sana",
     pipelines=("SanaPipeline",),
     text_parts=(("tokenizer", "text_encoder"),),
     text_encoder_classes=("Gemma2Model",),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import Family, tokenize
+from .ldm_names import UNET_PREFIX, diffusers_name, kohya_name, layers_per_block_of
 
 
 def eos_attention_mask(text_encoder, ids: torch.Tensor) -> torch.Tensor | None:
@@ -29,18 +30,39 @@ def encode_ids(text_encoder, ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 class StableDiffusion(Family):
+    """A UNet family: its single files hold the original (LDM / SGM) UNet under model.diffusion_model."""
+
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
         inputs = tokenize(tokenizers[0], texts)
         use_mask = getattr(encoders[0].config, "use_attention_mask", False)
         return encode_ids(encoders[0], inputs.input_ids, inputs.attention_mask if use_mask else None)
 
+    def has_single_files(self) -> bool:
+        return True
+
+    def original_keys(self, header: dict) -> dict[str, str]:
+        """The edited layers found through the original UNet's block names (`ldm_names`)."""
+        keys, per_block = {}, layers_per_block_of(header)
+        for key in header:
+            if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
+                name = diffusers_name(key[len(UNET_PREFIX) : -len(".weight")], per_block)
+                if name is not None and self.is_edited_weight(name + ".weight"):
+                    keys[name] = key
+        return keys
+
+    def has_kohya_names(self) -> bool:
+        return True
+
+    def kohya_modules(self, layers: Sequence[str], denoiser_config: dict) -> dict[str, str]:
+        """diffusers' module names: kohya's scripts train SD1/SD2 on a UNet with diffusers' names."""
+        return {n: kohya_name(n) for n in layers}
+
 
 SD = StableDiffusion(
     name="sd",
+    title="Stable Diffusion 1.x/2.x",
     pipelines=("StableDiffusionPipeline",),
     text_parts=(("tokenizer", "text_encoder"),),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
-    original_unet=True,
-    kohya_names="diffusers",  # kohya's scripts train SD1/SD2 on a UNet with diffusers' module names
 )

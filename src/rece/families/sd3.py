@@ -1,6 +1,6 @@
-"""SD3 / SD3.5: the prompt reaches the MMDiT in two spaces, as in FLUX. The joint token rows (CLIP-L ‖ CLIP-G
-penultimate states, zero-padded to the T5 width, then T5's 256 rows) through `context_embedder`, and the two CLIPs'
-joined `text_embeds` through `time_text_embed.text_embedder.linear_1`."""
+"""SD3 / SD3.5: two spaces (`two_space`). The joint token rows (CLIP-L ‖ CLIP-G penultimate states, zero-padded to
+the T5 width, then T5's rows, 256 by default) through `context_embedder`, and the two CLIPs' joined `text_embeds`
+through `time_text_embed.text_embedder.linear_1`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .base import Family, tokenize
-from .flux import two_space_family
-
-T5_ROWS = 256  # StableDiffusion3Pipeline's default max_sequence_length
+from .two_space import TwoSpace, two_space_family
 
 
 def _clip_outputs(tokenizers, encoders, texts: Sequence[str], device):
@@ -41,10 +39,11 @@ class SD3Context(Family):
 
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
         clip = torch.cat([out.hidden_states[-2] for out in _clip_outputs(tokenizers, encoders, texts, device)], dim=-1)
+        t5_rows = self.sequence_lengths[0]
         if len(encoders) > 2:
-            t5 = encoders[2](tokenize(tokenizers[2], texts, T5_ROWS).input_ids.to(device))[0]
+            t5 = encoders[2](tokenize(tokenizers[2], texts, t5_rows).input_ids.to(device))[0]
         else:
-            t5 = clip.new_zeros(clip.shape[0], T5_ROWS, self.joint_width)
+            t5 = clip.new_zeros(clip.shape[0], t5_rows, self.joint_width)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2)
 
@@ -64,6 +63,7 @@ class SD3Pooled(Family):
 
 
 _SHARED = dict(
+    title="SD3/SD3.5",
     pipelines=("StableDiffusion3Pipeline",),
     text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3")),
     text_encoder_classes=("CLIPTextModelWithProjection", "T5EncoderModel"),
@@ -72,9 +72,10 @@ _SHARED = dict(
     by_components=False,
     steps=28,
     guidance=7.0,
+    sequence_lengths=(256,),  # StableDiffusion3Pipeline.__call__'s default max_sequence_length
     # Stability's single files: the MMDiT under model.diffusion_model., the pooled projection as y_embedder.mlp.0
     checkpoint_marker="joint_blocks.",
     original_names=(("context_embedder", "context_embedder"), ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")),
-    kohya_names="original",  # lora_unet_context_embedder, lora_unet_y_embedder_mlp_0: as ComfyUI names its modules
+    kohya_comfyui_only=True,  # lora_unet_context_embedder, lora_unet_y_embedder_mlp_0: as ComfyUI names its modules
 )
-SD3 = two_space_family("sd3", SD3Context, SD3Pooled, _SHARED)
+SD3 = two_space_family(TwoSpace, "sd3", SD3Context, SD3Pooled, _SHARED)

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Family, tokenize
+from ..errors import ReceError
+from .base import tokenize
+from .ldm_names import kohya_name, ldm_name
+from .sd import StableDiffusion
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(StableDiffusion):
     def dim(self, encoders: Sequence) -> int:
         return sum(e.config.hidden_size for e in encoders)
 
@@ -25,13 +28,21 @@ class StableDiffusionXL(Family):
         pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
         return {**super().embeds_call(pipe, rows, attended, texts), "pooled_prompt_embeds": pooled}
 
+    def kohya_modules(self, layers: Sequence[str], denoiser_config: dict) -> dict[str, str]:
+        """SGM's block names (input_blocks / middle_block / output_blocks): kohya's SDXL scripts train on SGM's UNet."""
+        per_block = denoiser_config.get("layers_per_block", 2)
+        if isinstance(per_block, (list, tuple)):
+            per_block = per_block[0] if len(set(per_block)) == 1 else None
+        if per_block is None:
+            raise ReceError("this UNet's blocks have different numbers of layers; kohya's SGM names cannot address them")
+        return {n: kohya_name(ldm_name(n, per_block)) for n in layers}
+
 
 SDXL = StableDiffusionXL(
     name="sdxl",
+    title="SDXL",
     pipelines=("StableDiffusionXLPipeline",),
     text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     checkpoint_marker="conditioner.embedders.1.",
-    original_unet=True,
-    kohya_names="ldm",  # kohya's SDXL scripts train on SGM's UNet: input_blocks / middle_block / output_blocks
 )

@@ -37,7 +37,7 @@ def generate(
     out = []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", **family.call_kwargs)
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np", **family.call_options())
         if spaces is not None:
             rows = [space[start:stop] for space in spaces]
             kwargs.update(family.embeds_call(pipe, rows, [rows[0].shape[1]] * (stop - start), [""] * (stop - start)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .errors import ReceError
+from ..errors import ReceError
 
 UNET_PREFIX = "model.diffusion_model."  # where the UNet sits in an SD1/SD2/SDXL single-file checkpoint
 KOHYA_UNET = "lora_unet_"
