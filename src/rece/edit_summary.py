@@ -38,5 +38,7 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")
     lines.append(f"base          {m['base']['source']} (fingerprint {m['base']['fingerprint']}, {m['base']['pipeline']})")
+    for before in m["base"].get("edits") or []:  # erased from the model with these applied: they come first
+        lines.append(f"after edit    {before['path']} ({', '.join(before['concepts'])})")
     lines.extend(describe(m.get("preservation") or {}))
     return "\n".join(lines)

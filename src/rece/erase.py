@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -164,6 +165,8 @@ def erase(
         group: preservation.summary(preservation.merge_sums(*(r.sums[group] for r in results.values())))
         for group in ("preserved", "check")
     }
+    if warning := preservation.excess(edit.metadata["preservation"]):
+        warnings.warn(warning, stacklevel=2)
     return edit
 
 

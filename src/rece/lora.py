@@ -65,7 +65,7 @@ def kohya_modules(family, layers: list[str], layers_per_block: int | None) -> di
     if family.kohya_names is None:
         raise ReceError(
             f"kohya LoRA names exist here for SD1/SD2/SDXL, FLUX.1 and SD3 only, not {family.name}; use --format diffusers "
-            "(the pipeline's load_lora_weights reads it)"
+            f"({family.lora_hint})"
         )
     if family.kohya_names == "diffusers":
         return {n: kohya_name(n) for n in layers}

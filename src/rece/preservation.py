@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 WORST = 5  # texts named in a summary
+EXCESS = 1.0  # a preserved text whose K/V moved by more than their own size is no longer preserved
 
 
 def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -70,6 +71,18 @@ def summary(sums: dict[str, tuple[float, float]]) -> dict | None:
     }
 
 
+def excess(report: dict) -> str | None:
+    """A warning when a preserved text's K/V changed by more than 100 % (None otherwise)."""
+    part = (report or {}).get("preserved")
+    if not part or part["max"] <= EXCESS:
+        return None
+    text, value = part["worst"][0]
+    return (
+        f"the preserved texts' keys/values changed by up to {100 * value:.0f} % ('{text[:30]}'), more than 100 %: "
+        "this edit does not preserve them; use fewer --epochs"
+    )
+
+
 def describe(report: dict) -> list[str]:
     """Lines for `rece info`: each group's mean and max relative K/V change and its worst texts."""
     lines = []
@@ -81,4 +94,5 @@ def describe(report: dict) -> list[str]:
         lines.append(
             f"{title:13s} K/V change over {part['texts']} texts: mean {part['mean']:.3g}, max {part['max']:.3g} ({worst})"
         )
-    return lines
+    warning = excess(report)
+    return lines + ([f"warning       {warning}"] if warning else [])

@@ -55,16 +55,17 @@ def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseC
 def cmd_erase(args) -> int:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
 
+    from ..edit import edited_base
     from ..erase import erase
     from ..models import load_model
     from ..pipelines import resolve_device
 
     config = erase_config(args)
-    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config]
+    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit]
     check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    base = load_model(args.model, device, config=args.config)
+    base = edited_base(load_model(args.model, device, config=args.config), args.base_edit)
     loaded = time.perf_counter()
     edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     edit.save(args.output)
@@ -124,7 +125,6 @@ def cmd_info(args) -> int:
 
 
 LORA_HINTS = {
-    "diffusers": "load with pipe.load_lora_weights",
     "kohya": "put it in ComfyUI's models/loras or the web UI's models/Lora",
     "diff": "put it in ComfyUI's models/loras or the web UI's models/Lora",
 }
@@ -151,7 +151,8 @@ def cmd_lora(args) -> int:
         print(f"wrote {args.output}: the exact change of {layers} layers, {size:.2f} MiB ({LORA_HINTS['diff']})")
         return 0
     rank = next(v for k, v in state.items() if "lora_A" in k or "lora_down" in k).shape[0]
-    print(f"wrote LoRA {args.output}: rank {rank}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
+    hint = base.family.lora_hint if args.format == "diffusers" else LORA_HINTS[args.format]
+    print(f"wrote LoRA {args.output}: rank {rank}, {layers} layers, {size:.2f} MiB ({hint})")
     if args.format == "kohya" and edit.kind in ("flux", "flux-schnell", "sd3"):
         print("note: this is for ComfyUI; with diffusers use the default --format diffusers (load_lora_weights)")
     shapes = [edit.metadata["base"]["shapes"][n] for n in edit.layers]
@@ -164,6 +165,14 @@ def add_parsers(sub) -> None:
     """The parsers of erase, apply, info and lora."""
     p = sub.add_parser("erase", help="erase concepts and write an edit file")
     add_erase_arguments(p)
+    p.add_argument(
+        "--base-edit",
+        action="append",
+        default=[],
+        metavar="EDIT",
+        help="erase from MODEL with this edit file applied (repeatable, in order): the new edit then applies after it "
+        "(rece apply MODEL EDIT NEW)",
+    )
     p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -41,6 +41,7 @@ class Family:
     original_unet: bool = False  # its single files hold an original (LDM/SGM) UNet under model.diffusion_model.
     original_names: tuple[tuple[str, str], ...] = ()  # (edited module, its name in the family's published single files)
     kohya_names: str | None = None  # its kohya LoRAs' module names: "diffusers", "ldm" or "original" (None: none)
+    lora_hint: str = "load it with pipe.load_lora_weights"  # how a diffusers-format LoRA of this family is loaded
     pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
     call_kwargs: dict = field(default_factory=dict)  # what rece passes to every pipeline call (fixed preprocessing)
     max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)

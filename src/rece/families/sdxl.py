@@ -26,6 +26,9 @@ class StableDiffusionXL(Family):
         return {**super().embeds_call(pipe, rows, attended, texts), "pooled_prompt_embeds": pooled}
 
 
+# SDXL refiner single files: one text encoder (OpenCLIP bigG) as conditioner.embedders.0, no embedders.1
+REFINER_MARKER = "conditioner.embedders.0.model."
+
 SDXL = StableDiffusionXL(
     name="sdxl",
     pipelines=("StableDiffusionXLPipeline",),
