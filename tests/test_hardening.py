@@ -460,3 +460,30 @@ def test_edits_made_from_the_previous_result_apply_in_order(sd_path, edit_path, 
     assert all(torch.equal(both[n], w) for n, w in expected.items())
     assert main(["erase", str(tmp_path / "cat-model"), "-c", "dog", "-o", str(tmp_path / "direct.safetensors")]) == 0
     assert torch.equal(load_edit(tmp_path / "direct.safetensors").transform, load_edit(after).transform)
+
+
+def test_a_demo_that_erased_nothing_says_so(tmp_path, capsys, monkeypatch):
+    erase = demo.erase  # an erasure with no erase weight: the model is unchanged
+
+    monkeypatch.setattr(demo, "erase", lambda pipe, **kw: erase(pipe, **{**kw, "uce_erase_scale": 0.0, "epochs": 0}))
+    with pytest.warns(
+        UserWarning,
+        match=r"erasing 'triangle' from shapes with rece erased nothing: .* (\d+) % of the time before and \1 % after",
+    ):
+        metrics = demo.run_demo(tmp_path / "d", per_combo=1, steps=8, quiet=True)
+    assert metrics["erased"] is False and metrics["before"]["erased_rate"] == metrics["after"]["erased_rate"] > 0
+    assert "erased nothing" in (tmp_path / "d" / "report.html").read_text()
+    assert main(["demo", "-o", str(tmp_path / "d"), "--per-combo", "1", "--steps", "8"]) == 1
+    out, err = capsys.readouterr()
+    assert "did not erase 'triangle' from shapes" in out and "warning: erasing 'triangle' from shapes" in err
+
+
+def test_a_sweep_point_that_erased_nothing_says_so(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "shapes", "--concept", "triangle", "--method", "uce", "--vary", "uce_erase_scale", "--values", "0,1"]
+    assert main([*argv, "--steps", "6", "--images", "1", "-o", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    assert "warning: uce_erase_scale=0.0 erased nothing: prompts naming 'triangle' show it in" in err
+    assert "0 (erased nothing)" in printed and "1 (erased nothing)" not in printed
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [p.get("erased nothing", False) for p in points] == [True, False]
