@@ -10,26 +10,39 @@ import torch
 from .closed_form import CHUNK_ROWS
 from .config import ROBUST_TEMPLATES
 from .errors import ReceError
+from .preservation import SUM_ROWS, check_chunk_texts
 
 SAFETY = 1.25  # allocator slack and temporaries the count below leaves out
 LIMIT_ENV = "RECE_MEMORY_LIMIT"  # caps the free memory rece assumes: bytes (1e9) or a size (800MB, 2GB, 1.5GiB)
 UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def erase_bytes(concepts: int, other_texts: int, rows: int, dim: int, epochs: int) -> int:
+PER_CHECK_TEXT = 1024  # bytes a held-out text keeps until the report: its string, its sums, its place in the summary
+
+
+def erase_bytes(
+    concepts: int, other_texts: int, rows: int, dim: int, epochs: int, preserve: int = 0, check: int = 0, tokenizers: int = 1
+) -> int:
     """Peak bytes an erasure adds, by what it keeps in float64:
 
-    - every text's embedding rows, [texts, rows, dim];
+    - the embedding rows of every text it encodes together, [texts, rows, dim] (its concepts and the `other_texts`);
+    - the preserved texts' rows twice more (the RECE step's weighted rows, and the rows the closed form stacks);
     - RECE's c′ of every concept, twice per epoch (the rows, and the padded copy the edit keeps);
     - the chunk of rows the accumulated updates and the derivations work on (with targets and results), ×4;
-    - a dozen d×d matrices (grams, transforms, their factors).
+    - a dozen d×d matrices (grams, transforms, their factors);
+    - the held-out (`check`) texts one chunk at a time: its rows, its token ids, three SUM_ROWS × d products, and
+      PER_CHECK_TEXT for each text until the report.
     """
     texts = concepts + other_texts
-    embeddings = texts * rows * dim
+    embeddings = texts * rows * dim + 2 * preserve * rows * dim
     derived = 2 * max(epochs, 0) * concepts * rows * dim
     chunk = 4 * min(CHUNK_ROWS, concepts * rows) * dim
     square = 12 * dim * dim
-    return int(SAFETY * 8 * (embeddings + derived + chunk + square))
+    floats = embeddings + derived + chunk + square
+    if check:
+        encoded = min(check, check_chunk_texts(rows, dim))
+        floats += encoded * rows * (dim + tokenizers) + 3 * min(SUM_ROWS, check * rows) * dim
+    return int(SAFETY * (8 * floats + PER_CHECK_TEXT * check))
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int | None:
@@ -90,15 +103,24 @@ def require_memory(need: int, device: str | torch.device, what: str, advice: str
         raise ReceError(f"{what} needs about {format_bytes(need)} and {format_bytes(free)} is {where}; {advice}")
 
 
-def check_memory(base, config) -> None:
-    """Refuse, in one line and before any work, an erasure whose estimate exceeds the free memory."""
-    others = 3 + len(config.preserve) + len(config.check) + (1 if config.preserve_empty else 0)
+def estimate_bytes(base, config) -> int:
+    """What `erase_bytes` expects an erasure of `config` from `base` to add, over every space the model reads."""
+    others = 3 + len(config.preserve) + (1 if config.preserve_empty else 0)
     if config.method == "robust" and config.templates:
         others += len(ROBUST_TEMPLATES) * (len(config.concepts) + 1)  # each concept in each template, and alone
-    need = sum(erase_bytes(len(config.concepts), others, v.encoder.max_length, v.dim, config.epochs) for v in base.views)
+    preserve, check = len(config.preserve) + 2, len(set(config.check))
+    return sum(
+        erase_bytes(len(config.concepts), others, v.encoder.max_length, v.dim, config.epochs, preserve, check,
+                    len(v.encoder.tokenizers))
+        for v in base.views
+    )  # fmt: skip
+
+
+def check_memory(base, config) -> None:
+    """Refuse, in one line and before any work, an erasure whose estimate exceeds the free memory."""
     advice = (
         "erase fewer concepts per edit: split --concept-prompts and erase each part from the previous result "
         "(rece erase MODEL --base-edit PREVIOUS.safetensors ...), then apply the edits in order"
         + (", or lower --epochs" if config.epochs > 1 else "")
     )
-    require_memory(need, base.encoder.device, f"erasing {len(config.concepts)} concepts", advice)
+    require_memory(estimate_bytes(base, config), base.encoder.device, f"erasing {len(config.concepts)} concepts", advice)

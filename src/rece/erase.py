@@ -43,10 +43,11 @@ class _Texts:
     @classmethod
     def encode(cls, base: BaseModel, texts: list[str], progress: bool | None = None) -> _Texts:
         unique = list(dict.fromkeys(texts))
-        emb = base.encoder.encode(unique, progress=progress)
+        emb, index = base.encoder.encode_unique(unique, progress=progress)  # repeats by token ids share their rows
         counts = base.encoder.token_counts(unique)
         family = base.family
-        return cls(dict(zip(unique, emb)), dict(zip(unique, counts)), family.masks_padding, family.end_rows, family.whole_rows)
+        embeddings = {t: emb[i] for t, i in zip(unique, index)}
+        return cls(embeddings, dict(zip(unique, counts)), family.masks_padding, family.end_rows, family.whole_rows)
 
     def attended(self, text: str) -> torch.Tensor:
         """The rows of a text the model attends to: all of them, or those before the padding when it is masked."""
@@ -176,9 +177,7 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     texts = _Texts.encode(
-        base,
-        config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra + config.check,
-        progress,
+        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra, progress
     )
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
@@ -191,9 +190,23 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
         result = _SpaceResult(None, deltas, derived, None, {})
     gram0 = base.original_gram()
     gram_delta = preservation.delta_gram(gram0, result.transform, result.deltas)
-    for group, names in (("preserved", config.uce_preserve_texts), ("check", config.check)):
-        result.sums[group] = preservation.text_sums({t: texts.attended(t) for t in names}, gram0, gram_delta)
+    result.sums["preserved"] = preservation.text_sums(
+        {t: texts.attended(t) for t in config.uce_preserve_texts}, gram0, gram_delta
+    )
+    result.sums["check"] = check_sums(base, config.check, gram0, gram_delta, progress)
     return result
+
+
+def check_sums(base: BaseModel, check: list[str], gram0, gram_delta, progress: bool | None = None) -> dict:
+    """The preservation sums of the held-out texts, encoded and summed a chunk at a time: they take no part in the
+    erasure, so their memory stays that of one chunk however many there are."""
+    unique, sums = list(dict.fromkeys(check)), {}
+    size = preservation.check_chunk_texts(base.encoder.max_length, base.encoder.dim)
+    for start in progress_bar(range(0, len(unique), size), "checking texts", "chunk", progress if len(unique) > size else False):
+        texts = _Texts.encode(base, unique[start : start + size])
+        sums.update(preservation.text_sums({t: texts.attended(t) for t in texts.embeddings}, gram0, gram_delta))
+        del texts
+    return sums
 
 
 def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.Tensor]:

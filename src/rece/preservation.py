@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 WORST = 5  # texts named in a summary
+SUM_ROWS = 4096  # rows whose K/V change is computed at once: the sums' working memory is O(SUM_ROWS·d), not O(texts)
+CHECK_CHUNK_BYTES = 32 * 2**20  # float64 rows of held-out texts encoded at once (memory flat in their number)
+
+
+def check_chunk_texts(rows: int, dim: int) -> int:
+    """How many held-out texts of `rows` × `dim` rows are encoded and summed at a time."""
+    return max(1, CHECK_CHUNK_BYTES // (8 * rows * dim))
+
+
 EXCESS = 1.0  # a preserved text whose K/V moved by more than their own size is no longer preserved
 
 
@@ -32,17 +41,20 @@ def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tens
 
 
 def text_sums(rows: dict[str, torch.Tensor], gram0: torch.Tensor, gram_delta: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers."""
-    if not rows:
-        return {}
-    names = list(rows)
-    stacked = torch.cat([rows[n] for n in names]).to(gram0.device, torch.float64)
-    change = ((stacked @ gram_delta) * stacked).sum(dim=1)
-    norm = ((stacked @ gram0) * stacked).sum(dim=1)
-    out, start = {}, 0
-    for n in names:
-        stop = start + rows[n].shape[0]
-        out[n] = (change[start:stop].sum().item(), norm[start:stop].sum().item())
+    """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers (SUM_ROWS
+    rows at a time)."""
+    names, out = list(rows), {}
+    sizes = [rows[n].shape[0] for n in names]
+    start = 0
+    while start < len(names):
+        stop, count = start, 0
+        while stop < len(names) and (count == 0 or count + sizes[stop] <= SUM_ROWS):
+            count += sizes[stop]
+            stop += 1
+        stacked = torch.cat([rows[n] for n in names[start:stop]]).to(gram0.device, torch.float64)
+        change = ((stacked @ gram_delta) * stacked).sum(dim=1).split(sizes[start:stop])
+        norm = ((stacked @ gram0) * stacked).sum(dim=1).split(sizes[start:stop])
+        out.update({n: (c.sum().item(), v.sum().item()) for n, c, v in zip(names[start:stop], change, norm)})
         start = stop
     return out
 
