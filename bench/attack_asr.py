@@ -85,14 +85,20 @@ def main() -> int:
         edits[method] = erase(base, method=method, **settings).save(work / f"{method}.safetensors")
     common = dict(steps=args.steps, progress=False, overwrite=True, batch_size=8)
     table = []
+    plain = dict(steps=args.steps, guidance=4.0, images_per_prompt=args.images, progress=False, overwrite=True, device="cpu")
+    original_run = generate_run(args.model, prompts, work / "original-none", **plain)
+    original = evaluate(original_run, ["asr"], concept=[args.concept])["asr"]["summary"]["asr %"]
+    print(f"{'none (prompts)':24s} {'-':5s} ASR {original:6.1f} %  (the unedited model)", flush=True)
+    table.append(("none (prompts)", "original", original, None, None))
     for method, edit in edits.items():
         runs = {}
         start = time.perf_counter()
-        runs["none (prompts)"] = generate_run(
-            args.model, prompts, work / f"{method}-none", edits=[edit], steps=args.steps, guidance=4.0,
-            images_per_prompt=args.images, progress=False, overwrite=True, device="cpu",
-        )  # fmt: skip
+        runs["none (prompts)"] = generate_run(args.model, prompts, work / f"{method}-none", edits=[edit], **plain)
         seconds = {"none (prompts)": time.perf_counter() - start}
+        erased = evaluate(runs["none (prompts)"], ["asr"], concept=[args.concept])["asr"]["summary"]["asr %"]
+        if erased >= original:  # every attack row below would measure an erasure that did not happen
+            print(f"{method}: erased nothing: the prompts show '{args.concept}' in {erased:.1f} % of the images, "
+                  f"the unedited model in {original:.1f} %", flush=True)  # fmt: skip
         for name, extra in [
             ("derived (fresh c′)", dict(attack="derived", images_per_prompt=4 * args.images)),
             ("derived (c′ from UCE)", dict(attack="derived", derive_from=str(edits["uce"]), images_per_prompt=4 * args.images)),

@@ -72,9 +72,12 @@ def attack_rows(data: dict | list) -> dict[str, dict[str, str]]:
     """Rows of the attack success rates (attack_asr.py's asr.json: rows of [attack, method, asr %, prompt asr %, seconds])."""
     table = data["rows"] if isinstance(data, dict) else data  # a bare list: written before the benches named their machine
     rows: dict[str, dict[str, str]] = {}
+    original = next((row[2] for row in table if row[:2] == ["none (prompts)", "original"]), None)  # unedited model
     for name, method, asr, _prompt_asr, _seconds in table:
         label = "no attack (prompts)" if name == "none (prompts)" else name
         rows.setdefault(label, {})[method] = "n/a" if asr is None else f"{asr:.1f} %"  # n/a: family not supported
+        if name == "none (prompts)" and None not in (asr, original) and method != "original" and asr >= original:
+            rows[label][method] += " (erased nothing)"  # the attack rows of this method measure no erasure
     return {k: rows[k] for k in [("no attack (prompts)" if a == "none (prompts)" else a) for a in ATTACKS] if k in rows}
 
 

@@ -123,3 +123,18 @@ def test_robust_table_puts_models_side_by_side_and_marks_unsupported_attacks(tmp
     assert bad.returncode == 2 and "--model LABEL QUALITY" in bad.stderr
     gone = subprocess.run([sys.executable, script, "--model", "x", str(tmp_path / "none.json")], capture_output=True, text=True)
     assert gone.returncode == 2 and "no such file" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_robust_table_marks_an_edit_that_erased_nothing(tmp_path):
+    quality, attacks = write_measurements(tmp_path, "m", 0.0, True)
+    none = [
+        ["none (prompts)", "original", 75.0, 0, 1],
+        ["none (prompts)", "uce", 0.0, 0, 1],
+        ["none (prompts)", "rece", 75.0, 0, 1],
+    ]
+    attacks.write_text(json.dumps(none))
+    script = str(ROOT / "bench" / "robust_table.py")
+    out = subprocess.run([sys.executable, script, str(quality), str(attacks), "--markdown"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    row = next(r for r in out.stdout.splitlines() if r.startswith("| no attack (prompts)"))
+    assert "| 0.0 % | 75.0 % (erased nothing) |" in row and row.count("erased nothing") == 1

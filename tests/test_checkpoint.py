@@ -163,7 +163,7 @@ def test_single_file_refusals(cases, sd_path, tmp_path, capsys):
     assert "no conversion from a folder" in refused("apply", sd_path, edit_path, "-o", tmp_path / "x.safetensors")
     other = tmp_path / "other-edit.safetensors"
     assert main(["erase", str(cases["sdxl"][1]), "-c", "cat", "-o", str(other)]) == 0
-    assert "different architecture" in refused("apply", ckpt, other, "-o", tmp_path / "y.safetensors")
+    assert "made for a sdxl model" in refused("apply", ckpt, other, "-o", tmp_path / "y.safetensors")
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     assert "not a safetensors file" in refused("apply", bogus, edit_path, "-o", tmp_path / "z.safetensors")

@@ -41,7 +41,8 @@ def test_concepts_and_recipes():
     mmdit = door.recipe_for(door.MMDIT, ["triangle"])  # the MMDiT's: same prompts, two settings changed
     assert mmdit == {**recipe, "target": "a circle", "uce_preserve_scale": 1.0}
     assert door.erasure_arguments("circle", door.MMDIT)["target"] == "a square"
-    assert door.erasure_arguments("red", door.MMDIT)["target"] == "a shape"
+    assert door.erasure_arguments("red", door.MMDIT)["target"] == "a blue shape"  # it draws red for "a shape"
+    assert door.erasure_arguments("blue", door.MMDIT)["target"] == "a shape"
     assert door.recipe_for("tiny", ["triangle"]) is None and door.recipe_for("shapes", ["cat"]) is None
     assert door.recipe_for("shapes", ["triangle", "red"]) is None
     rows = door.evaluation_prompt_rows("triangle")

@@ -184,8 +184,9 @@ def test_demo_on_an_mmdit_shapes_model(trained, tmp_path):
     from rece.cli import main
 
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--model", str(trained), "--per-combo", "1", "--steps", "2"]) == 0
+    code = main(["demo", "-o", str(out), "--model", str(trained), "--per-combo", "1", "--steps", "2"])
     metrics = json.loads((out / "metrics.json").read_text())
+    assert code == (0 if metrics["erased"] else 1)  # three training steps draw no triangle to erase: said, status 1
     assert metrics["model"] == str(trained) and metrics["concept"] == "triangle"
     assert (metrics["target"], metrics["uce_preserve_scale"]) == ("a circle", 1.0)  # an SD3 pipeline: the MMDiT's recipe
     assert set(metrics["after"]) >= {"erased_rate", "other_shape_accuracy", "color_accuracy"}
@@ -260,3 +261,24 @@ def test_ring_a_bell_searches_both_spaces_of_an_mmdit(trained, tmp_path):
     goals = [view.encoder.encode(["a red triangle"])[0] for view in base.spaces]
     distances = ring_a_bell.relative_distances(ring_a_bell.space_rows(target, ["a red triangle", "a blue square"]), goals)
     assert np.allclose(distances[0], 0) and (distances[1] > 0).all()
+
+
+def test_red_is_erased_towards_a_target_that_is_not_red(pipe, grid, baseline):
+    """This model draws red for "a shape", the colours' target, so erasing red towards it erased nothing (the demo: 100 %
+    before and after); red maps to "a blue shape", with which UCE leaves no red image (docs/shapes.md)."""
+    from rece.toy.detector import detect
+
+    def red_images(text: str) -> int:
+        return sum(detect(image).color == "red" for image in generate(pipe, [text] * 8, list(range(8)), STEPS))
+
+    target = erasure_arguments("red", door.MMDIT)["target"]
+    assert red_images("a shape") >= 7 and red_images(target) == 0
+    prompts, seeds, shapes, colors = grid
+    before = erasure_metrics(baseline, shapes, colors, "red")
+    edit = rece.erase(from_pipeline(pipe, NAME), method="uce", **erasure_arguments("red", door.MMDIT))
+    edit.apply(pipe)
+    try:
+        after = erasure_metrics(generate(pipe, prompts, seeds, STEPS), shapes, colors, "red")
+    finally:
+        edit.revert(pipe)
+    assert before["erased_rate"] >= 0.9 and after["erased_rate"] == 0 and after["color_accuracy"] >= 0.95

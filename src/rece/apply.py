@@ -12,9 +12,9 @@ import torch
 from .errors import ReceError
 from .families import family_of_pipeline
 from .hub import snapshot
-from .io import atomic_dir, disk_full_reported, folder_bytes
+from .io import atomic_dir, disk_full_reported, folder_bytes, is_disk_full
 from .models import BaseModel, load_model
-from .weights import component_weight_files, load_pickled_weights
+from .weights import component_weight_files, kv_fingerprint, load_pickled_weights
 
 APPLIED = "_rece_applied"  # the stack of (edit id, original weights) kept on the denoiser of a pipeline
 
@@ -30,7 +30,7 @@ def apply_edit(edit, pipe, allow_other_base: bool = False):
     """Edit a diffusers pipeline in place, keeping the weights it replaces so `revert_edit` restores them exactly."""
     denoiser, modules = _edited_modules(pipe)
     kv = {n: m.weight for n, m in modules.items()}
-    new = edit.edited_kv(kv, allow_other_base, source=type(pipe).__name__)
+    new = edit.edited_kv(kv, allow_other_base, source=type(pipe).__name__, family=family_of_pipeline(pipe))
     denoiser.__dict__.setdefault(APPLIED, []).append((edit.edit_id(), {n: kv[n].detach().clone() for n in new}))
     with torch.no_grad():
         for n, w in new.items():
@@ -78,16 +78,33 @@ def _rewrite_weights(folder: Path, new: dict[str, torch.Tensor]) -> None:
 
 
 def composed_weights(
-    edits: Sequence, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model"
+    edits: Sequence, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model", family=None
 ) -> dict[str, torch.Tensor]:
-    """The new weights of every layer some edit changes, the edits applied in order to the original weights `kv`
-    (each checks its base against the weights it is given)."""
+    """The new weights of every layer some edit changes, the edits applied in order to the original weights `kv` of a
+    model of `family` (each checks its base against the weights it is given)."""
     kv, new = dict(kv), {}
-    for edit in edits:
-        changed = edit.edited_kv(kv, allow_other_base, source)
+    original = kv_fingerprint(kv)
+    for i, edit in enumerate(edits):
+        if i and not allow_other_base and edit.base_fingerprint == original and kv_fingerprint(kv) != original:
+            raise ReceError(
+                f"edit {i + 1} ({', '.join(edit.concepts)}) was made from '{source}' itself, not from it with the edits "
+                "before it applied, so it cannot follow them; erase all the concepts in one edit, or make each next edit "
+                "from the previous result (rece erase MODEL --base-edit PREVIOUS.safetensors ...) and apply them in order"
+            )
+        changed = edit.edited_kv(kv, allow_other_base, source, family)
         kv.update(changed)
         new.update(changed)
     return new
+
+
+def copy_error(exc: shutil.Error, folder: Path) -> ReceError:
+    """One line for a failed copy of the model folder: the first file that failed and why, how many more did."""
+    failures = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    if not failures:
+        return ReceError(f"cannot copy '{folder}' ({exc}); check free space and permissions, then run again")
+    source, _, reason = failures[0]
+    more = f" and {len(failures) - 1} more file(s)" if len(failures) > 1 else ""
+    return ReceError(f"cannot copy '{source}'{more} into the output ({reason}); check free space and permissions, then run again")
 
 
 def write_applied_pipeline(
@@ -95,7 +112,7 @@ def write_applied_pipeline(
 ) -> Path:
     """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
     base = model if isinstance(model, BaseModel) else load_model(model)
-    new = composed_weights(edits, base.kv, allow_other_base, base.source)
+    new = composed_weights(edits, base.kv, allow_other_base, base.source, base.family)
     if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
         pipe = base.pipeline
         with disk_full_reported(out_dir, lambda: pipeline_bytes(pipe)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -113,7 +130,12 @@ def write_applied_pipeline(
         folder = snapshot(base.source)
     # a full disk makes copytree raise one shutil.Error listing every file it could not copy: say it in one line
     with disk_full_reported(out_dir, lambda: folder_bytes(folder)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        try:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        except shutil.Error as exc:  # its message lists every file that failed, by temporary path
+            if is_disk_full(exc):
+                raise
+            raise copy_error(exc, folder) from None
         _rewrite_weights(tmp / base.family.denoiser, new)
     return Path(out_dir)
 

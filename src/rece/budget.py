@@ -3,30 +3,46 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from .closed_form import CHUNK_ROWS
 from .config import ROBUST_TEMPLATES
 from .errors import ReceError
+from .preservation import SUM_ROWS, check_chunk_texts
 
 SAFETY = 1.25  # allocator slack and temporaries the count below leaves out
+LIMIT_ENV = "RECE_MEMORY_LIMIT"  # caps the free memory rece assumes: bytes (1e9) or a size (800MB, 2GB, 1.5GiB)
+UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def erase_bytes(concepts: int, other_texts: int, rows: int, dim: int, epochs: int) -> int:
+PER_CHECK_TEXT = 1024  # bytes a held-out text keeps until the report: its string, its sums, its place in the summary
+
+
+def erase_bytes(
+    concepts: int, other_texts: int, rows: int, dim: int, epochs: int, preserve: int = 0, check: int = 0, tokenizers: int = 1
+) -> int:
     """Peak bytes an erasure adds, by what it keeps in float64:
 
-    - every text's embedding rows, [texts, rows, dim];
+    - the embedding rows of every text it encodes together, [texts, rows, dim] (its concepts and the `other_texts`);
+    - the preserved texts' rows twice more (the RECE step's weighted rows, and the rows the closed form stacks);
     - RECE's c′ of every concept, twice per epoch (the rows, and the padded copy the edit keeps);
     - the chunk of rows the accumulated updates and the derivations work on (with targets and results), ×4;
-    - a dozen d×d matrices (grams, transforms, their factors).
+    - a dozen d×d matrices (grams, transforms, their factors);
+    - the held-out (`check`) texts one chunk at a time: its rows, its token ids, three SUM_ROWS × d products, and
+      PER_CHECK_TEXT for each text until the report.
     """
     texts = concepts + other_texts
-    embeddings = texts * rows * dim
+    embeddings = texts * rows * dim + 2 * preserve * rows * dim
     derived = 2 * max(epochs, 0) * concepts * rows * dim
     chunk = 4 * min(CHUNK_ROWS, concepts * rows) * dim
     square = 12 * dim * dim
-    return int(SAFETY * 8 * (embeddings + derived + chunk + square))
+    floats = embeddings + derived + chunk + square
+    if check:
+        encoded = min(check, check_chunk_texts(rows, dim))
+        floats += encoded * rows * (dim + tokenizers) + 3 * min(SUM_ROWS, check * rows) * dim
+    return int(SAFETY * (8 * floats + PER_CHECK_TEXT * check))
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int | None:
@@ -44,20 +60,68 @@ def available_bytes(device: str | torch.device = "cpu") -> int | None:
     return None
 
 
-def check_memory(base, config) -> None:
-    """Refuse, in one line and before any work, an erasure whose estimate exceeds the free memory."""
-    others = 3 + len(config.preserve) + len(config.check) + (1 if config.preserve_empty else 0)
+def parse_size(text: str) -> int | None:
+    """Bytes of a size as people write it: 1000000000, 1e9, 800MB, 2 GB, 1.5GiB, 512k (None when it is not one)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not match:
+        return None
+    return int(float(match.group(1)) * UNITS[match.group(2) or ""])
+
+
+def memory_limit() -> int | None:
+    """The cap RECE_MEMORY_LIMIT sets (None: not set); a ReceError naming the variable when it is not a size."""
+    text = os.environ.get(LIMIT_ENV, "").strip()
+    if not text:
+        return None
+    size = parse_size(text)
+    if size is None or size < 1:
+        raise ReceError(f"{LIMIT_ENV}={text!r} is not a size; set it in bytes (1e9) or with a unit (800MB, 2GB, 1.5GiB)")
+    return size
+
+
+def format_bytes(size: float) -> str:
+    """A byte count in the unit that reads best: 512 B, 3.2 kB, 800 MB, 1.5 GB, 2.1 TB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
+def free_memory(device: str | torch.device = "cpu") -> tuple[int | None, str]:
+    """(bytes free for new allocations, what they are): the device's free memory, capped by RECE_MEMORY_LIMIT when it
+    is set (None: unknown)."""
+    free, limit = available_bytes(device), memory_limit()
+    if limit is not None and (free is None or limit < free):
+        return limit, f"allowed by {LIMIT_ENV}"
+    return free, "free"
+
+
+def require_memory(need: int, device: str | torch.device, what: str, advice: str) -> None:
+    """Refuse in one line, before the work, `what` needing `need` bytes when less is free on `device`."""
+    free, where = free_memory(device)
+    if free is not None and need > free:
+        raise ReceError(f"{what} needs about {format_bytes(need)} and {format_bytes(free)} is {where}; {advice}")
+
+
+def estimate_bytes(base, config) -> int:
+    """What `erase_bytes` expects an erasure of `config` from `base` to add, over every space the model reads."""
+    others = 3 + len(config.preserve) + (1 if config.preserve_empty else 0)
     if config.method == "robust" and config.templates:
         others += len(ROBUST_TEMPLATES) * (len(config.concepts) + 1)  # each concept in each template, and alone
+    preserve, check = len(config.preserve) + 2, len(set(config.check))
+    # rows per text: every sequence length the erasure pairs (FLUX.1 [schnell]: 256 and 512 joined)
     rows = [max(v.encoder.max_length, sum(v.family.erase_lengths(config.max_sequence_length))) for v in base.views]
-    need = sum(erase_bytes(len(config.concepts), others, n, v.dim, config.epochs) for n, v in zip(rows, base.views))
-    free = available_bytes(base.encoder.device)
-    limit = os.environ.get("RECE_MEMORY_LIMIT")  # bytes; lets a user (and the tests) set the budget
-    if limit:
-        free = min(free, int(limit)) if free is not None else int(limit)
-    if free is not None and need > free:
-        raise ReceError(
-            f"erasing {len(config.concepts)} concepts needs about {need / 1e9:.1f} GB and {free / 1e9:.1f} GB is free; "
-            "erase fewer concepts per edit (split --concept-prompts and apply the edits in order)"
-            + (" or lower --epochs" if config.epochs > 1 else "")
-        )
+    return sum(
+        erase_bytes(len(config.concepts), others, n, v.dim, config.epochs, preserve, check, len(v.encoder.tokenizers))
+        for n, v in zip(rows, base.views)
+    )
+
+
+def check_memory(base, config) -> None:
+    """Refuse, in one line and before any work, an erasure whose estimate exceeds the free memory."""
+    advice = (
+        "erase fewer concepts per edit: split --concept-prompts and erase each part from the previous result "
+        "(rece erase MODEL --base-edit PREVIOUS.safetensors ...), then apply the edits in order"
+        + (", or lower --epochs" if config.epochs > 1 else "")
+    )
+    require_memory(estimate_bytes(base, config), base.encoder.device, f"erasing {len(config.concepts)} concepts", advice)

@@ -41,6 +41,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
+    if 8 + length + end > os.path.getsize(path):
+        raise ReceError(
+            f"'{path}' is truncated: its header describes {8 + length + end} bytes, the file has {os.path.getsize(path)}; "
+            "re-download the checkpoint"
+        )
     return header, 8 + length
 
 
@@ -132,7 +141,7 @@ def write_applied_checkpoint(
     check_output_path(out, overwrite=overwrite, inputs=[src])
     kv, keys = checkpoint_kv(src)
     fingerprint = kv_fingerprint(kv)
-    new = composed_weights(edits, kv, allow_other_base, str(src))
+    new = composed_weights(edits, kv, allow_other_base, str(src), family_of_checkpoint(src))
     record = {
         "base_fingerprint": fingerprint,
         "edits": [{"id": e.edit_id(), "method": e.method, "concepts": e.concepts} for e in edits],

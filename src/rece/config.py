@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 from .errors import ReceError
@@ -35,6 +36,26 @@ ROBUST_TEMPLATES = (
 )
 TECHNIQUES = ("replace", "tensor")
 REGULARIZATION_TYPES = ("regzero", "standard")
+
+
+def text_key(text: str) -> str:
+    """What tells texts apart for rece's checks: case, surrounding and repeated spaces ignored ("Cat " is "cat")."""
+    return " ".join(text.split()).lower()
+
+
+def unique_concepts(concepts: list[str]) -> list[str]:
+    """The concepts with repeats (by `text_key`) dropped, the first spelling kept; a warning names what was dropped."""
+    kept: dict[str, str] = {}
+    repeats = []
+    for concept in concepts:
+        if text_key(concept) in kept:
+            repeats.append(concept)
+        else:
+            kept[text_key(concept)] = concept
+    if repeats:
+        shown = ", ".join(f"'{c}'" for c in repeats[:3]) + (f" and {len(repeats) - 3} more" if len(repeats) > 3 else "")
+        warnings.warn(f"{len(repeats)} repeated concept(s) dropped ({shown}): each concept is erased once", stacklevel=4)
+    return list(kept.values())
 
 
 @dataclass
@@ -103,6 +124,7 @@ class EraseConfig:
         for concept in self.concepts:
             if not isinstance(concept, str) or not concept.strip():
                 raise ReceError("a concept is empty; pass a non-empty --concept TEXT")
+        self.concepts = unique_concepts(self.concepts)  # a repeat would weigh a concept more, not erase it more
         if self.method not in METHODS:
             raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if self.technique not in TECHNIQUES:
@@ -138,10 +160,10 @@ class EraseConfig:
     def validate_texts(self) -> None:
         """Refuse a concept that is also the target or a preserved text (the closed form would undo the erasure),
         and a --layers pattern that is not a regular expression."""
-        target = self.resolved_target.strip().lower()
-        preserved = {p.strip().lower(): p for p in self.preserve}
+        target = text_key(self.resolved_target)
+        preserved = {text_key(p): p for p in self.preserve}
         for concept in self.concepts:
-            key = concept.strip().lower()
+            key = text_key(concept)
             if key == target:
                 raise ReceError(f"concept '{concept}' is also the --target; erasing it towards itself changes nothing")
             if key in preserved:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,17 @@ def measure_demo(
         "before": erasure_metrics(before, shapes, colors, concept),
         "after": erasure_metrics(after, shapes, colors, concept),
     }
+    metrics["erased"] = metrics["after"]["erased_rate"] < metrics["before"]["erased_rate"]  # False: it erased nothing
     return metrics, edit, before, after, erase_seconds
+
+
+def not_erased_message(metrics: dict) -> str:
+    """What the demo says when the erased rate did not drop."""
+    before, after = metrics["before"]["erased_rate"], metrics["after"]["erased_rate"]
+    return (
+        f"erasing '{metrics['concept']}' from {metrics['model']} with {metrics['method']} erased nothing: the images "
+        f"whose prompt names it show it {100 * before:.0f} % of the time before and {100 * after:.0f} % after"
+    )
 
 
 def demo_grid(before: np.ndarray, after: np.ndarray, per_combo: int, concept: str, method: str) -> Image.Image:
@@ -124,6 +135,7 @@ def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds
             f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} sampling steps, guidance {guidance}, '
             "same seeds before and after. Measured by the analytic shape / colour detector; each figure counts the "
             "images the last column names.</p>",
+            "" if metrics.get("erased", True) else f"<p><b>{not_erased_message(metrics)}.</b></p>",
             html_table(metric_rows(metrics), ["metric", "before", "after", "counts"]),
             f"<img src='{png_data_uri(grid)}' alt='before and after grid'>",
             f"<h2>Edit</h2><p>Saved beside this page as <code>edit.safetensors</code>: <code>rece info edit.safetensors</code>"
@@ -162,7 +174,8 @@ def _write_demo(output: Path, grid: Image.Image, page: str, metrics: dict, edit:
 
 def _print_summary(metrics: dict, erase_seconds: float, output: Path) -> None:
     """The demo's result on the terminal: timing, the metrics table and the files written."""
-    print(f"erased '{metrics['concept']}' from {metrics['model']} with {metrics['method']} in {erase_seconds:.2f} s")
+    done = "erased" if metrics["erased"] else "did not erase"
+    print(f"{done} '{metrics['concept']}' from {metrics['model']} with {metrics['method']} in {erase_seconds:.2f} s")
     print(f"{'metric':24s} {'before':>8s} {'after':>8s}  counts")
     for key, b, a, covers in metric_rows(metrics):
         print(f"{key:24s} {b:8.3f} {a:8.3f}  {covers}")
@@ -183,7 +196,8 @@ def run_demo(
 ) -> dict:
     """Generate the grid prompts, erase `concept`, regenerate with the same seeds, measure and write a report.
 
-    Writes OUTPUT/report.html, OUTPUT/grid.png, OUTPUT/metrics.json and OUTPUT/edit.safetensors.
+    Writes OUTPUT/report.html, OUTPUT/grid.png, OUTPUT/metrics.json and OUTPUT/edit.safetensors. When the erased rate
+    did not drop, `metrics["erased"]` is False and a warning says so (the command exits with status 1).
     """
     guidance = _check_options(concept, per_combo, steps, guidance)
     output = Path(output)
@@ -195,4 +209,6 @@ def run_demo(
     _write_demo(output, grid, page, metrics, edit)
     if not quiet:
         _print_summary(metrics, erase_seconds, output)
+    if not metrics["erased"]:
+        warnings.warn(not_erased_message(metrics), stacklevel=2)
     return metrics

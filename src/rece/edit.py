@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ from .config import LORA_TOLERANCE
 from .edit_file import FORMAT, FORMAT_VERSION, edit_tensors, read_edit_file, write_edit_file
 from .edit_summary import summarize
 from .errors import ReceError
+from .families import family_named
 from .lora import LORA_FORMATS, denoiser_config, kohya_modules, kohya_state, lora_state, save_lora
 from .models import BaseModel, load_model
-from .provenance import library_versions, utc_now
+from .provenance import file_sha256, library_versions, utc_now
 from .weights import kv_fingerprint
 
 
@@ -68,6 +70,7 @@ class Edit:
                 "dtype": str(base.dtype).replace("torch.", ""),
                 "layers": list(base.kv),
                 "shapes": {n: list(w.shape) for n, w in base.kv.items()},
+                **({"edits": base.edits} if base.edits else {}),  # erased from the model with these edits applied
             },
             "edited_layers": edited,
             "seconds": round(seconds, 4),
@@ -124,14 +127,25 @@ class Edit:
         return new.to(weight.dtype)
 
     def edited_kv(
-        self, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model"
+        self, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model", family=None
     ) -> dict[str, torch.Tensor]:
         """New weights for the edited layers of `kv` (original weights); checks the base model first."""
-        self.check_base(kv, allow_other_base, source)
+        self.check_base(kv, allow_other_base, source, family)
         return {n: self.edited_weight(n, kv[n]) for n in self.layers}
 
-    def check_base(self, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model") -> None:
-        """Refuse weights of another architecture, and of another base model unless `allow_other_base`."""
+    def check_family(self, family, source: str = "model") -> None:
+        """Refuse a model of another family than the edit's base (`family`: the model's; None: not known)."""
+        recorded = self.metadata["base"].get("pipeline")
+        if family is None or recorded is None or family_named(recorded).pipelines == family.pipelines:
+            return
+        raise ReceError(
+            f"this edit was made for a {recorded} model ({self.metadata['base']['source']}) but '{source}' is a "
+            f"{family.name} model; an edit applies to its own family only (--allow-other-base allows fine-tunes of the base)"
+        )
+
+    def check_base(self, kv: dict[str, torch.Tensor], allow_other_base: bool = False, source: str = "model", family=None) -> None:
+        """Refuse a model of another family or architecture, and another base model unless `allow_other_base`."""
+        self.check_family(family, source)
         missing = [n for n in self.layers if n not in kv]
         if missing:
             raise ReceError(f"'{source}' has no layer {missing[0]} that this edit changes; it is a different architecture")
@@ -143,10 +157,13 @@ class Edit:
                     "it is a different architecture"
                 )
         if not allow_other_base and kv_fingerprint(kv) != self.base_fingerprint:
+            before = self.metadata["base"].get("edits") or []
+            after = f" after its edit(s) {', '.join(e['path'] for e in before)}" if before else ""
             raise ReceError(
-                f"this edit was made for base model {self.base_fingerprint} ({self.metadata['base']['source']}) but '{source}' "
-                f"is {kv_fingerprint(kv)}; use the same base model, "
-                "or pass --allow-other-base (allow_other_base=True) for a fine-tune of it"
+                f"this edit was made for base model {self.base_fingerprint} ({self.metadata['base']['source']}{after}) but "
+                f"'{source}' is {kv_fingerprint(kv)}; use the same base model"
+                + (" with those edits applied first, in order" if before else "")
+                + ", or pass --allow-other-base (allow_other_base=True) for a fine-tune of it"
             )
 
     # -- what the other modules do with it ----------------------------------------------------
@@ -190,7 +207,7 @@ class Edit:
         if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
             raise ReceError(f"max rank must be a whole number >= 1, got {max_rank!r}; fix --max-rank")
         base = model if isinstance(model, BaseModel) else load_model(model)
-        self.check_base(base.kv, allow_other_base, base.source)
+        self.check_base(base.kv, allow_other_base, base.source, base.family)
         deltas = {n: self.delta64(n, base.kv[n].to(torch.float64)) for n in self.layers}
         if format == "diffusers":
             state, rank, exact = lora_state(deltas, base.kv, base.family.denoiser, tolerance, max_rank)
@@ -206,3 +223,15 @@ def load_edit(path: str | os.PathLike) -> Edit:
     """Read an edit file, validating that it is a complete rece edit."""
     metadata, transform, deltas, derived = read_edit_file(path)
     return Edit(metadata, transform=transform, deltas=deltas, derived=derived)
+
+
+def edited_base(base: BaseModel, paths: Sequence[str | os.PathLike]) -> BaseModel:
+    """`base` with the edit files `paths` applied in order: what a further erasure starts from (`--base-edit`), so
+    that its edit applies after them (`rece apply MODEL PREVIOUS... NEW`)."""
+    kv, records = dict(base.kv), list(base.edits)
+    for path in paths:
+        edit = load_edit(path)
+        kv.update(edit.edited_kv(kv, source=base.source, family=base.family))
+        records.append({"path": str(Path(path).resolve()), "sha256": file_sha256(path), "concepts": edit.concepts})
+    spaces = [replace(v, kv={n: kv[n] for n in v.kv}, edits=records, _fingerprint=None, _gram=None) for v in base.spaces]
+    return replace(base, kv=kv, spaces=spaces, edits=records, _fingerprint=None, _gram=None)

@@ -57,6 +57,11 @@ def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, 
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ReceError(
+            f"edit '{path}' is a folder, not an edit file; pass the .safetensors file `rece erase` wrote "
+            "(rece apply takes MODEL first, then the edit files)"
+        )
     if not path.is_file():
         raise ReceError(f"edit file '{path}' does not exist; create one with `rece erase MODEL --concept ... -o {path}`")
     try:

@@ -47,6 +47,8 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
     if m.get("sequence_lengths"):
         lengths = m["sequence_lengths"]
         lines.append(f"T5 rows       erased at {' and '.join(map(str, lengths))} per prompt; rece draws with {lengths[0]}")
+    for before in m["base"].get("edits") or []:  # erased from the model with these applied: they come first
+        lines.append(f"after edit    {before['path']} ({', '.join(before['concepts'])})")
     empty = " and ''" if c.get("preserve_empty", True) and c["preserve"] else ""
     lines.extend(describe(m.get("preservation") or {}, {"preserved": f"the preserve texts{empty}"}))
     return "\n".join(wrapped(line) for line in lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -47,12 +48,17 @@ class _Texts:
         """The texts' rows as `base` reads them, at each of `lengths` (T5 rows per prompt) joined, or as its encoder is."""
         unique = list(dict.fromkeys(texts))
         encoders = [base.encoder.at_length(n) for n in lengths] or [base.encoder]
-        parts = [e.encode(unique, progress=progress) for e in encoders]
-        segments = [(p.shape[1], dict(zip(unique, e.token_counts(unique)))) for p, e in zip(parts, encoders)]
         family = base.family
-        emb = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        # repeats by token ids share their rows (encode_unique): one float64 copy of the distinct texts' rows
+        encoded = [e.encode_unique(unique, progress=progress) for e in encoders]
+        segments = [(emb.shape[1], dict(zip(unique, e.token_counts(unique)))) for (emb, _), e in zip(encoded, encoders)]
+        if len(encoded) == 1:
+            emb, index = encoded[0]
+            embeddings = {t: emb[i] for t, i in zip(unique, index)}
+        else:  # each length's rows joined (a text distinct at one length may repeat another at a shorter one)
+            embeddings = {t: torch.cat([emb[index[k]] for emb, index in encoded]) for k, t in enumerate(unique)}
         counts = segments[0][1]
-        return cls(dict(zip(unique, emb)), counts, family.masks_padding, family.end_rows, family.whole_rows, segments)
+        return cls(embeddings, counts, family.masks_padding, family.end_rows, family.whole_rows, segments)
 
     def parts(self) -> list[_Texts]:
         """The texts at each sequence length their rows join (itself when there is one)."""
@@ -189,6 +195,8 @@ def erase(
         group: preservation.summary(preservation.merge_sums(*(r.sums[group] for r in results.values())))
         for group in ("preserved", "check")
     }
+    if warning := preservation.excess(edit.metadata["preservation"]):
+        warnings.warn(warning, stacklevel=2)
     return edit
 
 
@@ -207,12 +215,11 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
     target = config.resolved_target
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
+    lengths = base.family.erase_lengths(config.max_sequence_length)
     texts = _Texts.encode(
-        base,
-        config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra + config.check,
-        progress,
-        base.family.erase_lengths(config.max_sequence_length),
-    )
+        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra,
+        progress, lengths,
+    )  # fmt: skip
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
         result = _SpaceResult(transform, None, [], report, {})
@@ -226,9 +233,25 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
         result.derived = [d[:, : texts.segments[0][0]].contiguous() for d in result.derived]
     gram0 = base.original_gram()
     gram_delta = preservation.delta_gram(gram0, result.transform, result.deltas)
-    for group, names in (("preserved", config.uce_preserve_texts), ("check", config.check)):
-        result.sums[group] = preservation.text_sums({t: texts.attended(t) for t in names}, gram0, gram_delta)
+    result.sums["preserved"] = preservation.text_sums(
+        {t: texts.attended(t) for t in config.uce_preserve_texts}, gram0, gram_delta
+    )
+    result.sums["check"] = check_sums(base, config.check, gram0, gram_delta, progress, lengths)
     return result
+
+
+def check_sums(
+    base: BaseModel, check: list[str], gram0, gram_delta, progress: bool | None = None, lengths: tuple[int, ...] = ()
+) -> dict:
+    """The preservation sums of the held-out texts, encoded and summed a chunk at a time: they take no part in the
+    erasure, so their memory stays that of one chunk however many there are."""
+    unique, sums = list(dict.fromkeys(check)), {}
+    size = preservation.check_chunk_texts(base.encoder.max_length, base.encoder.dim)
+    for start in progress_bar(range(0, len(unique), size), "checking texts", "chunk", progress if len(unique) > size else False):
+        texts = _Texts.encode(base, unique[start : start + size], lengths=lengths)
+        sums.update(preservation.text_sums({t: texts.attended(t) for t in texts.embeddings}, gram0, gram_delta))
+        del texts
+    return sums
 
 
 def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.Tensor]:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
+from .budget import require_memory
 from .edit import load_edit
 from .errors import ReceError
 from .families import family_of_pipeline
 from .io import atomic_file
-from .launch import all_ranks_ok, init_distributed, launcher_shard, spawn
+from .launch import all_ranks_ok, init_distributed, launcher_shard, local_processes, spawn
 from .pipelines import SCHEDULERS, denoiser, image_size, load_pipeline, model_record, resolve_device, seeded_images, set_scheduler
 from .prompt_sets import PromptRow, load_prompt_set, resolve_prompt_set
 from .provenance import file_sha256, library_versions, utc_now
@@ -209,12 +210,29 @@ def prepare(job: RunJob, local_rank: int, world: int) -> Prepared:
         sampling = sampling_for(job.model, family_of_pipeline(pipe), job.steps, job.guidance, [e for _, e in edits])
         prepared.job = replace(job, height=job.height or size, width=job.width or size, steps=sampling.steps,
                                guidance=sampling.guidance, sequence_length=sampling.sequence_length)  # fmt: skip
+        check_image_memory(pipe, prepared.job, len(rows) * job.images_per_prompt, size)
         prompt_info = _prompt_info(job, set_path, all_rows, rows)
         prepared.manifest = build_manifest(prepared.job, pipe, model_info, edit_infos, prompt_info, world)
     except BaseException:
         restore(prepared)
         raise
     return prepared
+
+
+def decode_bytes(pipe, images: int, height: int, width: int) -> int:
+    """A lower bound of the memory one batch of `images` takes to decode: the VAE decoder's full-resolution float32
+    activations (its first block's channels per pixel), three alive at once (a block's input, output and residual)."""
+    config = getattr(getattr(pipe, "vae", None), "config", None) or {}
+    channels = (config.get("decoder_block_out_channels") or config.get("block_out_channels") or [128])[0]
+    return 3 * 4 * images * channels * height * width
+
+
+def check_image_memory(pipe, job: RunJob, images: int, size: int) -> None:
+    """Refuse, before the run folder is touched, image sizes whose decoding cannot fit in the free memory."""
+    batch = max(1, min(job.batch_size, images))
+    need = decode_bytes(pipe, batch, job.height, job.width)
+    advice = f"lower --height/--width (this model draws {size}×{size}) or --batch-size"
+    require_memory(need, pipe.device, f"decoding {batch} image(s) of {job.width}×{job.height}", advice)
 
 
 def restore(prepared: Prepared) -> None:
@@ -427,12 +445,12 @@ def generate_run(
         progress=progress,
     )
     check_options(job)
-    if num_processes < 1:
-        raise ReceError(f"--num-processes must be at least 1 (got {num_processes})")
+    if num_processes != 1:  # capped at the rows; refused far beyond the machine's devices or cores
+        num_processes = local_processes(num_processes, len(load_prompt_set(job.prompts, job.limit)), job.device)
     check_output_folder(job.output)
     if overwrite:
         check_overwrite_keeps(job.output, [job.prompts, *job.edits])
-    else:
+    elif finished_images(job.output / IMAGES):  # a run with no image yet is replaced by this one's settings
         check_manifest(job.output, known_settings(job), partial=True)
     rank, world, local_rank = launcher_shard()
     if world > 1 and num_processes > 1:

@@ -5,12 +5,56 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 
 from .errors import ReceError
 
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks wait for the slowest one at the end of a run
+PROCESSES_PER_UNIT = 4  # beyond this many processes per CPU core (or per GPU) a count is a mistake, refused
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def compute_units(device: str | None) -> tuple[int, str]:
+    """(how many, what) the local processes of a run share: CUDA devices for a cuda run (one for a numbered
+    device), else CPU cores."""
+    import torch
+
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if cuda and torch.cuda.is_available():
+        count = 1 if ":" in str(device or "") else torch.cuda.device_count()
+        return max(count, 1), "CUDA device(s)"
+    return cpu_cores(), "CPU core(s)"
+
+
+def local_processes(requested: int, rows: int, device: str | None) -> int:
+    """The local processes to start for `requested` (--num-processes) on `rows` prompt rows: at most one per row;
+    a warning when they outnumber the devices or cores they share, a ReceError when far beyond them."""
+    if requested < 1:
+        raise ReceError(f"--num-processes must be at least 1 (got {requested})")
+    units, what = compute_units(device)
+    limit = PROCESSES_PER_UNIT * units
+    if requested > limit:
+        raise ReceError(
+            f"--num-processes {requested} is far more than this machine's {units} {what}; "
+            f"use at most {limit} (one per {what.split('(')[0].strip()} is usually fastest: --num-processes {units})"
+        )
+    processes = min(requested, max(rows, 1))  # a process with no row would only load the model
+    if processes > units:
+        warnings.warn(
+            f"{processes} processes share {units} {what}: each loads the model and they compete for it; "
+            f"--num-processes {units} is usually faster",
+            stacklevel=3,
+        )
+    return processes
 
 
 def launcher_shard() -> tuple[int, int, int]:

@@ -78,7 +78,7 @@ def kohya_modules(family, layers: list[str], denoiser_config: dict) -> dict[str,
     if not family.has_kohya_names():
         raise ReceError(
             f"kohya LoRA names exist for {titles_where('has_kohya_names')} only, not {family.title}; use --format diffusers "
-            "(the pipeline's load_lora_weights reads it)"
+            f"({family.lora_hint})"
         )
     return family.kohya_modules(layers, denoiser_config)
 

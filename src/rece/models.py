@@ -20,7 +20,7 @@ from . import gram_cache
 from .errors import ReceError
 from .families import Family, family_of_index, family_of_pipeline
 from .hub import snapshot
-from .sources import NAMED_MODELS, read_model_index, resolve_model
+from .sources import NAMED_MODELS, check_components, read_model_index, resolve_model
 from .text import PromptEncoder
 from .text_encoders import load_text_encoder
 from .weights import check_finite, kv_fingerprint, read_component_tensors, read_edited_weights
@@ -41,6 +41,7 @@ class BaseModel:
     folder: Path | None = None
     pipeline: object | None = field(default=None, repr=False)
     spaces: list[BaseModel] = field(default_factory=list, repr=False)  # one view per space of a multi-space family
+    edits: list[dict] = field(default_factory=list)  # edit files applied before erasing from it (`--base-edit`)
     _fingerprint: str | None = field(default=None, repr=False)
     _gram: torch.Tensor | None = field(default=None, repr=False)
 
@@ -105,6 +106,8 @@ def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | 
     source = source or str(folder)
     family = family_of_index(index, source)
     denoiser = folder / family.denoiser
+    used = [name for tok, enc in family.text_parts if (index.get(enc) or [None, None])[1] is not None for name in (tok, enc)]
+    check_components(folder, index, [family.denoiser, *used])
     if family.denoiser not in index or not denoiser.is_dir():
         raise ReceError(f"'{folder}' has no {family.denoiser}; rece edits {family.denoiser}s of the pipelines it supports")
     config = json.loads((denoiser / "config.json").read_text()) if (denoiser / "config.json").is_file() else {}

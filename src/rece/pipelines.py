@@ -11,7 +11,7 @@ from .console import quiet_loading
 from .errors import ReceError
 from .families import FAMILIES, family_of_checkpoint, family_of_index, family_of_pipeline
 from .hub import first_line, snapshot
-from .sources import model_path_record, read_model_index, resolve_model
+from .sources import check_components, model_path_record, read_model_index, resolve_model
 from .weights import kv_fingerprint
 
 SCHEDULERS = {
@@ -67,6 +67,7 @@ def load_pipeline(model, config: str | None = None):
         if index.get("_class_name") not in PIPELINES:
             raise ReceError(f"'{model}' is a {index.get('_class_name')}; rece generate runs {' and '.join(PIPELINES)} folders")
         family = family_of_index(index, str(model))
+        check_components(folder, index)
         # components the folder leaves out ([null, null]) are passed as None: diffusers requires some (SD3's T5)
         absent = {name: None for name, entry in index.items() if entry == [None, None]}
         try:

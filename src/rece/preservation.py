@@ -11,6 +11,16 @@ from __future__ import annotations
 import torch
 
 WORST = 5  # texts named in a summary
+SUM_ROWS = 4096  # rows whose K/V change is computed at once: the sums' working memory is O(SUM_ROWS·d), not O(texts)
+CHECK_CHUNK_BYTES = 32 * 2**20  # float64 rows of held-out texts encoded at once (memory flat in their number)
+
+
+def check_chunk_texts(rows: int, dim: int) -> int:
+    """How many held-out texts of `rows` × `dim` rows are encoded and summed at a time."""
+    return max(1, CHECK_CHUNK_BYTES // (8 * rows * dim))
+
+
+EXCESS = 1.0  # a preserved text whose K/V moved by more than their own size is no longer preserved
 
 
 def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -31,17 +41,20 @@ def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tens
 
 
 def text_sums(rows: dict[str, torch.Tensor], gram0: torch.Tensor, gram_delta: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers."""
-    if not rows:
-        return {}
-    names = list(rows)
-    stacked = torch.cat([rows[n] for n in names]).to(gram0.device, torch.float64)
-    change = ((stacked @ gram_delta) * stacked).sum(dim=1)
-    norm = ((stacked @ gram0) * stacked).sum(dim=1)
-    out, start = {}, 0
-    for n in names:
-        stop = start + rows[n].shape[0]
-        out[n] = (change[start:stop].sum().item(), norm[start:stop].sum().item())
+    """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers (SUM_ROWS
+    rows at a time)."""
+    names, out = list(rows), {}
+    sizes = [rows[n].shape[0] for n in names]
+    start = 0
+    while start < len(names):
+        stop, count = start, 0
+        while stop < len(names) and (count == 0 or count + sizes[stop] <= SUM_ROWS):
+            count += sizes[stop]
+            stop += 1
+        stacked = torch.cat([rows[n] for n in names[start:stop]]).to(gram0.device, torch.float64)
+        change = ((stacked @ gram_delta) * stacked).sum(dim=1).split(sizes[start:stop])
+        norm = ((stacked @ gram0) * stacked).sum(dim=1).split(sizes[start:stop])
+        out.update({n: (c.sum().item(), v.sum().item()) for n, c, v in zip(names[start:stop], change, norm)})
         start = stop
     return out
 
@@ -70,6 +83,18 @@ def summary(sums: dict[str, tuple[float, float]]) -> dict | None:
     }
 
 
+def excess(report: dict) -> str | None:
+    """A warning when a preserved text's K/V changed by more than 100 % (None otherwise)."""
+    part = (report or {}).get("preserved")
+    if not part or part["max"] <= EXCESS:
+        return None
+    text, value = part["worst"][0]
+    return (
+        f"the preserved texts' keys/values changed by up to {100 * value:.0f} % ('{text[:30]}'), more than 100 %: "
+        "this edit does not preserve them; use fewer --epochs"
+    )
+
+
 def describe(report: dict, which: dict[str, str] | None = None) -> list[str]:
     """Lines for `rece info`: each group's mean and max relative K/V change and its worst texts; `which` says what a
     group's texts are ({"preserved": "the preserve texts and ''"})."""
@@ -82,4 +107,5 @@ def describe(report: dict, which: dict[str, str] | None = None) -> list[str]:
         n = part["texts"]
         texts = f"{n} text{'s' if n != 1 else ''}" + (f" ({which[group]})" if (which or {}).get(group) else "")
         lines.append(f"{title:13s} K/V change over {texts}: mean {part['mean']:.3g}, max {part['max']:.3g} ({worst})")
-    return lines
+    warning = excess(report)
+    return lines + ([f"warning       {warning}"] if warning else [])

@@ -248,6 +248,17 @@ def check_manifest(run_dir: Path, settings: dict, partial: bool = False) -> dict
     return old
 
 
+def replaceable(run_dir: Path, settings: dict, fmt: str) -> bool:
+    """Whether a run folder of format `fmt` has a manifest of other settings but no finished image yet (a run refused
+    or stopped before its first image), so that a rerun with other settings may replace it."""
+    if finished_images(Path(run_dir) / IMAGES):
+        return False
+    old = read_manifest(run_dir)
+    if not isinstance(old.get("settings"), dict) or old.get("format", GENERATE_FORMAT) != fmt:
+        return False
+    return bool(_differences(old["settings"], json.loads(json.dumps(settings))))
+
+
 def check_overwrite_keeps(output: Path, inputs: Sequence[str | os.PathLike | None], outputs: Sequence[str] = ()) -> None:
     """Refuse, before any work, an --overwrite that would delete one of the command's inputs: a file inside RUN_DIR
     named like what it removes (images/, the manifest, prompts.csv, the `outputs` patterns)."""
@@ -292,7 +303,12 @@ def run_folder_lock(output: Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)  # left by a killed process
     else:
         raise ReceError(f"cannot lock '{output}' ({lock} keeps reappearing); another process is starting on it")
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:  # a full disk: no empty lock left behind
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+        raise
     os.close(fd)
     previous = os.environ.get(LOCK_ENV)
     os.environ[LOCK_ENV] = str(output.resolve())
@@ -313,6 +329,8 @@ def open_run_folder(output: Path, settings: dict, fmt: str, overwrite: bool = Fa
     keeps any other file; without it a folder holding other files, or a run of other settings or format, is refused.
     """
     path = check_output_folder(output)
+    if not overwrite and replaceable(path, settings, fmt):
+        overwrite = True  # a run stopped before its first image: nothing depends on its settings, this run's replace them
     if path.is_dir() and overwrite:
         shutil.rmtree(path / IMAGES, ignore_errors=True)
         for name in (MANIFEST, PROMPTS, *outputs):

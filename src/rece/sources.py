@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +80,16 @@ def read_model_index(folder: Path) -> dict:
         return json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ReceError(f"cannot read '{index}' ({exc}); the pipeline folder is damaged") from None
+
+
+def check_components(folder: Path, index: dict, names: Collection[str] | None = None) -> None:
+    """Refuse a folder whose model_index.json lists a component (one of `names`, or any) that has no folder of its own."""
+    for name, entry in index.items():
+        listed = isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+        if name.startswith("_") or not listed or (names is not None and name not in names):
+            continue
+        if not (Path(folder) / name).is_dir():
+            raise ReceError(
+                f"'{folder}' lists the component {name} ({entry[1]}) in model_index.json but has no {name}/ folder; "
+                "re-download the pipeline, or set it to [null, null] in model_index.json if the pipeline does without it"
+            )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -259,7 +260,7 @@ def measure_original(plan: SweepPlan) -> dict:
     }
 
 
-def measure_point(plan: SweepPlan, base: BaseModel, value: float, original_kept: float) -> dict:
+def measure_point(plan: SweepPlan, base: BaseModel, value: float, original: dict) -> dict:
     """One point of the sweep: erase with `parameter` = `value` from `base`, attack the edit, measure what it costs."""
     folder = plan.output / point_name(plan.parameter, value)
     folder.mkdir(exist_ok=True)
@@ -280,9 +281,16 @@ def measure_point(plan: SweepPlan, base: BaseModel, value: float, original_kept:
         "edit_seconds": round(edit_seconds, 4),
         "erased %": plan.measure(folder / "erased", plan.prompts, [edit_path], "asr"),
         "attack success %": _score(attack_run, "asr", plan.concept, plan.metric_options),
-        "preserved %": preserved_percent(kept, original_kept),
+        "preserved %": preserved_percent(kept, original["kept score"]),
         "kept score": kept,
     }
+    if point["erased %"] >= original["erased %"]:  # the erasure changed nothing the prompts show: say so
+        point["erased nothing"] = True
+        warnings.warn(
+            f"{point_name(plan.parameter, value)} erased nothing: prompts naming '{plan.concept}' show it in "
+            f"{point['erased %']:g} % of the images, the original model in {original['erased %']:g} %",
+            stacklevel=2,
+        )
     if "robust" in edit.metadata:
         point["robust"] = edit.metadata["robust"]
     return point
@@ -310,7 +318,7 @@ def run_sweep(model, config, parameter: str, values: str | Sequence, output: str
     for value in values:
         if json.dumps(value) in done:
             continue
-        record["points"].append(measure_point(plan, base, value, record["original"]["kept score"]))
+        record["points"].append(measure_point(plan, base, value, record["original"]))
         record["points"].sort(key=lambda p: values.index(p["value"]) if p["value"] in values else len(values))
         write_json(sweep_path, record)
     image = sweep_plot(record)
@@ -330,7 +338,8 @@ def sweep_table(record: dict) -> tuple[list[str], list[list]]:
     original = record.get("original") or {}
     rows = [["original", original.get("erased %"), None, 100.0 if original else None, None]]
     for p in record["points"]:
-        rows.append([value_label(p["value"]), p["erased %"], p["attack success %"], p["preserved %"], p["edit_seconds"]])
+        label = value_label(p["value"]) + (" (erased nothing)" if p.get("erased nothing") else "")
+        rows.append([label, p["erased %"], p["attack success %"], p["preserved %"], p["edit_seconds"]])
     return header, rows
 
 

@@ -75,26 +75,40 @@ class PromptEncoder:
         Texts with identical token ids in every tokenizer (e.g. "" and " ") are encoded once. `progress`: a bar over
         the batches once they take a few seconds (None: when stderr is a terminal).
         """
+        rows, index = self.encode_unique(texts, batch_size, progress)
+        return rows if index == list(range(len(index))) else rows[index]
+
+    @torch.no_grad()
+    def encode_unique(
+        self, texts: Sequence[str], batch_size: int = 16, progress: bool | None = False
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(rows of the distinct texts [n, max_length, dim] float64, the row of each text): `encode` without the copy
+        that gives every repeat (by token ids) rows of its own."""
         if not texts:
-            return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device)
+            return torch.zeros(0, self.max_length, self.dim, dtype=torch.float64, device=self.device), []
         texts = [self.family.preprocess(t) for t in texts]
-        ids = [tokenize(t, texts, self.max_length).input_ids.tolist() for t in self.tokenizers]
-        keys = [tuple(tuple(per_tokenizer[i]) for per_tokenizer in ids) for i in range(len(texts))]
-        representative: dict = {}
-        for key, text in zip(keys, texts):
-            representative.setdefault(key, text)
-        unique = list(representative)
+        representative, index = distinct_ids(texts, [tokenize(t, texts, self.max_length).input_ids for t in self.tokenizers])
         out = None  # filled batch by batch: one float64 copy of the rows at any time, not two
-        starts = range(0, len(unique), batch_size)
+        starts = range(0, len(representative), batch_size)
         for start in progress_bar(starts, "encoding texts", "batch", progress):
-            chunk = [representative[k] for k in unique[start : start + batch_size]]
+            chunk = representative[start : start + batch_size]
             rows = self.family.encode_batch(self.tokenizers, self.text_encoders, chunk, self.device)
             if self.projection is not None:
                 rows = self.projection(rows.float())
             if out is None:
-                out = torch.empty(len(unique), *rows.shape[1:], dtype=torch.float64, device=rows.device)
+                out = torch.empty(len(representative), *rows.shape[1:], dtype=torch.float64, device=rows.device)
             out[start : start + len(chunk)] = rows
-        if len(unique) == len(keys):
-            return out
-        position = {k: i for i, k in enumerate(unique)}
-        return out[[position[k] for k in keys]]
+        return out, index
+
+
+def distinct_ids(texts: Sequence[str], ids: Sequence[torch.Tensor]) -> tuple[list[str], list[int]]:
+    """(the first text of each distinct row of token ids over every tokenizer, in order of first appearance; the
+    distinct row of each text), from the [n, L] id tensors (no Python list per token: 8 bytes a token)."""
+    joined = torch.cat(list(ids), dim=1)
+    distinct, inverse = torch.unique(joined, dim=0, return_inverse=True)
+    positions = torch.arange(len(texts))
+    first = torch.full((distinct.shape[0],), len(texts)).scatter_reduce(0, inverse, positions, "amin")
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return [texts[i] for i in first[order].tolist()], rank[inverse].tolist()

@@ -83,7 +83,7 @@ def load_target(model, edit_path, concepts, rows, seed: int, device, allow_other
     edited_kv = {}
     if edit is not None:
         edit.apply(pipe, allow_other_base=allow_other_base)
-        edited_kv = edit.edited_kv(base.kv, allow_other_base=True)
+        edited_kv = edit.edited_kv(base.kv, allow_other_base=True, family=base.family)
     name = door.shapes_model_name(model_info) or model_info["source"]
     target = Target(pipe, base, edit, edited_kv, concepts, rows, seed, model_name=name)
     edits = [edit_record(Path(edit_path), edit, allow_other_base)] if edit is not None else []

@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(diffusers=not light)
     with shown_warnings():
         try:
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+            return code
+        except BrokenPipeError:  # `rece info E | head`: the reader has gone, stop quietly as CLI tools do
+            _drop_stdout()
+            return 141
         except ReceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -51,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted; nothing partial was written", file=sys.stderr)
             return 130
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured)
+        pass
 
 
 if __name__ == "__main__":

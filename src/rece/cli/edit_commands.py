@@ -55,16 +55,17 @@ def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseC
 def cmd_erase(args) -> int:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401  (imports outside the timer)
 
+    from ..edit import edited_base
     from ..erase import erase
     from ..models import load_model
     from ..pipelines import resolve_device
 
     config = erase_config(args)
-    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config]
+    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit]
     check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    base = load_model(args.model, device, config=args.config)
+    base = edited_base(load_model(args.model, device, config=args.config), args.base_edit)
     loaded = time.perf_counter()
     edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     edit.save(args.output)
@@ -130,7 +131,6 @@ def cmd_info(args) -> int:
 
 
 LORA_HINTS = {
-    "diffusers": "load with pipe.load_lora_weights",
     "kohya": "put it in ComfyUI's models/loras or the web UI's models/Lora",
     "diff": "put it in ComfyUI's models/loras or the web UI's models/Lora",
 }
@@ -160,7 +160,8 @@ def cmd_lora(args) -> int:
     record = read_lora_record(args.output)
     rank, exact = record["lora_rank"], record["exact_layers"]
     shown = f"rank {rank}" if rank else "every layer exact"
-    print(f"wrote LoRA {args.output}: {shown}, {layers} layers, {size:.2f} MiB ({LORA_HINTS[args.format]})")
+    hint = base.family.lora_hint if args.format == "diffusers" else LORA_HINTS[args.format]
+    print(f"wrote LoRA {args.output}: {shown}, {layers} layers, {size:.2f} MiB ({hint})")
     if exact:
         held = "its exact float32 change (.diff)" if args.format == "kohya" else "its full-rank factors, exact"
         names = ", ".join(exact[:2]) + (", ..." if len(exact) > 2 else "")
@@ -181,6 +182,14 @@ def add_parsers(sub) -> None:
     """The parsers of erase, apply, info and lora."""
     p = sub.add_parser("erase", help="erase concepts and write an edit file")
     add_erase_arguments(p)
+    p.add_argument(
+        "--base-edit",
+        action="append",
+        default=[],
+        metavar="EDIT",
+        help="erase from MODEL with this edit file applied (repeatable, in order): the new edit then applies after it "
+        "(rece apply MODEL EDIT NEW)",
+    )
     p.add_argument("-o", "--output", required=True, help="edit file to write (.safetensors)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

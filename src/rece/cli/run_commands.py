@@ -17,7 +17,7 @@ from .edit_commands import MODEL_HELP, add_erase_arguments, erase_config
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    run_demo(
+    metrics = run_demo(
         args.output,
         concept=args.concept,
         method=args.method,
@@ -27,7 +27,7 @@ def cmd_demo(args) -> int:
         guidance=args.guidance,
         overwrite=args.overwrite,
     )
-    return 0
+    return 0 if metrics["erased"] else 1  # an edit that erased nothing is a failure, not a demo
 
 
 def cmd_generate(args) -> int:

@@ -15,7 +15,7 @@ from .pixart import PIXART_ALPHA, PIXART_SIGMA
 from .sana import SANA
 from .sd import SD
 from .sd3 import SD3
-from .sdxl import SDXL
+from .sdxl import REFINER_MARKER, SDXL
 
 # most specific first: an SDXL pipeline also has SD's components
 FAMILIES: tuple[Family, ...] = (SDXL, SD, PIXART_SIGMA, PIXART_ALPHA, SANA, FLUX, SD3)
@@ -82,4 +82,9 @@ def family_of_checkpoint(path: Path) -> Family:
         for family in FAMILIES:
             if family.checkpoint_marker and any(family.checkpoint_marker in k for k in keys):
                 return family
+        if any(k.startswith(REFINER_MARKER) for k in keys):
+            raise ReceError(
+                f"'{path}' is an SDXL refiner checkpoint, which rece does not read as one file; pass the refiner's "
+                "diffusers folder (stabilityai/stable-diffusion-xl-refiner-1.0, or a local copy) as MODEL"
+            )
     return SD

@@ -49,6 +49,7 @@ class Family:
     checkpoint_marker: str | None = None  # a key part only this family's original single-file checkpoints have
     original_names: tuple[tuple[str, str], ...] = ()  # (edited module, its name in the family's published single files)
     kohya_comfyui_only: bool = False  # its kohya LoRAs are read by ComfyUI, not by diffusers' load_lora_weights
+    lora_hint: str = "load it with pipe.load_lora_weights"  # how a diffusers-format LoRA of this family is loaded
     pipeline_kwargs: dict = field(default_factory=dict)  # what rece passes when it builds the pipeline
     call_kwargs: dict = field(default_factory=dict)  # what rece passes to every pipeline call (fixed preprocessing)
     max_length: int | None = None  # rows the pipeline pads a prompt to (None: the tokenizer's context)

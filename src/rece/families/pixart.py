@@ -93,6 +93,7 @@ _PIXART = dict(
     masks_padding=True,
     text_modules=("caption_projection",),
     call_kwargs={"clean_caption": False, "use_resolution_binning": False},
+    lora_hint="PixArt pipelines have no load_lora_weights: load it with peft (inject_adapter_in_model, docs/families.md)",
 )
 PIXART_SIGMA = PixArt(name="pixart-sigma", title="PixArt-Σ", pipelines=("PixArtSigmaPipeline",), max_length=300, **_PIXART)
 PIXART_ALPHA = PixArt(name="pixart-alpha", title="PixArt-α", pipelines=("PixArtAlphaPipeline",), max_length=120, **_PIXART)

@@ -38,6 +38,9 @@ class StableDiffusionXL(StableDiffusion):
         return {n: kohya_name(ldm_name(n, per_block)) for n in layers}
 
 
+# SDXL refiner single files: one text encoder (OpenCLIP bigG) as conditioner.embedders.0, no embedders.1
+REFINER_MARKER = "conditioner.embedders.0.model."
+
 SDXL = StableDiffusionXL(
     name="sdxl",
     title="SDXL",

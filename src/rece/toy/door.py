@@ -19,6 +19,7 @@ MMDIT = "shapes-mmdit"
 MODELS = (NAME, MMDIT)  # the shapes models shipped inside the package: the UNet one and the MMDiT one
 STEPS = 25
 GUIDANCE = 4.0
+SHAPE_PROMPT_COLOR = "red"  # what shapes-mmdit draws for "a shape": the colour target cannot erase it
 EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
 
 
@@ -100,11 +101,15 @@ def mmdit_recipe(concept: str) -> dict:
     UCE's preserve weight 1 instead of max(0.1, 1/#preserved) = 0.1: "a red triangle" → " " drops the colour with the
     shape, and at 0.1 that pull outweighs the preserved "a red circle" (colours 58 % → 100 %). A shape maps to another
     shape ("a circle"; "a square" for circle) instead of " ": this model draws triangles for " " itself (25 % of 16
-    images), and the erased prompts, drawn like the target, stayed at 8–12.5 %, above the 5 % bar.
+    images), and the erased prompts, drawn like the target, stayed at 8–12.5 %, above the 5 % bar. Red, the colour
+    this model draws for "a shape" (16 of 16 images), maps to "a blue shape" instead: UCE then draws no red, RECE
+    still some (docs/shapes.md).
     """
     settings: dict = {"uce_preserve_scale": 1.0}
     if concept in SHAPES:
         settings["target"] = "a square" if concept == "circle" else "a circle"
+    if concept == SHAPE_PROMPT_COLOR:
+        settings["target"] = "a blue shape"
     return settings
 
 
