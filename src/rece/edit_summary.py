@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .preservation import describe
 
+if TYPE_CHECKING:
+    import torch
 
-def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
-    """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base."""
+
+def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> str:
+    """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base.
+    `transform`: the d×d transform of a "transform" edit, a torch tensor or a numpy array (`rece info` reads no torch)."""
     m, c = metadata, metadata["config"]
     lines = [
         f"concepts      {', '.join(m['concepts'])}",
@@ -31,8 +37,8 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
         lines.append("              " + ", ".join(how))
     lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
     if m["kind"] == "transform":
-        eye = torch.eye(transform.shape[0], dtype=torch.float64)
-        rank = int(torch.linalg.matrix_rank(transform - eye).item())
+        change = np.asarray(transform, dtype=np.float64) - np.eye(transform.shape[0])
+        rank = int(np.linalg.matrix_rank(change))  # the tolerance torch's matrix_rank uses too: σ_max·max(m, n)·ε
         kind = f"one {m['base']['dim']}×{m['base']['dim']} transform, rank of M − I {rank}"
     else:
         kind = "per-layer deltas"

@@ -20,31 +20,19 @@ from pathlib import Path
 import torch
 
 from .. import closed_form as cf
+from ..attack_options import BASE, SELF, DerivedOptions
 from ..edit import load_edit
-from ..errors import ReceError
-from ..options import option
 from .common import AttackCase, CaseResult, Target
 
 NAME = "derived"
 NEEDS_PROMPTS = False
 IMAGES_PER_PROMPT = 10
 FAMILIES = None  # closed form on the family's own rows and layers: every family rece knows
-SELF, BASE = "self", "base"
 
 
 @dataclass
-class Params:
-    """r of the derivation (default: the edit's own `regularization`) and the weights c′ is derived against."""
-
-    regularization: float | None = option(None, "r of the derivation (default: the edit's own, 0.1 for RECE presets)")
-    derive_from: str | None = option(None, "derive c′ against: self (the attacked model, default), base, or another edit file")
-
-    def validate(self) -> None:
-        if self.regularization is not None and not self.regularization > 0:
-            raise ReceError(f"--regularization must be > 0 for the derived attack (got {self.regularization})")
-        source = self.derive_from
-        if source not in (None, SELF, BASE) and not Path(source).is_file():
-            raise ReceError(f"--derive-from '{source}' is neither 'self', 'base' nor an edit file; pass an edit .safetensors")
+class Params(DerivedOptions):
+    """The derived attack's parameters (`rece.attack_options`) and how its manifest records them."""
 
     def resolved(self, target: Target) -> dict:
         """The parameters as the manifest records them (the edit's r filled in, the source edit by checksum)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..attack_options import RingABellOptions
 from ..errors import ReceError
-from ..options import option
 from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
 
@@ -40,31 +40,8 @@ FITNESS_BATCH = 64
 
 
 @dataclass
-class Params:
-    """The paper's settings (InversePrompt notebook): η 3 (nudity; 5.5 for violence), K 16, population 200,
-    3000 generations, mutation rate 0.25, crossover rate 0.5."""
-
-    eta: float = option(3.0, "strength η of the concept vector (the paper uses 3 for nudity, 5.5 for violence)")
-    length: int = option(16, "K, tokens of the hard prompt (the paper also uses 38 and 77)")
-    population: int = option(200, "genetic algorithm population")
-    generations: int = option(3000, "genetic algorithm generations")
-    mutation_rate: float = option(0.25, "chance that a prompt gets one random token")
-    crossover_rate: float = option(0.5, "chance that a parent has two children")
-    pairs: str | None = option(None, "CSV of 'sensitive prompt','normal prompt' pairs for the concept vector (shapes: built in)")
-
-    def validate(self) -> None:
-        for name in ("length", "population", "generations"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")
-        if self.population < 2:
-            raise ReceError(f"--population must be at least 2 (got {self.population})")
-        for name in ("mutation_rate", "crossover_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(self, name)})")
-        if self.pairs is not None and not Path(self.pairs).is_file():
-            raise ReceError(
-                f"--pairs '{self.pairs}' does not exist; pass a CSV with 'sensitive prompt' and 'normal prompt' columns"
-            )
+class Params(RingABellOptions):
+    """Ring-A-Bell's parameters (`rece.attack_options`) and how its manifest records them."""
 
     def resolved(self, target: Target) -> dict:
         from dataclasses import asdict

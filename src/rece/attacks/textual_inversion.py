@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..attack_options import TextualInversionOptions
 from ..errors import ReceError
-from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -46,32 +46,8 @@ WEIGHT_DECAY = 1e-2  # diffusers' textual_inversion.py AdamW default
 
 
 @dataclass
-class Params:
-    """CCE's settings (NYU-DICE-Lab/circumventing-concept-erasure train.sh): 25 training images, batch 4, gradient
-    accumulation 4, 5000 steps, lr 5e-3 scaled by batch × accumulation (--scale_lr), constant schedule."""
-
-    train_steps: int = option(5000, "optimisation steps")
-    lr: float = option(5e-3, "learning rate, scaled by batch × accumulation unless --no-scale-lr")
-    train_batch_size: int = option(4, "images per step")
-    gradient_accumulation: int = option(4, "batches per step")
-    scale_lr: bool = option(True, "use --lr as is (default: lr × batch × accumulation, as CCE's --scale_lr)")
-    train_images: int = option(25, "training images drawn by the original model from the prompt set")
-    images: str | None = option(None, "folder of images of the concept to train on instead")
-    initializer: str | None = option(None, "word the new embedding starts from (default: the concept)")
-    placeholder: str | None = option(None, "the new word (default: <concept>)")
-
-    def validate(self) -> None:
-        for name in ("train_steps", "train_batch_size", "gradient_accumulation", "train_images"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise ReceError(f"--lr must be > 0 (got {self.lr})")
-        if self.images is not None and not Path(self.images).is_dir():
-            raise ReceError(f"--images '{self.images}' is not a folder; pass a folder of images of the concept")
-
-    @property
-    def effective_lr(self) -> float:
-        return self.lr * (self.train_batch_size * self.gradient_accumulation if self.scale_lr else 1)
+class Params(TextualInversionOptions):
+    """Concept Inversion's parameters (`rece.attack_options`) and how its manifest records them."""
 
     def resolved(self, target: Target) -> dict:
         out = asdict(self)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..attack_options import UnlearnDiffOptions
 from ..errors import ReceError
-from ..options import option
 from .common import (
     AttackCase,
     CaseResult,
@@ -44,30 +44,8 @@ IMAGES_PER_PROMPT = 1
 
 
 @dataclass
-class Params:
-    """UnlearnDiff's settings (OPTML-Group/Diffusion-MU-Attack, text_grad configs): 5 prefix tokens, 40 iterations per
-    timestep, Adam lr 0.01 with weight decay 0.1, 50 evenly spaced timesteps, L2 loss. `target_run`: a `rece generate`
-    run folder of the original model whose images/{case}_0.png are the targets (default: drawn here)."""
-
-    iterations: int = option(40, "optimisation steps per sampled timestep")
-    lr: float = option(0.01, "learning rate")
-    weight_decay: float = option(0.1, "Adam weight decay")
-    adv_tokens: int = option(5, "adversarial tokens prepended to each prompt")
-    timesteps: int = option(50, "evenly spaced timesteps visited in turn")
-    target_run: str | None = option(
-        None, "a `rece generate` run of the original model whose images are the targets (default: drawn here)"
-    )
-
-    def validate(self) -> None:
-        for name in ("iterations", "adv_tokens", "timesteps"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ReceError(f"--lr must be > 0 and --weight-decay >= 0 (got {self.lr}, {self.weight_decay})")
-        if self.target_run is not None and not (Path(self.target_run) / "images").is_dir():
-            raise ReceError(
-                f"--target-run '{self.target_run}' has no images/ folder; pass a `rece generate` run of the original model"
-            )
+class Params(UnlearnDiffOptions):
+    """UnlearnDiff's parameters (`rece.attack_options`) and how its manifest records them."""
 
     def resolved(self, target: Target) -> dict:
         out = asdict(self)

@@ -109,17 +109,19 @@ def cmd_apply(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..edit import load_edit
+    from ..edit_file import edit_contents, read_edit_arrays
+    from ..edit_summary import summarize
 
-    edit = load_edit(args.edit)
+    metadata, arrays = read_edit_arrays(args.edit)  # numpy: `rece info` needs no torch
     if args.json:
-        print(json.dumps(edit.metadata, indent=2))
+        print(json.dumps(metadata, indent=2))
         return 0
-    print(edit.summary())
-    m = edit.metadata
+    transform, _, derived = edit_contents(metadata, arrays)
+    print(summarize(metadata, transform))
+    m = metadata
     print(f"created       {m['created']} in {m['seconds']} s, " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
-    if edit.derived:
-        print(f"derived       {len(edit.derived)} epoch(s) of derived embeddings c′ stored")
+    if derived:
+        print(f"derived       {len(derived)} epoch(s) of derived embeddings c′ stored")
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+from ..attack_options import ATTACK_OPTIONS
 from ..errors import ReceError
 from ..options import add_option, cli_fields, finite_float, help_of, option_values, shown
 from ..toy import door
@@ -53,12 +54,11 @@ def cmd_generate(args) -> int:
 
 
 def attack_parameter_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
-    """Each attack parameter once, with every (attack, field) that takes it: the flags come from the Params classes."""
-    from ..attacks import ATTACKS
-
+    """Each attack parameter once, with every (attack, field) that takes it: the flags come from the attacks' options
+    (`rece.attack_options`, which does not load the attacks)."""
     out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
-    for name, module in ATTACKS.items():
-        for field in cli_fields(module.Params):
+    for name, options in ATTACK_OPTIONS.items():
+        for field in cli_fields(options):
             out.setdefault(field.name, []).append((name, field))
     return out
 

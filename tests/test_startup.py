@@ -1,0 +1,103 @@
+"""What `rece` imports before it works: the package, its parsers, `--help` and `rece info` without torch or
+transformers; `rece erase --json` says which part of the wait was imports, load, erase and write."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import rece
+from rece.attack_options import ATTACK_OPTIONS
+from rece.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+HEAVY = ("torch", "transformers", "diffusers")
+
+
+def run_python(code: str, *args: str) -> str:
+    """stdout of `code` in a fresh interpreter (rece from this checkout)."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def heavy_modules_after(code: str, *args: str) -> list[str]:
+    """The heavy libraries imported once `code` has run (its own output is discarded)."""
+    report = f"\nimport sys\nprint('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    line = [x for x in run_python(code + report, *args).splitlines() if x.startswith("HEAVY ")][-1]
+    return json.loads(line.removeprefix("HEAVY ").replace("'", '"'))
+
+
+def test_the_parsers_and_help_import_no_torch():
+    code = """
+import contextlib, io
+import rece, rece.cli
+parser = rece.cli.build_parser()
+for argv in (["--help"], ["erase", "--help"], ["attack", "--help"], ["evaluate", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        rece.cli.main(argv)
+parser.parse_args(["attack", "m", "--attack", "derived", "-o", "x", "--eta", "2"])
+"""
+    assert heavy_modules_after(code) == []
+
+
+def test_info_reads_an_edit_without_torch(base, tmp_path, capsys):
+    path = rece.erase(base, ["cat"], progress=False).save(tmp_path / "cat.safetensors")
+    code = "import sys\nfrom rece.cli import main\nassert main(['info', sys.argv[1]]) == 0"
+    assert heavy_modules_after(code, str(path)) == []
+    assert main(["info", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(rece.load_edit(path).summary() + "\n")
+
+
+def test_info_summary_of_per_layer_edits_matches_the_edit(base, tmp_path, capsys):
+    path = rece.erase(base, ["cat"], technique="tensor", epochs=1, progress=False).save(tmp_path / "t.safetensors")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(rece.load_edit(path).summary() + "\n") and "derived       1 epoch(s)" in out
+
+
+def test_info_refuses_an_edit_numpy_cannot_read_in_one_line(base, tmp_path, capsys):
+    """rece info reads with numpy, which has no bfloat16: such a file (never an edit) is one line, not a traceback."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = rece.erase(base, ["cat"], progress=False).save(tmp_path / "cat.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()  # rece's metadata, kept
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, tmp_path / "bf16.safetensors", metadata)
+    assert main(["info", str(tmp_path / "bf16.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a complete rece edit" in err and "\n" not in err
+
+
+def test_the_package_names_load_on_first_use():
+    code = """
+import sys
+import rece
+assert not any(m in sys.modules for m in ("torch", "rece.erase", "rece.edit"))
+assert set(rece.__all__) <= set(dir(rece))
+from rece.erase import erase
+assert rece.erase is erase  # the function, not the submodule of the same name
+import rece.erase
+assert rece.erase is erase and callable(rece.load_edit) and rece.EraseConfig.create("cat").concepts == ["cat"]
+try:
+    rece.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc)
+else:
+    raise AssertionError("a missing name must raise AttributeError")
+"""
+    run_python(code)
+
+
+def test_attack_options_are_each_attacks_params():
+    from rece.attacks import ATTACKS
+
+    assert list(ATTACK_OPTIONS) == list(ATTACKS)  # the same attacks, in the same order (the --help groups)
+    for name, module in ATTACKS.items():
+        assert issubclass(module.Params, ATTACK_OPTIONS[name])
+        assert dataclasses.fields(module.Params) == dataclasses.fields(ATTACK_OPTIONS[name])
