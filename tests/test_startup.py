@@ -101,3 +101,39 @@ def test_attack_options_are_each_attacks_params():
     for name, module in ATTACKS.items():
         assert issubclass(module.Params, ATTACK_OPTIONS[name])
         assert dataclasses.fields(module.Params) == dataclasses.fields(ATTACK_OPTIONS[name])
+
+
+def parts(record: dict) -> float:
+    return sum(record[f"{p}_seconds"] for p in ("imports", "load", "erase", "write"))
+
+
+def test_erase_json_splits_the_wait(sd_path, tmp_path, capsys):
+    assert main(["erase", str(sd_path), "-c", "cat", "-o", str(tmp_path / "a.safetensors"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert all(record[f"{p}_seconds"] >= 0 for p in ("imports", "load", "erase", "write"))
+    assert record["erase_seconds"] > 0 and record["seconds"] >= parts(record) - 0.002  # 4 parts rounded to 0.1 ms
+    assert record["imports_seconds"] < record["seconds"] < 60  # in-process: the wait began at main(), not at pytest's start
+
+    assert main(["erase", str(sd_path), "-c", "cat", "-o", str(tmp_path / "b.safetensors"), "--overwrite"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {tmp_path / 'b.safetensors'} in ") and all(
+        f"{p} " in last for p in ("imports", "load", "erase", "write")
+    )
+
+
+def test_a_rece_process_counts_its_imports(sd_path, tmp_path):
+    """As its own process, `rece erase` counts from the process start: Python and torch's import are in `imports`."""
+    env = {**os.environ, "PYTHONPATH": SRC}
+    out = tmp_path / "e.safetensors"
+    argv = [sys.executable, "-m", "rece", "erase", str(sd_path), "-c", "cat", "-o", str(out), "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout)
+    assert record["imports_seconds"] > 0.05  # at least Python's start and torch's import
+    assert record["seconds"] >= parts(record) - 0.002 and out.is_file()
+
+
+def test_process_seconds_counts_from_the_process_start():
+    code = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 0.3:\n    pass\n"
+    code += "from rece.elapsed import process_seconds\nprint(process_seconds())"
+    assert 0.3 <= float(run_python(code)) < 30
