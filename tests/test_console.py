@@ -3,7 +3,7 @@
 import warnings
 
 import rece.console as console
-import rece.edit
+import rece.edit_file
 from rece.cli import main
 from rece.errors import ReceError
 
@@ -15,7 +15,7 @@ def failing_load(path):
 
 
 def test_library_warnings_reach_the_user(capsys, monkeypatch):
-    monkeypatch.setattr(rece.edit, "load_edit", failing_load)
+    monkeypatch.setattr(rece.edit_file, "read_edit_arrays", failing_load)
     assert main(["info", "x.safetensors"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "warning: a library says something on two lines" in err
@@ -25,7 +25,7 @@ def test_library_warnings_reach_the_user(capsys, monkeypatch):
 
 def test_known_noisy_warnings_are_filtered(capsys, monkeypatch):
     monkeypatch.setattr(console, "NOISY_WARNINGS", ((FutureWarning, "something is deprec", "test"),))
-    monkeypatch.setattr(rece.edit, "load_edit", failing_load)
+    monkeypatch.setattr(rece.edit_file, "read_edit_arrays", failing_load)
     assert main(["info", "x.safetensors"]) == 2
     err = capsys.readouterr().err
     assert "deprecated" not in err and "a library says" in err

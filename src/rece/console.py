@@ -84,15 +84,16 @@ def quiet_libraries(diffusers: bool = True) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     if diffusers:
         import diffusers as diffusers_module
 
         diffusers_module.utils.logging.set_verbosity_error()
         diffusers_module.utils.logging.disable_progress_bar()
+    # transformers reads those when it is imported, so it is imported only by the commands that use it (a second)
+    if "transformers" in sys.modules:
+        transformers = sys.modules["transformers"]
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _one_line(message, category, filename, lineno, file=None, line=None) -> None:

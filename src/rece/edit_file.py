@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import ReceError
 from .io import atomic_file
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `rece info` reads and checks an edit without it
+    import torch
 
 FORMAT = "rece-edit"
 FORMAT_VERSION = 1
@@ -24,6 +28,8 @@ MAX_CHANGE = 1e6  # an edit's tensors change weights far less; a larger value is
 
 def edit_tensors(transform: torch.Tensor | None, deltas: dict | None, derived: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors an edit file holds (float32; the transform stored as its difference from the identity)."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     if transform is not None:
         eye = torch.eye(transform.shape[0], dtype=torch.float64)
@@ -52,8 +58,8 @@ def read_edit_metadata(path: str | os.PathLike) -> dict:
         return json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
 
 
-def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, dict | None, list[torch.Tensor]]:
-    """(metadata, transform, deltas, derived) of an edit file, validated as a complete rece edit (float64 tensors)."""
+def read_edit_arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, tensors as numpy arrays) of an edit file, checked as a complete rece edit; no torch (`rece info`)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -65,12 +71,16 @@ def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, 
     if not path.is_file():
         raise ReceError(f"edit file '{path}' does not exist; create one with `rece erase MODEL --concept ... -o {path}`")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            arrays = {k: f.get_tensor(k) for k in f.keys()} if METADATA_KEY in header else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ReceError(
             f"edit file '{path}' is corrupt or not a safetensors file ({str(exc).splitlines()[0]}); re-create it with rece erase"
+        ) from None
+    except TypeError as exc:  # a dtype numpy lacks (bfloat16), which an edit never holds
+        raise ReceError(
+            f"'{path}' is not a complete rece edit ({exc}; edits hold float32); re-create it with rece erase"
         ) from None
     if METADATA_KEY not in header:
         raise ReceError(f"'{path}' is not a rece edit (no rece metadata); if it is a LoRA, load it with pipe.load_lora_weights")
@@ -82,29 +92,57 @@ def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, 
                 f"or load the LoRA with pipe.load_lora_weights or a web UI (`rece info {path}` describes it)"
             )
         check_metadata(meta)
-        if meta["kind"] == "transform":
-            delta = tensors["transform.delta"].to(torch.float64)
-            dim = meta["base"]["dim"]
-            if tuple(delta.shape) != (dim, dim):
-                raise ValueError(f"transform.delta of shape {list(delta.shape)}, not [{dim}, {dim}]")
-            transform, deltas = delta + torch.eye(dim, dtype=torch.float64), None
-        else:
-            transform, deltas = None, {n: tensors[f"layers.{n}.delta"].to(torch.float64) for n in meta["edited_layers"]}
-            for n, d in deltas.items():
-                if list(d.shape) != meta["base"]["shapes"][n]:
-                    raise ValueError(f"layers.{n}.delta of shape {list(d.shape)}, not {meta['base']['shapes'][n]}")
-        derived = [tensors[f"derived.{i}"].to(torch.float64) for i in range(sum(k.startswith("derived.") for k in tensors))]
+        check_shapes(meta, arrays)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReceError(f"'{path}' is not a complete rece edit (bad or missing {exc}); re-create it with rece erase") from None
-    for name, t in tensors.items():
-        if not torch.isfinite(t).all():
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
             raise ReceError(f"edit file '{path}' has NaN/Inf in {name}; it is corrupt, re-create it with rece erase")
-        if name.startswith(("transform.", "layers.")) and t.numel() and t.abs().max().item() > MAX_CHANGE:
+        if name.startswith(("transform.", "layers.")) and a.size and np.abs(a).max() > MAX_CHANGE:
             raise ReceError(
-                f"edit file '{path}' changes weights by up to {t.abs().max().item():.3g} in {name}; no erasure does that, "
+                f"edit file '{path}' changes weights by up to {np.abs(a).max():.3g} in {name}; no erasure does that, "
                 "it is damaged or not rece's: re-create it with rece erase"
             )
-    return meta, transform, deltas, derived
+    return meta, arrays
+
+
+def edit_contents(meta: dict, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict | None, list[np.ndarray]]:
+    """(transform, deltas, derived) of a checked edit file's arrays, in float64: the transform as I + its stored
+    difference, or the per-layer deltas; the c′ of each epoch."""
+    if meta["kind"] == "transform":
+        transform = arrays["transform.delta"].astype(np.float64) + np.eye(meta["base"]["dim"])
+        deltas = None
+    else:
+        transform, deltas = None, {n: arrays[f"layers.{n}.delta"].astype(np.float64) for n in meta["edited_layers"]}
+    derived = [arrays[f"derived.{i}"].astype(np.float64) for i in range(sum(k.startswith("derived.") for k in arrays))]
+    return transform, deltas, derived
+
+
+def read_edit_file(path: str | os.PathLike) -> tuple[dict, torch.Tensor | None, dict | None, list[torch.Tensor]]:
+    """(metadata, transform, deltas, derived) of an edit file, validated as a complete rece edit (float64 tensors)."""
+    import torch
+
+    meta, arrays = read_edit_arrays(path)
+    transform, deltas, derived = edit_contents(meta, arrays)
+    return (
+        meta,
+        None if transform is None else torch.from_numpy(transform),
+        None if deltas is None else {n: torch.from_numpy(d) for n, d in deltas.items()},
+        [torch.from_numpy(d) for d in derived],
+    )
+
+
+def check_shapes(meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Raise KeyError/ValueError naming the first tensor the metadata asks for that is missing or of the wrong shape."""
+    if meta["kind"] == "transform":
+        expected = {"transform.delta": [meta["base"]["dim"]] * 2}
+    else:
+        expected = {f"layers.{n}.delta": meta["base"]["shapes"][n] for n in meta["edited_layers"]}
+    for key, shape in expected.items():
+        if list(arrays[key].shape) != list(shape):
+            raise ValueError(f"{key} of shape {list(arrays[key].shape)}, not {list(shape)}")
+    for epoch in range(sum(k.startswith("derived.") for k in arrays)):
+        arrays[f"derived.{epoch}"]  # noqa: B018  (a KeyError names the missing epoch)
 
 
 def check_metadata(meta) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import textwrap
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .preservation import describe
+
+if TYPE_CHECKING:
+    import torch
 
 WIDTH = 100  # long lines (a preserve list) wrap between words, under their value's column
 
 
-def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
-    """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base."""
+def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> str:
+    """What an edit does, in a few aligned lines: concepts, method, parameters, the edit's shape and its base.
+    `transform`: the d×d transform of a "transform" edit, a torch tensor or a numpy array (`rece info` reads no torch)."""
     m, c = metadata, metadata["config"]
     lines = [
         f"concepts      {', '.join(unbroken(t) for t in m['concepts'])}",
@@ -38,8 +43,9 @@ def summarize(metadata: dict, transform: torch.Tensor | None) -> str:
     if m["kind"] == "transform":
         kind = f"one {m['base']['dim']}×{m['base']['dim']} transform"
         if transform is not None:  # None: described from metadata alone (a LoRA's record of its edit)
-            eye = torch.eye(transform.shape[0], dtype=torch.float64)
-            kind += f", rank of M − I {int(torch.linalg.matrix_rank(transform - eye).item())}"
+            change = np.asarray(transform, dtype=np.float64) - np.eye(transform.shape[0])
+            rank = int(np.linalg.matrix_rank(change))  # the tolerance torch's matrix_rank uses too: σ_max·max(m, n)·ε
+            kind += f", rank of M − I {rank}"
     else:
         kind = "per-layer deltas"
     lines.append(f"edit          {kind}, {len(m['edited_layers'])} of {len(m['base']['layers'])} K/V layers")

@@ -26,7 +26,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, list[int]]] | 
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # the header only: `rece info` imports no torch
             return f.metadata() or {}, {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError):
         return None

@@ -23,6 +23,7 @@ from .hub import snapshot
 from .sources import NAMED_MODELS, check_components, read_model_index, resolve_model
 from .text import PromptEncoder
 from .text_encoders import load_text_encoder
+from .tokenizer_cache import load_tokenizer
 from .weights import check_finite, kv_fingerprint, read_component_tensors, read_edited_weights
 
 
@@ -99,8 +100,6 @@ def download(repo_id: str) -> Path:
 
 def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | None = None) -> BaseModel:
     """Read a diffusers pipeline folder: tokenizer(s), text encoder(s) and the edited layers' weights."""
-    import transformers
-
     folder = Path(folder)
     index = read_model_index(folder)
     source = source or str(folder)
@@ -121,8 +120,7 @@ def from_folder(folder: Path, device: str | torch.device = "cpu", source: str | 
         entry = index.get(sub_enc)
         if not entry or entry[1] is None:
             continue
-        tokenizer_class = getattr(transformers, family.tokenizer_class_of(i))
-        tokenizers.append(tokenizer_class.from_pretrained(folder / sub_tok, local_files_only=True))
+        tokenizers.append(load_tokenizer(folder / sub_tok, family.tokenizer_class_of(i)))
         encoders.append(load_text_encoder(folder, sub_enc, entry[1], family.text_encoder_classes, device))
     if not encoders:
         raise ReceError(f"'{source}' has no text encoder; rece needs the pipeline's text encoder(s)")

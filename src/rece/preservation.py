@@ -8,7 +8,10 @@ texts cost two d×d products of their rows, not a pass over every layer each. A 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it computes: `rece info` describes a report without it
+    import torch
 
 WORST = 5  # texts named in a summary
 SUM_ROWS = 4096  # rows whose K/V change is computed at once: the sums' working memory is O(SUM_ROWS·d), not O(texts)
@@ -26,6 +29,8 @@ EXCESS = 1.0  # a preserved text whose K/V moved by more than their own size is 
 def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """G_Δ = Σ ΔW_lᵀΔW_l of a space's edit: a shared transform (dense, or factors (L, R) of I + L Rᵀ) or per-layer
     float64 changes."""
+    import torch
+
     if deltas is not None:
         out = torch.zeros_like(gram0)
         for d in deltas.values():
@@ -43,6 +48,8 @@ def delta_gram(gram0: torch.Tensor, transform=None, deltas: dict[str, torch.Tens
 def text_sums(rows: dict[str, torch.Tensor], gram0: torch.Tensor, gram_delta: torch.Tensor) -> dict[str, tuple[float, float]]:
     """(Σ pᵀG_Δp, Σ pᵀG₀p) over each text's rows: squared K/V change and squared K/V, summed over the layers (SUM_ROWS
     rows at a time)."""
+    import torch
+
     names, out = list(rows), {}
     sizes = [rows[n].shape[0] for n in names]
     start = 0

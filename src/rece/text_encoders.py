@@ -8,25 +8,29 @@ from pathlib import Path
 
 import torch
 
+from .clip_text import load_clip_text
 from .console import quiet_loading
 from .errors import ReceError
 from .weights import safetensors_files
 
 
 def load_text_encoder(folder: Path, sub: str, class_name: str, classes: tuple[str, ...], device):
-    """Text encoder `sub` of a pipeline folder in float32 (mapped when it is plain safetensors), on `device`."""
-    import transformers
-
+    """Text encoder `sub` of a pipeline folder in float32 (mapped when it is plain safetensors), on `device`: CLIP's in
+    plain torch (`rece.clip_text`, no transformers import), others with transformers."""
     if class_name not in classes:
         raise ReceError(f"text encoder '{sub}' is a {class_name}; this pipeline's text encoders are read as {', '.join(classes)}")
-    cls = getattr(transformers, class_name)
     variant = None
     if not any((folder / sub).glob("model*.safetensors")) and any((folder / sub).glob("model.fp16*")):
         variant = "fp16"
-    encoder = mapped_text_encoder(folder / sub, cls, variant)
+    encoder = load_clip_text(folder / sub, class_name, safetensors_files(folder / sub, "model.fp16" if variant else "model"))
     if encoder is None:
-        with quiet_loading():
-            encoder = cls.from_pretrained(folder / sub, dtype=torch.float32, variant=variant, local_files_only=True)
+        import transformers
+
+        cls = getattr(transformers, class_name)
+        encoder = mapped_text_encoder(folder / sub, cls, variant)
+        if encoder is None:
+            with quiet_loading():
+                encoder = cls.from_pretrained(folder / sub, dtype=torch.float32, variant=variant, local_files_only=True)
     return encoder.to(device).eval()
 
 
