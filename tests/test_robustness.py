@@ -75,6 +75,13 @@ def test_matrix_on_shapes_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert generated == [] and len(attacked) == 1
     assert all(image.is_file() for image in images) and edit.stat().st_mtime_ns == edited
     assert read_csv(out / CSV_FILE)[0] == header and len(read_csv(out / CSV_FILE)) == len(rows) + 1
+    # a rerun may add an attack (a concept named twice is measured once): only the new one runs
+    at = argv.index("ring-a-bell") + 1
+    more = [*argv[:at], "derived-from-uce", *argv[at:], "--concept", "triangle"]
+    assert main(more) == 0
+    assert generated == [] and len(attacked) == 1 + len(METHODS)
+    added = [r for r in read_csv(out / CSV_FILE)[1:] if r[3] == "attack:derived-from-uce"]
+    assert sorted(r[2] for r in added) == sorted(METHODS) and all(float(r[4]) >= 0 for r in added)
     # other settings are refused in one line
     capsys.readouterr()
     assert main([*argv[:-2], "--images", "2", "-o", str(out)]) == 2

@@ -43,6 +43,7 @@ from .robustness_params import (
     SHAPES_ATTACKS,
     SHAPES_IMAGES,
     RobustnessConfig,
+    attack_names,
     attack_overrides,
     chosen_attacks,
 )
@@ -65,7 +66,7 @@ def attack_settings(model, config: RobustnessConfig, attacks: list[str]) -> dict
             raise ReceError(f"--attack-param names '{name}', which is not among the attacks run ({', '.join(attacks)})")
     base = QUICK_ATTACKS if config.quick else SHAPES_ATTACKS if door.is_shapes_model(model) else {}
     settings = {}
-    for name in attacks:
+    for name in attack_names():  # every attack's, so that a rerun may add attacks to a folder
         registered = "derived" if name == FROM_UCE else name
         settings[name] = {**base.get(registered, {}), **overrides.get(name, {})}
         if name == FROM_UCE and "derive_from" in settings[name]:
@@ -373,6 +374,8 @@ def run_robustness(model, output: str | os.PathLike, config: RobustnessConfig | 
     if unknown:
         raise ReceError(f"run_robustness takes no option '{unknown[0]}'; it takes {', '.join(sorted(known))}")
     config = replace(config or RobustnessConfig(), **options)
+    once = {name: list(dict.fromkeys(getattr(config, name))) for name in ("concepts", "methods", "attacks")}
+    config = replace(config, **once)  # a concept, method or attack named twice is measured once
     attacks = check_config(model, config)
     matrix = Matrix(model, config, attacks, attack_settings(model, config, attacks), check_output_folder(output))
     matrix.output.mkdir(parents=True, exist_ok=True)
