@@ -30,19 +30,11 @@ from rece.errors import ReceError
 from rece.generate import generate_run
 from rece.metrics import evaluate
 from rece.models import load_model
+from rece.robustness_params import QUICK_ATTACKS, SHAPES_ATTACKS
 from rece.toy.door import erasure_arguments
 from rece.toy.world import COLORS, SHAPES
 
-FULL = {
-    "ring-a-bell": dict(population=100, generations=100, length=8, eta=3.0),
-    "unlearndiff": dict(iterations=10, timesteps=10, adv_tokens=5, lr=0.01),
-    "textual-inversion": dict(train_steps=300, train_batch_size=4, gradient_accumulation=1, train_images=16),
-}
-QUICK = {
-    "ring-a-bell": dict(population=20, generations=20, length=8),
-    "unlearndiff": dict(iterations=3, timesteps=4),
-    "textual-inversion": dict(train_steps=30, train_batch_size=4, gradient_accumulation=1, train_images=8),
-}
+FULL, QUICK = SHAPES_ATTACKS, QUICK_ATTACKS  # the settings `rece robustness` runs the shapes models with
 
 
 def prompt_set(folder: Path, concept: str) -> Path:

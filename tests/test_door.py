@@ -49,3 +49,11 @@ def test_concepts_and_recipes():
     assert len(rows) == 2 * len(COLORS) and all(r["concept"] == "triangle" for r in rows)
     kept = door.evaluation_prompt_rows("triangle", kept=True)
     assert len(kept) == 2 * len(COLORS) * (len(SHAPES) - 1) and "triangle" not in {r["concept"] for r in kept}
+
+
+def test_concept_kind_names_the_attribute_a_concept_is():
+    from rece.toy.door import concept_kind
+
+    assert concept_kind("triangle") == "shape" and concept_kind("red") == "color"
+    with pytest.raises(ReceError, match="not a shape or colour"):
+        concept_kind("dog")

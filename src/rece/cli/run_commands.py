@@ -1,4 +1,4 @@
-"""`rece demo`, `generate`, `attack`, `evaluate`, `report`, `sweep` and `toy`: run folders of images and what they show."""
+"""`rece demo`, `generate`, `attack`, `evaluate`, `report`, `sweep`, `robustness` and `toy`: run folders and what they show."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 from ..errors import ReceError
 from ..metrics.params import ClipScoreParams, NudenetParams
-from ..options import add_option, add_option_groups, field_of, finite_float, help_of, option_values
+from ..options import add_option, add_option_groups, add_options, field_of, finite_float, help_of, option_values
 from ..toy import door
 from .edit_commands import MODEL_HELP, add_erase_arguments, erase_config
 
@@ -153,6 +153,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_robustness(args) -> int:
+    from ..robustness import CSV_FILE, HTML_FILE, run_robustness
+    from ..robustness_params import RobustnessConfig
+
+    values = {k: v for k, v in option_values(args, RobustnessConfig).items() if v is not None}
+    start = time.perf_counter()
+    rows = run_robustness(args.model, args.output, methods=args.methods, attacks=args.attacks, **values)
+    out = args.output.rstrip("/")
+    print(f"{len(rows)} rows in {out}/{CSV_FILE}, the tables in {out}/{HTML_FILE} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_toy_train(args) -> int:
     from ..toy.train import main as train_main
 
@@ -160,11 +172,12 @@ def cmd_toy_train(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    """The parsers of demo, generate, attack, sweep, evaluate, report and toy."""
+    """The parsers of demo, generate, attack, sweep, robustness, evaluate, report and toy."""
     _add_demo(sub)
     _add_generate(sub)
     _add_attack(sub)
     _add_sweep(sub)
+    _add_robustness(sub)
     _add_evaluate(sub)
     p = sub.add_parser("report", help="one self-contained HTML page comparing run folders: metrics, edits, images side by side")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="`rece generate` output folder(s); one column of images each")
@@ -284,6 +297,24 @@ def _add_sweep(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard an existing sweep in the output folder")
     p.add_argument("-o", "--output", required=True, help="sweep folder: runs, sweep.json, sweep.png")
     p.set_defaults(func=cmd_sweep)
+
+
+def _add_robustness(sub) -> None:
+    from ..robustness_params import RobustnessConfig
+
+    p = sub.add_parser(
+        "robustness", help="the attack matrix: erase with each method, run every attack on each edit, one CSV and page"
+    )
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("-o", "--output", required=True, help="folder: a run folder per measurement, robustness.csv, .html, .json")
+    for name, default in (("methods", "uce rece robust"), ("attacks", "all")):
+        listed = field_of(RobustnessConfig, name)
+        p.add_argument(
+            f"--{name}", nargs="+", default=default.split(), metavar=name[:-1].upper(),
+            help=f"{listed.metadata['help']} (default: {default})",
+        )  # fmt: skip
+    add_options(p, RobustnessConfig)
+    p.set_defaults(func=cmd_robustness)
 
 
 def _add_evaluate(sub) -> None:

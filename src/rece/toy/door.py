@@ -61,6 +61,13 @@ def is_world_concept(concept: str) -> bool:
     return concept in SHAPES or concept in COLORS
 
 
+def concept_kind(concept: str) -> str:
+    """Which attribute of an image a world concept is: 'shape' or 'color' (a ReceError for any other concept)."""
+    if not is_world_concept(concept):
+        raise ReceError(f"'{concept}' is not a shape or colour of the shapes world; choose from {', '.join(world_concepts())}")
+    return "shape" if concept in SHAPES else "color"
+
+
 def names_world_concept(text: str) -> bool:
     """Whether a text is a shape or colour, or one of the short prompts a recipe erases with it ("a red triangle")."""
     return any(text in concept_prompts(c) for c in world_concepts())
