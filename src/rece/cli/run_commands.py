@@ -220,13 +220,7 @@ def _add_generate(sub) -> None:
         "(i2p, i2p-nudity, coco-30k, imagenette, artists) found in $RECE_BENCHMARKS (i2p, i2p-nudity: else from the hub)",
     )
     p.add_argument("-o", "--output", required=True, help="run folder: images/, manifest.json, prompts.csv")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
-    p.add_argument(
-        "--guidance",
-        type=finite_float,
-        default=None,
-        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5); a row's evaluation_guidance wins",
-    )
+    add_sampling_arguments(p, "; a row's evaluation_guidance wins")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per row; image k uses seed + k (1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call; does not change the images (4)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
@@ -243,6 +237,13 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, guidance_note: str = "") -> None:
+    """--steps and --guidance: unset, the model is drawn as its family (or the shapes model) is by default."""
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
+    guidance = f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5){guidance_note}"
+    p.add_argument("--guidance", type=finite_float, default=None, help=guidance)
+
+
 def _add_attack(sub) -> None:
     from ..attacks import ATTACKS
 
@@ -256,13 +257,7 @@ def _add_attack(sub) -> None:
     )
     p.add_argument("--concept", action="append", default=None, help="concept to attack (default: the edit's concepts)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack (and of derived's images: seed + k) (0)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
-    p.add_argument(
-        "--guidance",
-        type=finite_float,
-        default=None,
-        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5)",
-    )
+    add_sampling_arguments(p)
     p.add_argument("--images-per-prompt", type=int, default=None, help="images per case (derived 10, others 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows of the prompt set")
@@ -286,13 +281,7 @@ def _add_sweep(sub) -> None:
         add_option(p, field_of(cls, name), f"{metric}: {help_of(field_of(cls, name))}")  # the metric's own flag and default
     p.add_argument("--attack", default="derived", help="attack run on each edit with its defaults (derived)")
     p.add_argument("--attack-param", action="append", default=None, help="KEY=VALUE attack parameter (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (shapes {door.STEPS}, else the family's: SD 50)")
-    p.add_argument(
-        "--guidance",
-        type=finite_float,
-        default=None,
-        help=f"guidance scale (shapes {door.GUIDANCE:g}, else the family's: SD 7.5)",
-    )
+    add_sampling_arguments(p)
     p.add_argument("--images", type=int, default=2, help="images per prompt (2)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing sweep in the output folder")
     p.add_argument("-o", "--output", required=True, help="sweep folder: runs, sweep.json, sweep.png")
