@@ -122,3 +122,18 @@ def test_attack_choices():
         "ring-a-bell": {"eta": 5.5},
         "unlearndiff": {"adv_tokens": 3},
     }
+
+
+def test_an_edit_that_erased_nothing_is_said_plainly():
+    def row(method, value, concept="red"):
+        return {"model": "shapes-mmdit", "concept": concept, "method": method, "measure": "named", "value": value, "images": 8}
+
+    rows = [row("none", 100.0), row("uce", 0.0), row("rece", 100.0), row("robust", 12.5)]
+    rows += [row("none", 100.0, "triangle"), row("rece", 0.0, "triangle")]
+    rows.append({**row("rece", 100.0), "measure": "colours"})  # only `named` says whether the concept was erased
+    said = robustness.not_erased(rows)
+    assert said == [
+        "rece erased nothing of 'red' from shapes-mmdit: prompts naming it show it 100.0 % of the time, 100.0 % on the "
+        "unedited model"
+    ]
+    assert robustness.not_erased([row("rece", 100.0)]) == []  # no baseline row: nothing to compare with

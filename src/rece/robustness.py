@@ -325,6 +325,21 @@ def csv_rows(matrix: Matrix) -> list[dict]:
     return rows
 
 
+def not_erased(rows: list[dict]) -> list[str]:
+    """One sentence per concept × method whose `named` rate did not drop below the unedited model's: an edit that
+    erased nothing is said plainly, not left for a reader to spot in the table."""
+    named = {(r["model"], r["concept"], r["method"]): r["value"] for r in rows if r["measure"] == "named"}
+    out = []
+    for (model, concept, method), value in named.items():
+        before = named.get((model, concept, "none"))
+        if method != "none" and before is not None and value >= before:
+            out.append(
+                f"{method} erased nothing of '{concept}' from {model}: prompts naming it show it {value:.1f} % of the "
+                f"time, {before:.1f} % on the unedited model"
+            )
+    return out
+
+
 def html_report(matrix: Matrix, rows: list[dict]) -> str:
     """The page: one table per model, a row per concept × method, a column per preservation figure and per attack."""
     measures = [m for m in PRESERVATION if any(r["measure"] == m for r in rows)] if matrix.shapes else []
@@ -344,6 +359,8 @@ def html_report(matrix: Matrix, rows: list[dict]) -> str:
                 table.append([concept, method, *cells])
         sections.append(f"<h2>{html.escape(model)}</h2>" + html_table(table, ["concept", "method", *measures]))
     reasons = "".join(f"<li>{html.escape(a)}: {html.escape(r)}</li>" for a, r in not_run.items())
+    notices = "".join(f"<p><b>{html.escape(text)}.</b></p>" for text in not_erased(rows))
+    sections.insert(0, notices)
     settings = json.dumps(matrix.record["settings"], indent=1, ensure_ascii=False)
     sections.append(
         "<p>Values in %, images counted in brackets: named, % of images of prompts naming the concept that show it; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 from ..errors import ReceError
@@ -154,7 +155,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_robustness(args) -> int:
-    from ..robustness import CSV_FILE, HTML_FILE, run_robustness
+    from ..robustness import CSV_FILE, HTML_FILE, not_erased, run_robustness
     from ..robustness_params import RobustnessConfig
 
     values = {k: v for k, v in option_values(args, RobustnessConfig).items() if v is not None}
@@ -162,6 +163,8 @@ def cmd_robustness(args) -> int:
     rows = run_robustness(args.model, args.output, methods=args.methods, attacks=args.attacks, **values)
     out = args.output.rstrip("/")
     print(f"{len(rows)} rows in {out}/{CSV_FILE}, the tables in {out}/{HTML_FILE} ({time.perf_counter() - start:.1f} s)")
+    for text in not_erased(rows):
+        print(f"warning: {text}", file=sys.stderr)
     return 0
 
 
