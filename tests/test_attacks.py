@@ -1,4 +1,4 @@
-"""`rece attack`: the four attacks end to end (shapes model and a tiny SD), determinism, resume, the CLI round trip
+"""`rece attack`: every attack end to end (shapes model and a tiny SD), determinism, resume, the CLI round trip
 attack → evaluate → report, bad inputs, and the derived-embedding probe after UCE vs RECE on the shapes model.
 
 Attack parameters are cut far below the papers' (see docs/attacks.md) so the file runs in about two minutes on a 2-core CPU.
@@ -36,6 +36,7 @@ SMALL = {
     "ring-a-bell": dict(population=8, generations=3, length=4),
     "unlearndiff": dict(iterations=2, timesteps=2, adv_tokens=2),
     "textual-inversion": dict(train_steps=2, train_batch_size=2, gradient_accumulation=2, train_images=2),
+    "mma": dict(iterations=2, candidates=8, topk=8, length=4),
 }
 
 

@@ -112,3 +112,20 @@ class TextualInversionParams:
     @property
     def effective_lr(self) -> float:
         return self.lr * (self.train_batch_size * self.gradient_accumulation if self.scale_lr else 1)
+
+
+@dataclass
+class MMAParams:
+    """MMA-Diffusion's text-modality settings (cure-lab/MMA-Diffusion, textual attack): 20 adversarial tokens, 500
+    GCG steps, top-k 256 substitutions per position, 512 candidates per step."""
+
+    length: int = option(20, "adversarial tokens of the prompt")
+    iterations: int = option(500, "greedy coordinate-gradient steps")
+    topk: int = option(256, "candidate substitutions per position (by the one-hot gradient)")
+    candidates: int = option(512, "candidate prompts scored per step")
+    banned_words: str | None = option(None, "comma-separated words no token may contain, besides the concept's own")
+
+    def validate(self) -> None:
+        for name in ("length", "iterations", "topk", "candidates"):
+            if getattr(self, name) < 1:
+                raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")

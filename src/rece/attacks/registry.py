@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from ..errors import ReceError
 from .base import Attack, AttackParams
-from .params import DerivedParams, RingABellParams, TextualInversionParams, UnlearnDiffParams
+from .params import DerivedParams, MMAParams, RingABellParams, TextualInversionParams, UnlearnDiffParams
 
 
 class Registered(NamedTuple):
@@ -27,6 +27,7 @@ ATTACKS: dict[str, Registered] = {
     "ring-a-bell": Registered("ring_a_bell", RingABellParams),
     "unlearndiff": Registered("unlearndiff", UnlearnDiffParams),
     "textual-inversion": Registered("textual_inversion", TextualInversionParams),
+    "mma": Registered("mma", MMAParams),
 }
 
 
