@@ -1,4 +1,4 @@
-"""`rece attack`: red-team an edited model with four attacks and write a run folder `rece evaluate` scores (ASR).
+"""`rece attack`: red-team an edited model with five attacks and write a run folder `rece evaluate` scores (ASR).
 
     from rece.attacks import run_attack
     run_attack("shapes", "triangle-rece.safetensors", "derived", "runs/derived-rece")
@@ -6,7 +6,9 @@
 
 Attacks (one module each): `derived` (RECE's closed-form c′), `ring-a-bell` (genetic search over tokens for
 E(prompt) + η·concept vector; text encoder only), `unlearndiff` (white-box prompt optimisation through the edited
-UNet), `textual-inversion` (a new word learned on images of the concept with the edited model frozen). Every one
+UNet), `textual-inversion` (a new word learned on images of the concept with the edited model frozen), `mma`
+(MMA-Diffusion's greedy coordinate-gradient search for tokens whose pooled CLIP embedding matches the prompt's, banned
+words removed from the vocabulary; text encoder only). Every one
 satisfies the contract `base.Attack` (its `Params`, `FAMILIES`, and the signatures of its steps); `registry` names
 them, `params` holds their parameters, `runner` runs one into a run folder, `common` is the glue they share.
 
