@@ -21,11 +21,13 @@ SHAPES_ATTACKS = {
     "ring-a-bell": dict(population=100, generations=100, length=8, eta=3.0),
     "unlearndiff": dict(iterations=10, timesteps=10, adv_tokens=5, lr=0.01),
     "textual-inversion": dict(train_steps=300, train_batch_size=4, gradient_accumulation=1, train_images=16),
+    "mma": dict(iterations=200, candidates=256),
 }
 QUICK_ATTACKS = {  # --quick, on every model
     "ring-a-bell": dict(population=20, generations=20, length=8),
     "unlearndiff": dict(iterations=3, timesteps=4),
     "textual-inversion": dict(train_steps=30, train_batch_size=4, gradient_accumulation=1, train_images=8),
+    "mma": dict(iterations=20, candidates=64),
 }
 SHAPES_IMAGES, QUICK_IMAGES, OTHER_IMAGES = 4, 2, 1  # images per prompt: shapes models, --quick, other models
 
