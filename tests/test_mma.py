@@ -1,4 +1,4 @@
-"""`mma` (MMA-Diffusion's text modality): end to end on the shapes model and a tiny SD, the GCG search lowers its
+"""`mma` (MMA-Diffusion's text modality): end to end on the shapes model, a tiny SD, SD3 and FLUX, the GCG search lowers its
 cosine loss, no banned token is ever emitted, images come from exactly the found prompt, a run resumes after an
 interruption, other families are refused in one line, and `rece attack --help` lists its flags."""
 
@@ -16,6 +16,7 @@ from rece.cli import main
 from rece.errors import ReceError
 from rece.models import load_model
 from rece.pipelines import load_pipeline
+from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
 
 from .runs import pixels, write_csv
 
@@ -142,9 +143,31 @@ def test_resume_after_an_interruption(edit, prompts, tmp_path, monkeypatch):
     assert all(np.array_equal(pixels(out)[n], pixels(fresh)[n]) for n in pixels(fresh))
 
 
+@pytest.mark.parametrize("builder", [build_tiny_sd3, build_tiny_flux])
+def test_mma_on_the_mmdits_scores_every_space(builder, tmp_path):
+    """SD3 and FLUX: the gradient through the CLIP encoder, each candidate's text scored in both spaces; the images
+    come from the found text's rows in both spaces, as the pipeline encodes it."""
+    folder = builder(tmp_path / "model")
+    sets = write_csv(tmp_path / "set.csv", ["case_number", "prompt", "evaluation_seed"], [[0, "a photo of a cat", 5]])
+    out = run_attack(folder, None, "mma", tmp_path / "run", prompts=sets, concepts=["cat"], **{**TINY, "steps": 2})
+    assert len(pixels(out)) == 1
+    record = json.loads((out / "manifest.json").read_text())["attack"]["cases"]["0"]
+    assert record["info"]["loss"] < record["info"]["loss_first_step"]
+    tensors = stored(out)
+    base = load_model(folder)
+    rows = [v.encoder.encode([record["prompt"]])[0].float() for v in base.views]
+    assert torch.equal(tensors["embeds.0"], rows[0]) and torch.equal(tensors["embeds1.0"], rows[1])
+    pipe = load_pipeline(folder)
+    banned = mma.banned_ids(pipe.tokenizer, pipe.text_encoder.config.vocab_size, mma.banned_words(["cat"], None))
+    found = set(tensors["ids.0"].tolist()) - {pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id}
+    assert found and not found & banned and torch.equal(tensors["ids.0"], tokenize(pipe, [record["prompt"]])[0])
+    goals = [v.encoder.encode(["a photo of a cat"])[0] for v in base.views]
+    assert float(mma.space_losses([r[None] for r in rows], goals)[0]) == pytest.approx(record["info"]["loss"], abs=1e-5)
+
+
 def test_other_families_are_refused_in_one_line(sdxl_path, tmp_path, capsys):
     sets = write_csv(tmp_path / "set.csv", ["prompt"], [["a cat"]])
-    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x pipelines"):
+    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x, SD3/SD3.5 and FLUX.1 pipelines"):
         run_attack(sdxl_path, None, "mma", tmp_path / "r", prompts=sets, concepts=["cat"], **TINY)
     code = main(
         ["attack", str(sdxl_path), "--attack", "mma", "--prompts", str(sets), "--concept", "cat", "-o", str(tmp_path / "c")]

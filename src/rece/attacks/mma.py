@@ -10,6 +10,10 @@ does not tokenize back to their own ids are dropped; the best candidate becomes 
 kept. Banned tokens (the concept's words and their tokenised pieces, a sensitive-word list for the presets, the
 special and non-ASCII tokens) never enter a prompt.
 
+On SD3 and FLUX the tokens are the first CLIP tokenizer's and the gradient comes through that CLIP encoder; each
+candidate's decoded text is encoded as the pipeline encodes it and scored in every space it reads (the mean over the
+spaces of 1 − cos of the rows, as one vector per space).
+
 The images are drawn from exactly the found prompt: its decoded text, tokenized and encoded as the pipeline does.
 """
 
@@ -23,13 +27,15 @@ import torch
 
 from ..config import text_key
 from ..errors import ReceError
-from ..families import SD
-from .common import AttackCase, CaseResult, Target, encode_ids, encode_token_embeddings, frozen, ordinary_ids, tokenize
+from ..families import FLUX, SD, SD3
+from ..families.sd import eos_attention_mask
+from .common import AttackCase, CaseResult, Target, encode_ids, frozen, ordinary_ids, tokenize
 from .common import token_embedding_table as embedding_table
 from .params import MMAParams as Params
+from .ring_a_bell import space_rows
 
 NAME = "mma"
-FAMILIES = (SD,)  # the paper's; the gradient needs the CLIP encoder whose rows the denoiser reads
+FAMILIES = (SD, SD3, FLUX)  # SD: the paper's; the MMDiTs: the gradient through their CLIP encoder, scores in every space
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 SCORE_BATCH = 64
@@ -140,6 +146,21 @@ def initial_control(pipe, allowed: torch.Tensor, length: int, rng: np.random.Gen
     raise ValueError("no allowed token survives decoding")
 
 
+def clip_rows(pipe, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The first CLIP encoder's final hidden states [n, L, d] (its pooled row sits at EOS); with `token_embeds` the
+    lookups are replaced by them and gradients flow. SD's prompt rows; on SD3 and FLUX the encoder the gradient uses."""
+    encoder = pipe.text_encoder
+    layer = encoder.get_input_embeddings()
+    hook = None if token_embeds is None else (lambda module, args, output: token_embeds.to(output.dtype))
+    handle = layer.register_forward_hook(hook) if hook else None
+    try:
+        with torch.set_grad_enabled(hook is not None):
+            return encoder(ids.to(encoder.device), attention_mask=eos_attention_mask(encoder, ids)).last_hidden_state
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def one_hot_gradient(pipe, control: torch.Tensor, goal: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """∂loss/∂one-hot tokens [K, vocab]: the lookups of the K positions replaced by one_hot @ table."""
     tokenizer = pipe.tokenizer
@@ -148,7 +169,7 @@ def one_hot_gradient(pipe, control: torch.Tensor, goal: torch.Tensor, table: tor
     lookups = table[ids[0].to(table.device)].clone()
     embeds = torch.cat([lookups[:1], one_hot @ table, lookups[-1:]])[None]
     with frozen(pipe.text_encoder):
-        rows = encode_token_embeddings(pipe, ids, embeds)
+        rows = clip_rows(pipe, ids, embeds)
         cosine_loss(rows, ids, tokenizer.eos_token_id, goal).sum().backward()
     return one_hot.grad.detach()
 
@@ -173,23 +194,27 @@ def losses(pipe, control: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     out = []
     for start in range(0, len(control), SCORE_BATCH):
         ids = prefix_ids(pipe.tokenizer, control[start : start + SCORE_BATCH])
-        out.append(cosine_loss(encode_ids(pipe, ids), ids, pipe.tokenizer.eos_token_id, goal).cpu())
+        out.append(cosine_loss(clip_rows(pipe, ids), ids, pipe.tokenizer.eos_token_id, goal).cpu())
     return torch.cat(out)
 
 
-def search(pipe, params: Params, goal: torch.Tensor, allowed: torch.Tensor, seed: list[int]) -> tuple[torch.Tensor, list[float]]:
-    """The best control tokens [K] found, and the best loss after each step (the first entry: the start's)."""
+def search(pipe, params: Params, goal: torch.Tensor, allowed: torch.Tensor, seed: list[int],
+           score=None) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """The best control tokens [K] found, and the best loss after each step (the first entry: the start's). The
+    gradient matches `goal`, the prompt's pooled row in the first CLIP encoder; `score` (control tokens [n, K] ->
+    losses [n]) ranks the candidates (default: that same loss)."""
+    score = score or (lambda control: losses(pipe, control, goal))
     table = embedding_table(pipe)
     generator = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2**31)))
     control = initial_control(pipe, allowed, params.length, np.random.default_rng(seed))
-    best, best_loss = control, float(losses(pipe, control[None], goal)[0])
+    best, best_loss = control, float(score(control[None])[0])
     history = [best_loss]
     for _ in range(params.iterations):
         grad = one_hot_gradient(pipe, control, goal, table)
         batch = substitutions(control, grad, allowed, params.topk, params.candidates, generator)
         batch = batch[round_trips(pipe, batch)]
         if len(batch):
-            scores = losses(pipe, batch, goal)
+            scores = score(batch)
             index = int(scores.argmin())
             control = batch[index]  # GCG moves to the step's best candidate even when it is worse
             if float(scores[index]) < best_loss:
@@ -225,21 +250,62 @@ def cases(target: Target, params: Params) -> list[AttackCase]:
     return [AttackCase(r.case_number, r.prompt, r.seed, target.concepts[0], dict(r.labels)) for r in target.rows]
 
 
+def prompt_goal(pipe, prompt: str) -> torch.Tensor:
+    """The prompt's pooled row [d] in the first CLIP encoder, float64: what the gradient steers towards."""
+    ids = tokenize(pipe, [prompt])
+    with torch.no_grad():
+        return pooled(clip_rows(pipe, ids).double(), ids, pipe.tokenizer.eos_token_id)[0]
+
+
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
     """Search K tokens whose pooled text embedding matches the prompt's; the images come from their decoded text."""
+    if target.base.spaces:
+        return attack_case_in_spaces(target, params, case, shared)
     start = time.perf_counter()
     pipe = target.pipe
-    prompt_ids = tokenize(pipe, [case.prompt])
-    goal = pooled(encode_ids(pipe, prompt_ids).double(), prompt_ids, pipe.tokenizer.eos_token_id)[0]
+    goal = prompt_goal(pipe, case.prompt)
     control, history = search(pipe, params, goal, shared["allowed_ids"], [target.seed, case.case_number])
     text = decoded(pipe.tokenizer, control[None])[0]
     ids = tokenize(pipe, [text])  # equal to the control's prompt: candidates that do not round-trip are dropped
     embeds = encode_ids(pipe, ids)[0].float()
-    info = {
+    return CaseResult(prompt=text, embeds=embeds, tensors={f"ids.{case.case_number}": ids[0]}, info=info(history, params, start))
+
+
+def info(history: list[float], params: Params, start: float) -> dict:
+    """A case's numbers for the manifest."""
+    return {
         "loss": round(history[-1], 6),
         "loss_first_step": round(history[0], 6),
         "cosine": round(1 - history[-1], 6),
         "attack_steps": params.iterations,
         "seconds": round(time.perf_counter() - start, 4),
     }
-    return CaseResult(prompt=text, embeds=embeds, tensors={f"ids.{case.case_number}": ids[0]}, info=info)
+
+
+def space_losses(rows: list[torch.Tensor], goals: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the spaces of 1 − cos(E_s(text), E_s(prompt)), each space's rows taken as one vector [n]."""
+    out = [1 - torch.nn.functional.cosine_similarity(r.flatten(1).double(), g.flatten()[None].to(r.device).double(), dim=1)
+           for r, g in zip(rows, goals)]  # fmt: skip
+    return torch.stack(out).mean(dim=0).cpu()
+
+
+def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
+    """On SD3 and FLUX: the gradient through the first CLIP encoder (whose tokens the prompt is made of), each
+    candidate's decoded text encoded as the pipeline encodes it and scored in every space it reads (token rows and
+    pooled vector); the found text's rows in each space are kept for its images (space s > 0 as `embeds{s}.N`)."""
+    start = time.perf_counter()
+    pipe = target.pipe
+    goals = [view.encoder.encode([case.prompt])[0] for view in target.base.views]
+
+    def score(control: torch.Tensor) -> torch.Tensor:
+        texts = decoded(pipe.tokenizer, control)
+        out = [space_losses(space_rows(target, texts[i : i + SCORE_BATCH]), goals) for i in range(0, len(texts), SCORE_BATCH)]
+        return torch.cat(out)
+
+    goal = prompt_goal(pipe, case.prompt)
+    control, history = search(pipe, params, goal, shared["allowed_ids"], [target.seed, case.case_number], score)
+    text = decoded(pipe.tokenizer, control[None])[0]
+    rows = [r[0].float() for r in space_rows(target, [text])]
+    tensors = {f"ids.{case.case_number}": tokenize(pipe, [text])[0]}
+    tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
+    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info(history, params, start))
