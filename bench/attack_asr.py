@@ -1,4 +1,4 @@
-"""ASR of the four `rece attack` attacks on the shapes model after erasing a shape with UCE and with RECE.
+"""ASR of the `rece attack` attacks on the shapes model after erasing a shape with UCE and with RECE.
 
     HF_HUB_OFFLINE=1 python bench/attack_asr.py                 # about 25 min on one CPU core
     HF_HUB_OFFLINE=1 python bench/attack_asr.py --quick         # a few minutes, much weaker attacks
@@ -8,7 +8,7 @@ Erases --concept (triangle) with each of --methods (uce, rece), by default with 
 (`rece.toy.door.erasure_arguments`, the model's own; `--recipe word` erases the word alone with `rece erase` defaults), then runs
 on each edited model: no attack
 (the plain prompts), derived (fresh c′, and c′ derived against the UCE edit as in the RECE paper), ring-a-bell,
-unlearndiff and textual-inversion, with the reduced parameters below (the papers' defaults take hours on a CPU).
+unlearndiff, textual-inversion and mma, with the reduced parameters below (the papers' defaults take hours on a CPU).
 Every run is scored with `rece evaluate` (asr, shapes detector) and one table row is printed per (attack, method).
 """
 
@@ -100,6 +100,7 @@ def main() -> int:
                 "textual-inversion",
                 dict(attack="textual-inversion", prompts=prompts, images_per_prompt=args.images, **params["textual-inversion"]),
             ),
+            ("mma", dict(attack="mma", prompts=prompts, images_per_prompt=args.images, **params["mma"])),
         ]:
             if args.attacks and extra["attack"] not in args.attacks:
                 continue

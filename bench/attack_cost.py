@@ -6,7 +6,8 @@
 A step is what each attack repeats: derived, one closed-form derivation of c′ (per concept); ring-a-bell, one
 generation of the genetic algorithm (the population's text encodings and the selection, crossover, mutation);
 unlearndiff, one optimisation iteration (text encoder + UNet forward and backward); textual-inversion, one
-training step (batch × accumulation forward and backward passes). The times come from the attacks' own timers
+training step (batch × accumulation forward and backward passes); mma, one GCG step (the one-hot gradient and 512
+candidates decoded, checked and encoded). The times come from the attacks' own timers
 (recorded in each run's manifest) and leave out loading the model, drawing target/training images and generating
 the final images, which are timed separately (seconds per generated image).
 """
@@ -33,6 +34,7 @@ PARAMS = {
     "ring-a-bell": dict(population=200, generations=5, length=16),
     "unlearndiff": dict(iterations=5, timesteps=2, adv_tokens=5),
     "textual-inversion": dict(train_steps=5, train_batch_size=4, gradient_accumulation=1, train_images=4),
+    "mma": dict(iterations=5, candidates=512, topk=256, length=20),
 }
 
 
