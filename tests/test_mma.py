@@ -94,6 +94,7 @@ def test_banned_words_take_every_token_that_contains_them_and_the_pieces(sd_path
     tokenizer = CLIPTokenizer.from_pretrained(sd_path, subfolder="tokenizer")
     words = mma.banned_words(["Nudity"], "zebra")
     assert {"nudity", "sexual", "naked", "zebra"} <= words  # the concept, the preset's list, --banned-words
+    assert mma.banned_words(["a photo of Van Gogh"], None) == {"a photo of van gogh", "photo", "van", "gogh"}
     banned = mma.banned_ids(tokenizer, len(tokenizer), words)
     vocab = tokenizer.get_vocab()
     assert all(vocab[t] in banned for t in vocab if "nud" in t or "sex" in t)

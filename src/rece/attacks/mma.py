@@ -68,11 +68,13 @@ def resolved(target: Target, params: Params) -> dict:
 
 
 def banned_words(concepts: list[str], extra: str | None) -> set[str]:
-    """The words no token may contain: each concept and its words, its preset's sensitive list, and --banned-words."""
+    """The words no token may contain: each concept and its words, its preset's sensitive list, and --banned-words.
+
+    A concept's words of one or two letters ("a", "of") are left out: as substrings they would ban most of the vocabulary."""
     words = set()
     for concept in concepts:
         key = text_key(concept)
-        words |= {key, *key.split()} | set(SENSITIVE.get(key, ()))
+        words |= {key, *(w for w in key.split() if len(w) > 2)} | set(SENSITIVE.get(key, ()))
     words |= {text_key(w) for w in (extra or "").split(",") if w.strip()}
     return {w for w in words if w}
 
