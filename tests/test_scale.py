@@ -14,7 +14,9 @@ import torch
 
 import rece
 from rece import budget, console
+from rece import closed_form as cf
 from rece.cli import main
+from rece.config import EraseConfig
 from rece.edit import load_edit
 from rece.tiny import DEFAULT_WORDS
 
@@ -192,3 +194,115 @@ def test_check_texts_memory_is_flat_and_estimated(sd_path, tmp_path):
         assert 1 / 1.5 <= seen["estimate"] / added[n] <= 1.5, (n, seen)
     rows = 20000 * 77 * 64 * 8  # one float64 copy of the 20,000 texts' rows
     assert added[20000] < rows / 8 and added[20000] < 2 * added[1000]
+
+
+PRESERVE = [f"a photo of {i} cats and {i % 7} dogs" for i in range(300)]  # 23,100 rows, 360× d on tiny SD
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("technique", ["replace", "tensor"])
+def test_many_preserve_texts_give_the_all_at_once_edit(base, monkeypatch, technique):
+    """Preserve texts beyond one chunk are summed a chunk at a time into a d×d factor of their gram: the edit, its
+    c′ and the preservation report are those of the rows stacked all at once (to float64 rounding)."""
+    from rece.erase import _run_per_layer, _run_shared, _Texts
+
+    kwargs = dict(preset="nudity", preserve=PRESERVE, technique=technique, derived=True)
+    at_once = rece.erase(base, ["cat"], **kwargs)  # 300 texts fit one chunk: stacked rows, as before
+    monkeypatch.setattr(rece.preservation, "CHECK_CHUNK_BYTES", 8 * 77 * 64 * 40)  # 40 texts a chunk
+    chunked = rece.erase(base, ["cat"], **kwargs)
+    # the reference: the closed forms on every preserve text's rows, explicitly stacked
+    config = EraseConfig.create(["cat"], **kwargs)
+    texts = _Texts.encode(base, ["cat", " ", "", *PRESERVE])
+    run = _run_shared if technique == "replace" else _run_per_layer
+    reference, derived = run(base, config, texts, list(base.kv))
+    if technique == "replace":
+        assert _relative(chunked.transform, cf.identity_plus(*reference)) < 1e-10
+        assert _relative(chunked.transform, at_once.transform) < 1e-10
+    else:
+        for name, delta in reference.items():
+            assert _relative(chunked.deltas[name], delta) < 1e-10
+    for a, b in zip(chunked.derived, derived, strict=True):
+        assert _relative(a, b) < 1e-10
+    ours, theirs = chunked.metadata["preservation"]["preserved"], at_once.metadata["preservation"]["preserved"]
+    assert ours["texts"] == theirs["texts"] == 301
+    assert ours["mean"] == pytest.approx(theirs["mean"], rel=1e-8) and ours["worst"] == theirs["worst"]
+
+
+def test_many_preserve_texts_match_the_uce_closed_form(base, monkeypatch):
+    """UCE's M from the explicitly stacked rows of '' and the 300 texts, against the chunked erasure."""
+    monkeypatch.setattr(rece.preservation, "CHECK_CHUNK_BYTES", 8 * 77 * 64 * 40)
+    edit = rece.erase(base, ["cat"], method="uce", preserve=PRESERVE)
+    rows = base.encoder.encode(["cat", " ", "", *PRESERVE])
+    counts = base.encoder.token_counts(["cat", " "])
+    erase_rows, target_rows = cf.uce_token_rows(rows[0], counts[0], rows[1], counts[1])
+    stacked = rows[2:].reshape(-1, rows.shape[-1])  # 23,177 rows
+    expected = cf.shared_edit_transform(erase_rows, target_rows, stacked, 0.5, 1.0, max(0.1, 1 / 301), "--uce-lamb")
+    assert _relative(edit.transform, expected) < 1e-10
+
+
+def test_row_sum_keeps_few_rows_and_factors_many():
+    torch.manual_seed(0)
+    total = cf.RowSum(8)
+    few = torch.randn(5, 8, dtype=torch.float64)
+    total.add(few)
+    assert torch.equal(total.rows(), few)  # at most d rows: the rows themselves
+    more = [torch.randn(7, 8, dtype=torch.float64) for _ in range(3)]
+    for rows in more:
+        total.add(rows)
+    stacked = torch.cat([few, *more])
+    factor = total.rows()
+    assert factor.shape == (8, 8) and _relative(factor.T @ factor, stacked.T @ stacked) < 1e-13
+    singular = cf.RowSum(8)
+    singular.add(torch.randn(20, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64))  # rank 3
+    factor = singular.rows()
+    assert torch.isfinite(factor).all() and _relative(factor.T @ factor, singular.gram) < 1e-13
+
+
+PRESERVE_PEAK_SCRIPT = PEAK_SCRIPT.replace(
+    'check = [f"a photo of {i} cats and {i % 7} dogs" for i in range(n)]',
+    'preserve = [f"a photo of {i} cats and {i % 7} dogs" for i in range(n)]',
+).replace('rece.erase(base, ["cat"], method="rece", check=check)', 'rece.erase(base, ["cat"], method="rece", preserve=preserve)')
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resetting the peak RSS needs Linux")
+def test_preserve_texts_memory_is_flat_and_estimated(sd_path, tmp_path):
+    """Preserve texts beyond one chunk are encoded and summed a chunk at a time: what an erasure adds to the peak RSS
+    stays flat in their number and within 1.5× of `budget.estimate_bytes` (1, 1,000 and 20,000 texts; 20,000 added
+    3.4 GB on tiny SD when they were encoded and stacked all at once)."""
+    assert PRESERVE_PEAK_SCRIPT.count("preserve=preserve") == 1
+    script = tmp_path / "peak.py"
+    script.write_text(PRESERVE_PEAK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    added = {}
+    for n in (1, 1000, 20000):
+        done = subprocess.run([sys.executable, str(script), str(sd_path), str(n)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seen = json.loads(done.stdout.strip().splitlines()[-1])
+        added[n] = seen["peak"] - seen["before"]
+        assert 1 / 1.5 <= seen["estimate"] / added[n] <= 1.5, (n, seen)
+    rows = 20000 * 77 * 64 * 8  # one float64 copy of the 20,000 texts' rows
+    assert added[20000] < rows / 8 and added[20000] < 1.25 * added[1000]
+
+
+@pytest.mark.parametrize("family", ["flux-schnell", "pixart"])
+def test_many_preserve_texts_at_several_lengths_and_masked(tmp_path, monkeypatch, family):
+    """FLUX.1 [schnell] (each text's rows at 256 and 512 joined, two spaces) and PixArt (padding masked): preserve texts
+    summed one per chunk give the edit and the report of the texts stacked at once."""
+    from rece.tiny_dit import build_tiny_flux, build_tiny_pixart
+
+    path = build_tiny_flux(tmp_path / "m", schnell=True) if family == "flux-schnell" else build_tiny_pixart(tmp_path / "m")
+    base = rece.load_model(path)
+    preserve = PRESERVE[:60]
+    at_once = rece.erase(base, ["cat"], preset="nudity", preserve=preserve)
+    monkeypatch.setattr(rece.preservation, "CHECK_CHUNK_BYTES", 1)  # one text a chunk
+    chunked = rece.erase(base, ["cat"], preset="nudity", preserve=preserve)
+    if at_once.kind == "transform":
+        assert _relative(chunked.transform, at_once.transform) < 1e-9
+    else:
+        for name, delta in at_once.deltas.items():
+            assert _relative(chunked.deltas[name], delta) < 1e-9
+    ours, theirs = chunked.metadata["preservation"]["preserved"], at_once.metadata["preservation"]["preserved"]
+    assert ours["texts"] == theirs["texts"] == 61 and ours["mean"] == pytest.approx(theirs["mean"], rel=1e-8)

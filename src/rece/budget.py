@@ -18,31 +18,51 @@ UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2
 
 
 PER_CHECK_TEXT = 1024  # bytes a held-out text keeps until the report: its string, its sums, its place in the summary
+PER_PRESERVE_TEXT = 256  # bytes a preserve text adds: its places in the two stages' counts and its report sums
+ENCODE_BATCH = 16  # texts the encoder runs at once (PromptEncoder.encode_unique): its activations, float32
 
 
 def erase_bytes(
-    concepts: int, other_texts: int, rows: int, dim: int, epochs: int, preserve: int = 0, check: int = 0, tokenizers: int = 1
+    concepts: int,
+    other_texts: int,
+    rows: int,
+    dim: int,
+    epochs: int,
+    preserve: int = 0,
+    check: int = 0,
+    tokenizers: int = 1,
+    chunked: bool = True,
 ) -> int:
     """Peak bytes an erasure adds, by what it keeps in float64:
 
     - the embedding rows of every text it encodes together, [texts, rows, dim] (its concepts and the `other_texts`);
-    - the preserved texts' rows twice more (the RECE step's weighted rows, and the rows the closed form stacks);
+    - the `preserve` (distinct) texts: up to one chunk (or not `chunked`: robust mode), encoded with the others and
+      their rows twice more (the RECE step's weighted rows, and the rows the closed form stacks); beyond, a chunk at
+      a time: its rows twice (encoded, weighted) and its token ids, and each stage's d×d sums and factors;
     - RECE's c′ of every concept, twice per epoch (the rows, and the padded copy the edit keeps);
     - the chunk of rows the accumulated updates and the derivations work on (with targets and results), ×4;
     - a dozen d×d matrices (grams, transforms, their factors);
-    - the held-out (`check`) texts one chunk at a time: its rows, its token ids, three SUM_ROWS × d products, and
-      PER_CHECK_TEXT for each text until the report.
+    - the text encoder's activations for one batch, as two float32 [ENCODE_BATCH, rows, dim] tensors;
+    - after the erasure, the held-out (`check`) texts, and the many preserved texts again for their report, one chunk
+      at a time: its rows, its token ids, three SUM_ROWS × d products; and PER_CHECK_TEXT (PER_PRESERVE_TEXT) for
+      each held-out (preserve) text.
     """
-    texts = concepts + other_texts
-    embeddings = texts * rows * dim + 2 * preserve * rows * dim
+    chunk = check_chunk_texts(rows, dim)
+    few = preserve <= chunk or not chunked
+    texts = concepts + other_texts + (preserve if few else 2)
+    embeddings = texts * rows * dim + (2 * (preserve + 2) * rows * dim if few else 0)
     derived = 2 * max(epochs, 0) * concepts * rows * dim
-    chunk = 4 * min(CHUNK_ROWS, concepts * rows) * dim
-    square = 12 * dim * dim
-    floats = embeddings + derived + chunk + square
-    if check:
-        encoded = min(check, check_chunk_texts(rows, dim))
-        floats += encoded * rows * (dim + tokenizers) + 3 * min(SUM_ROWS, check * rows) * dim
-    return int(SAFETY * (8 * floats + PER_CHECK_TEXT * check))
+    work = 4 * min(CHUNK_ROWS, concepts * rows) * dim
+    square = (12 if few else 18) * dim * dim
+    # a chunk at a time: while the preserved texts are summed, or after the erasure (not both at once)
+    summing = 0 if few else chunk * rows * (2 * dim + tokenizers)
+    reported = max(check, 0 if few else preserve)
+    if reported:
+        encoded = min(reported, chunk)
+        summing = max(summing, encoded * rows * (dim + tokenizers) + 3 * min(SUM_ROWS, reported * rows) * dim)
+    encoding = ENCODE_BATCH * rows * dim  # two float32 tensors: one float64's bytes
+    floats = embeddings + derived + work + square + encoding + summing
+    return int(SAFETY * (8 * floats + PER_CHECK_TEXT * check + PER_PRESERVE_TEXT * preserve))
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int | None:
@@ -105,14 +125,14 @@ def require_memory(need: int, device: str | torch.device, what: str, advice: str
 
 def estimate_bytes(base, config) -> int:
     """What `erase_bytes` expects an erasure of `config` from `base` to add, over every space the model reads."""
-    others = 3 + len(config.preserve) + (1 if config.preserve_empty else 0)
+    others = 3 + (1 if config.preserve_empty else 0)
     if config.method == "robust" and config.templates:
         others += len(ROBUST_TEMPLATES) * (len(config.concepts) + 1)  # each concept in each template, and alone
-    preserve, check = len(config.preserve) + 2, len(set(config.check))
+    preserve, check, chunked = len(set(config.preserve)), len(set(config.check)), config.method != "robust"
     # rows per text: every sequence length the erasure pairs (FLUX.1 [schnell]: 256 and 512 joined)
     rows = [max(v.encoder.max_length, sum(v.family.erase_lengths(config.max_sequence_length))) for v in base.views]
     return sum(
-        erase_bytes(len(config.concepts), others, n, v.dim, config.epochs, preserve, check, len(v.encoder.tokenizers))
+        erase_bytes(len(config.concepts), others, n, v.dim, config.epochs, preserve, check, len(v.encoder.tokenizers), chunked)
         for n, v in zip(rows, base.views)
     )
 

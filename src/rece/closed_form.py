@@ -103,6 +103,45 @@ def shared_edit_factors(
     return erase_scale * (target_rows - erase_rows).T, right
 
 
+def gram_rows(gram: torch.Tensor) -> torch.Tensor:
+    """d rows S with SᵀS = gram (symmetric PSD): diag(√λ)·Vᵀ of its eigendecomposition, rounding's negative λ as 0."""
+    values, vectors = torch.linalg.eigh(gram)
+    return values.clamp(min=0).sqrt()[:, None] * vectors.T
+
+
+class RowSum:
+    """Σ r rᵀ over rows added a batch at a time, read back as rows with that outer-product sum: the rows themselves
+    while they are at most d (the closed forms then solve the small Woodbury system), else `gram_rows` of the float64
+    gram, so any number of preserved texts costs O(d²)."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.dim, self.device = dim, device
+        self.kept: list[torch.Tensor] = []
+        self.count = 0
+        self.gram: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add the rows' outer products (float64 rows [n, d])."""
+        self.count += rows.shape[0]
+        if self.gram is None and self.count <= self.dim:
+            self.kept.append(rows)
+            return
+        if self.gram is None:
+            self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+            for kept in self.kept:
+                self.gram += outer_sum(kept, kept)
+            self.kept = []
+        self.gram += outer_sum(rows, rows)
+
+    def rows(self) -> torch.Tensor:
+        """Rows U with UᵀU = the sum: [min(n, d), d]."""
+        if self.gram is not None:
+            return gram_rows(self.gram)
+        if not self.kept:
+            return torch.zeros(0, self.dim, dtype=torch.float64, device=self.device)
+        return torch.cat(self.kept)
+
+
 def row_chunks(lengths: list[int], chunk_rows: int | None = None) -> list[tuple[int, int]]:
     """(start, stop) ranges of consecutive items (of `lengths` rows each) holding at most `chunk_rows` rows together
     (default CHUNK_ROWS); an item longer than that is a chunk of its own."""

@@ -216,37 +216,80 @@ def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progre
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     lengths = base.family.erase_lengths(config.max_sequence_length)
-    texts = _Texts.encode(
-        base, config.concepts + [target, config.regularization_text] + config.uce_preserve_texts + rece_preserve + extra,
-        progress, lengths,
-    )  # fmt: skip
+    # more preserve texts than one chunk: encoded and summed a chunk at a time (robust mode reads each one's rows)
+    chunked = config.method != "robust" and len(set(config.preserve)) > chunk_texts(base, lengths)
+    preserved = ["", " "] if chunked else config.uce_preserve_texts + rece_preserve
+    texts = _Texts.encode(base, config.concepts + [target, config.regularization_text] + preserved + extra, progress, lengths)
+    rows = preserve_rows(base, texts, config, progress, lengths) if chunked else None
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
         result = _SpaceResult(transform, None, [], report, {})
     elif config.technique == "replace" and len(edited) == len(base.kv):
-        factors, derived = _run_shared(base, config, texts, edited, progress)
+        factors, derived = _run_shared(base, config, texts, edited, progress, rows)
         result = _SpaceResult(factors, None, derived, None, {})
     else:
-        deltas, derived = _run_per_layer(base, config, texts, edited)
+        deltas, derived = _run_per_layer(base, config, texts, edited, rows)
         result = _SpaceResult(None, deltas, derived, None, {})
+    del rows
     if len(texts.segments) > 1:  # the edit keeps the c′ rows of the length it is drawn with
         result.derived = [d[:, : texts.segments[0][0]].contiguous() for d in result.derived]
     gram0 = base.original_gram()
     gram_delta = preservation.delta_gram(gram0, result.transform, result.deltas)
-    result.sums["preserved"] = preservation.text_sums(
-        {t: texts.attended(t) for t in config.uce_preserve_texts}, gram0, gram_delta
-    )
+    known = None if chunked else texts
+    result.sums["preserved"] = check_sums(base, config.uce_preserve_texts, gram0, gram_delta, progress, lengths, known)
     result.sums["check"] = check_sums(base, config.check, gram0, gram_delta, progress, lengths)
     return result
 
 
+def chunk_texts(base: BaseModel, lengths: tuple[int, ...] = ()) -> int:
+    """How many texts are encoded at a time where their number must not scale memory (held-out and many preserved)."""
+    return preservation.check_chunk_texts(max(base.encoder.max_length, sum(lengths)), base.encoder.dim)
+
+
+def preserve_rows(
+    base: BaseModel, texts: _Texts, config: EraseConfig, progress: bool | None = None, lengths: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UCE and the RECE stage's preserved rows: rows whose outer products sum like `_Texts.weighted_rows` of each
+    stage's texts, the texts not in `texts` encoded a chunk at a time into a `cf.RowSum` per stage (the closed forms
+    read preserved rows only through Σ p pᵀ), so memory stays one chunk and d×d however many there are."""
+    weights = [Counter(config.uce_preserve_texts), Counter([" "] * len(config.concepts) + list(config.preserve))]
+    names = list(dict.fromkeys(t for counts in weights for t in counts))
+    sample = next(iter(texts.embeddings.values()))
+    sums = [cf.RowSum(sample.shape[-1], sample.device) for _ in weights]
+
+    def add(encoded: _Texts, chunk: list[str]) -> None:
+        for total, counts in zip(sums, weights):
+            if mine := [t for t in chunk if t in counts]:
+                # a text given once adds its rows as they are (views): one copy of the chunk in the sum, not two
+                total.add(torch.cat([_weighted(encoded.attended(t), counts[t]) for t in mine]))
+
+    add(texts, [t for t in names if t in texts.embeddings])
+    rest, size = [t for t in names if t not in texts.embeddings], chunk_texts(base, lengths)
+    for start in progress_bar(range(0, len(rest), size), "preserved texts", "chunk", progress if len(rest) > size else False):
+        add(_Texts.encode(base, rest[start : start + size], lengths=lengths), rest[start : start + size])
+    return sums[0].rows(), sums[1].rows()
+
+
+def _weighted(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """A text's rows scaled by √(its count) (the rows themselves when it is given once)."""
+    return rows if count == 1 else rows * count**0.5
+
+
 def check_sums(
-    base: BaseModel, check: list[str], gram0, gram_delta, progress: bool | None = None, lengths: tuple[int, ...] = ()
+    base: BaseModel,
+    check: list[str],
+    gram0,
+    gram_delta,
+    progress: bool | None = None,
+    lengths: tuple[int, ...] = (),
+    known: _Texts | None = None,
 ) -> dict:
-    """The preservation sums of the held-out texts, encoded and summed a chunk at a time: they take no part in the
-    erasure, so their memory stays that of one chunk however many there are."""
+    """The preservation sums of texts that took no part in the erasure or are no longer held (`known`: already
+    encoded), encoded and summed a chunk at a time, so their memory stays that of one chunk however many there are."""
     unique, sums = list(dict.fromkeys(check)), {}
-    size = preservation.check_chunk_texts(base.encoder.max_length, base.encoder.dim)
+    if known is not None:
+        return preservation.text_sums({t: known.attended(t) for t in unique}, gram0, gram_delta)
+    size = chunk_texts(base, lengths)
     for start in progress_bar(range(0, len(unique), size), "checking texts", "chunk", progress if len(unique) > size else False):
         texts = _Texts.encode(base, unique[start : start + size], lengths=lengths)
         sums.update(preservation.text_sums({t: texts.attended(t) for t in texts.embeddings}, gram0, gram_delta))
@@ -264,29 +307,35 @@ def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.
     return {n: w.to(transform.device, torch.float64) @ (transform - eye) for n, w in kv.items()}
 
 
-def _uce_stage_args(config: EraseConfig, texts: _Texts):
+def _uce_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
     pairs = uce_pairs(texts, config.concepts, config.resolved_target)
-    preserve_rows = texts.weighted_rows(config.uce_preserve_texts)
+    if preserve_rows is None:
+        preserve_rows = texts.weighted_rows(config.uce_preserve_texts)
     return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
 
 
-def _rece_stage_args(config: EraseConfig, texts: _Texts):
-    preserve_rows = texts.weighted_rows([" "] * len(config.concepts) + list(config.preserve))
+def _rece_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
+    if preserve_rows is None:
+        preserve_rows = texts.weighted_rows([" "] * len(config.concepts) + list(config.preserve))
     target_rows = texts.embeddings[config.resolved_target]
     anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
     concept_rows = [texts.attended(c) for c in config.concepts]
     return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
 
 
-def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str], progress: bool | None = None):
+def _run_shared(
+    base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str], progress: bool | None = None, preserved=None
+):
     """Fast path: every update is W ← W·M with one d×d M shared by all layers. Returns the factors (L, R) of their
-    product P = Π M = I + L Rᵀ, and the c′ of each epoch."""
-    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+    product P = Π M = I + L Rᵀ, and the c′ of each epoch. `preserved`: each stage's preserved rows (`preserve_rows`),
+    else they are read from `texts`."""
+    uce_rows, rece_rows = preserved or (None, None)
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts, uce_rows)
     # P stays low-rank while few rows are erased: each update adds as many columns as it erases rows
     left, right = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
+        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
         # the edited gram PᵀG₀P and PᵀG₀ on the concept rows are kept current update by update, each update a
         # low-rank term (or a dense one), so the composed P is never multiplied out against G₀
         grams = cf.EditedGrams(base.original_gram(), concept_rows, left, right)
@@ -301,12 +350,14 @@ def _run_shared(base: BaseModel, config: EraseConfig, texts: _Texts, edited: lis
     return (left, right), derived
 
 
-def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str]):
-    """General path ("tensor" technique or a subset of layers): update each edited layer on its own."""
+def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: list[str], preserved=None):
+    """General path ("tensor" technique or a subset of layers): update each edited layer on its own (`preserved`: as
+    in `_run_shared`)."""
     device = base.encoder.device
     originals = {n: w.to(device, torch.float64) for n, w in base.kv.items()}
     weights = dict(originals)
-    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+    uce_rows, rece_rows = preserved or (None, None)
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts, uce_rows)
     erase_rows = torch.cat([c for c, _ in pairs])
     denominator = cf.edit_denominator(erase_rows, preserve_rows, lamb, s_e, s_p, erase_rows.shape[1])
     cf.check_conditioning(denominator, "--uce-lamb", shift=lamb)
@@ -314,7 +365,7 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
         weights[name] = cf.edit_layer(weights[name], pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator)
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts)
+        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
