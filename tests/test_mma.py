@@ -1,4 +1,4 @@
-"""`mma` (MMA-Diffusion's text modality): end to end on the shapes model, a tiny SD, SD3 and FLUX, the GCG search lowers its
+"""`mma` (MMA-Diffusion's text modality): end to end on the shapes model, a tiny SD, SDXL, SD3 and FLUX, the GCG search lowers its
 cosine loss, no banned token is ever emitted, images come from exactly the found prompt, a run resumes after an
 interruption, other families are refused in one line, and `rece attack --help` lists its flags."""
 
@@ -16,7 +16,7 @@ from rece.cli import main
 from rece.errors import ReceError
 from rece.models import load_model
 from rece.pipelines import load_pipeline
-from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
+from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
 
 from .runs import pixels, write_csv
 
@@ -166,13 +166,41 @@ def test_mma_on_the_mmdits_scores_every_space(builder, tmp_path):
     assert float(mma.space_losses([r[None] for r in rows], goals)[0]) == pytest.approx(record["info"]["loss"], abs=1e-5)
 
 
-def test_other_families_are_refused_in_one_line(sdxl_path, tmp_path, capsys):
+def test_mma_on_sdxl_scores_the_joined_rows_and_draws_the_found_text(sdxl_path, tmp_path):
+    """SDXL: the gradient through the first CLIP encoder, each candidate's text scored in SDXL's one space (both
+    encoders' penultimate states, joined); the stored rows are the pipeline's own encoding of the found text, its
+    image the one the pipeline draws from that text (pooled vector included), and no banned token is emitted."""
+    sets = write_csv(tmp_path / "set.csv", ["case_number", "prompt", "evaluation_seed"], [[0, "a photo of a cat", 5]])
+    out = run_attack(sdxl_path, None, "mma", tmp_path / "run", prompts=sets, concepts=["cat"], **{**TINY, "steps": 2})
+    record = json.loads((out / "manifest.json").read_text())["attack"]["cases"]["0"]
+    assert record["info"]["loss"] < record["info"]["loss_first_step"] and record["text"] == record["prompt"]
+    tensors = stored(out)
+    assert "embeds1.0" not in tensors  # one space
+    pipe = load_pipeline(sdxl_path)
+    with torch.no_grad():
+        rows = pipe.encode_prompt([record["prompt"]], device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.equal(tensors["embeds.0"], rows[0].float())
+    base = load_model(sdxl_path)
+    goal = base.encoder.encode(["a photo of a cat"])
+    loss = mma.space_losses([tensors["embeds.0"][None]], [goal[0]])
+    assert float(loss[0]) == pytest.approx(record["info"]["loss"], abs=1e-5)
+    banned = mma.banned_ids(pipe.tokenizer, pipe.text_encoder.config.vocab_size, mma.banned_words(["cat"], None))
+    found = set(tensors["ids.0"].tolist()) - {pipe.tokenizer.bos_token_id, pipe.tokenizer.eos_token_id}
+    assert found and not found & banned and torch.equal(tensors["ids.0"], tokenize(pipe, [record["prompt"]])[0])
+    image = pixels(out)["0_0.png"].astype(np.float32) / 255
+    call = dict(num_inference_steps=2, height=image.shape[0], width=image.shape[0], output_type="np")
+    guidance = json.loads((out / "manifest.json").read_text())["settings"]["guidance"]
+    drawn = pipe(prompt=[record["prompt"]], generator=[torch.Generator().manual_seed(5)], guidance_scale=guidance, **call)
+    assert np.abs(image - drawn.images[0]).max() <= 1 / 255 + 1e-6
+
+
+def test_other_families_are_refused_in_one_line(tmp_path, capsys):
+    folder = build_tiny_pixart(tmp_path / "pixart")
+    capsys.readouterr()  # the builder's progress
     sets = write_csv(tmp_path / "set.csv", ["prompt"], [["a cat"]])
-    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x, SD3/SD3.5 and FLUX.1 pipelines"):
-        run_attack(sdxl_path, None, "mma", tmp_path / "r", prompts=sets, concepts=["cat"], **TINY)
-    code = main(
-        ["attack", str(sdxl_path), "--attack", "mma", "--prompts", str(sets), "--concept", "cat", "-o", str(tmp_path / "c")]
-    )
+    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 pipelines"):
+        run_attack(folder, None, "mma", tmp_path / "r", prompts=sets, concepts=["cat"], **TINY)
+    code = main(["attack", str(folder), "--attack", "mma", "--prompts", str(sets), "--concept", "cat", "-o", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "mma" in err
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()

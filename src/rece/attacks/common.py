@@ -55,6 +55,7 @@ class CaseResult:
     embeds: torch.Tensor
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    text: str | None = None  # what the images stand for where a family reads more than rows (SDXL's pooled vector)
 
 
 @dataclass
@@ -107,6 +108,12 @@ def check_family(pipe, attack: str, families: Sequence[Family] | None) -> None:
 def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
     """Token ids [n, 77] of texts as the pipeline tokenizes them (padded to the context, truncated)."""
     return tokenize_texts(pipe.tokenizer, texts).input_ids
+
+
+def reads_ids(target: Target) -> bool:
+    """Whether the prompt rows are one text encoder's output on the token ids (SD1/2), so that an attack may encode
+    the ids it makes; otherwise (SDXL, the MMDiTs) each candidate's decoded text goes through the family's encoders."""
+    return len(target.base.family.text_parts) == 1 and not target.base.spaces
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -293,8 +300,11 @@ def case_rows(tensors: dict, batch: Sequence[AttackCase]) -> tuple[list[torch.Te
     return rows, attended
 
 
-def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None) -> int:
-    """Generate the images of `cases` not yet in RUN_DIR/images (each written atomically); return how many were written."""
+def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, output: Path, job: dict, bar=None,
+                            texts: dict[int, str] | None = None) -> int:  # fmt: skip
+    """Generate the images of `cases` not yet in RUN_DIR/images (each written atomically); return how many were written.
+
+    `texts`: the text each case's images stand for, by case number (a case not in it: its concept)."""
     images_dir = output / IMAGES
     if images_dir.is_dir():
         drop_damaged_images(images_dir, [image_name(c.case_number, k) for c in cases for k in range(job["images_per_prompt"])])
@@ -307,8 +317,8 @@ def generate_missing_images(pipe, cases: Sequence[AttackCase], tensors: dict, ou
         batch = todo[start : start + job["batch_size"]]
         rows, attended = case_rows(tensors, [c for c, _ in batch])
         seeds = [c.seed + k for c, k in batch]
-        texts = [c.concept for c, _ in batch]
-        images = generate_from_embeddings(pipe, rows, attended, texts, seeds, job["steps"], job["guidance"], job["size"])
+        names = [(texts or {}).get(c.case_number, c.concept) for c, _ in batch]
+        images = generate_from_embeddings(pipe, rows, attended, names, seeds, job["steps"], job["guidance"], job["size"])
         for (case, k), image in zip(batch, images):
             with atomic_file(images_dir / image_name(case.case_number, k)) as tmp:
                 image.save(tmp, format="PNG")

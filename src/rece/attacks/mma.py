@@ -10,9 +10,10 @@ does not tokenize back to their own ids are dropped; the best candidate becomes 
 kept. Banned tokens (the concept's words and their tokenised pieces, a sensitive-word list for the presets, the
 special and non-ASCII tokens) never enter a prompt.
 
-On SD3 and FLUX the tokens are the first CLIP tokenizer's and the gradient comes through that CLIP encoder; each
+On SDXL, SD3 and FLUX the tokens are the first CLIP tokenizer's and the gradient comes through that CLIP encoder; each
 candidate's decoded text is encoded as the pipeline encodes it and scored in every space it reads (the mean over the
-spaces of 1 − cos of the rows, as one vector per space).
+spaces of 1 − cos of the rows, as one vector per space: SDXL's one space is both CLIP encoders' penultimate states,
+joined; its pooled vector of text_encoder_2, not edited, is not scored, and the images take the found text's own).
 
 The images are drawn from exactly the found prompt: its decoded text, tokenized and encoded as the pipeline does.
 """
@@ -27,15 +28,15 @@ import torch
 
 from ..config import text_key
 from ..errors import ReceError
-from ..families import FLUX, SD, SD3
+from ..families import FLUX, SD, SD3, SDXL
 from ..families.sd import eos_attention_mask
-from .common import AttackCase, CaseResult, Target, encode_ids, frozen, ordinary_ids, tokenize
+from .common import AttackCase, CaseResult, Target, encode_ids, frozen, ordinary_ids, reads_ids, tokenize
 from .common import token_embedding_table as embedding_table
 from .params import MMAParams as Params
 from .ring_a_bell import space_rows
 
 NAME = "mma"
-FAMILIES = (SD, SD3, FLUX)  # SD: the paper's; the MMDiTs: the gradient through their CLIP encoder, scores in every space
+FAMILIES = (SD, SDXL, SD3, FLUX)  # SD: the paper's; the rest: the gradient through the first CLIP encoder, text scored
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 SCORE_BATCH = 64
@@ -261,7 +262,7 @@ def prompt_goal(pipe, prompt: str) -> torch.Tensor:
 
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
     """Search K tokens whose pooled text embedding matches the prompt's; the images come from their decoded text."""
-    if target.base.spaces:
+    if not reads_ids(target):
         return attack_case_in_spaces(target, params, case, shared)
     start = time.perf_counter()
     pipe = target.pipe
@@ -292,9 +293,10 @@ def space_losses(rows: list[torch.Tensor], goals: list[torch.Tensor]) -> torch.T
 
 
 def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
-    """On SD3 and FLUX: the gradient through the first CLIP encoder (whose tokens the prompt is made of), each
-    candidate's decoded text encoded as the pipeline encodes it and scored in every space it reads (token rows and
-    pooled vector); the found text's rows in each space are kept for its images (space s > 0 as `embeds{s}.N`)."""
+    """On SDXL, SD3 and FLUX: the gradient through the first CLIP encoder (whose tokens the prompt is made of), each
+    candidate's decoded text encoded as the pipeline encodes it and scored in every space it reads (an MMDiT's token
+    rows and pooled vector); the found text's rows in each space are kept for its images (space s > 0 as
+    `embeds{s}.N`), and the text for what the pipeline reads besides rows (SDXL's pooled vector)."""
     start = time.perf_counter()
     pipe = target.pipe
     goals = [view.encoder.encode([case.prompt])[0] for view in target.base.views]
@@ -310,4 +312,4 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
     rows = [r[0].float() for r in space_rows(target, [text])]
     tensors = {f"ids.{case.case_number}": tokenize(pipe, [text])[0]}
     tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
-    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info(history, params, start))
+    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info(history, params, start), text=text)

@@ -10,10 +10,11 @@ text encoder.
 
 The images are generated from the embeddings of the token ids found, E(tokens); prompts.csv has their decoded text.
 
-On SD3 and FLUX (an MMDiT reads the prompt as token rows and as a pooled vector) E is the pipeline's own encoding of
-each candidate's decoded text (K tokens of the first, CLIP, tokenizer) in both spaces; the concept vector and the
-target have one part per space, and the fitness sums each space's squared distance relative to its target's, so the
-one pooled row counts as much as the token rows.
+On SDXL, SD3 and FLUX E is the pipeline's own encoding of each candidate's decoded text (K tokens of the first, CLIP,
+tokenizer) in every space the model reads the prompt in: SDXL's one (both CLIP encoders' penultimate states, joined),
+an MMDiT's two (token rows and pooled vector). The concept vector and the target have one part per space, and the
+fitness sums each space's squared distance relative to its target's, so the one pooled row counts as much as the
+token rows. SDXL's pooled vector of text_encoder_2 (not edited) is not scored; the images take the found text's own.
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import numpy as np
 import torch
 
 from ..errors import ReceError
-from ..families import FLUX, SD, SD3
+from ..families import FLUX, SD, SD3, SDXL
 from ..provenance import file_id
 from ..toy import door
-from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, tokenize
+from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, reads_ids, tokenize
 from .params import RingABellParams as Params
 
 NAME = "ring-a-bell"
-FAMILIES = (SD, SD3, FLUX)  # SD1/2: E on the token ids, as in the paper; MMDiTs: on each candidate's text
+FAMILIES = (SD, SDXL, SD3, FLUX)  # SD1/2: E on the token ids, as in the paper; SDXL and MMDiTs: on each candidate's text
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))
@@ -193,7 +194,7 @@ def cases(target: Target, params: Params) -> list[AttackCase]:
 
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
     """Search K tokens whose embedding matches E(prompt) + η·v."""
-    if target.base.spaces:
+    if not reads_ids(target):
         return attack_case_in_spaces(target, params, case, shared)
     start = time.perf_counter()
     prompt_embeds = encode_ids(target.pipe, tokenize(target.pipe, [case.prompt]))[0].double()
@@ -214,8 +215,9 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
 
 
 def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
-    """The search on a model that reads the prompt in several spaces: E_s(text) against E_s(prompt) + η·v_s in each,
-    the found text's rows in every space kept for its images (space s > 0 as `embeds{s}.N`, as the derived attack)."""
+    """The search on each candidate's text (SDXL, the MMDiTs): E_s(text) against E_s(prompt) + η·v_s in every space
+    the model reads the prompt in, the found text's rows in each kept for its images (space s > 0 as `embeds{s}.N`, as
+    the derived attack) and the text itself for what the pipeline reads besides rows (SDXL's pooled vector)."""
     start = time.perf_counter()
     goals = [
         view.encoder.encode([case.prompt])[0] + params.eta * shared[vector_key(i)].to(torch.float64).to(view.encoder.device)
@@ -241,4 +243,4 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
     }
     tensors = {f"ids.{case.case_number}": torch.from_numpy(ids)}
     tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
-    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info)
+    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info, text=text)

@@ -166,6 +166,8 @@ def run_cases(
                 "concept": case.concept,
                 "info": result.info,
             }
+            if result.text is not None:
+                meta["cases"][str(case.case_number)]["text"] = result.text
             write_adversarial(output / ADVERSARIAL, store, meta)
             bar.update(1)
 
@@ -215,7 +217,8 @@ def execute(run: AttackRun, progress: bool, start: float) -> None:
     rows = prompts_rows(cases, results, job["images_per_prompt"], job["guidance"], attack, job["detector"])
     write_csv(output / PROMPTS, rows)
     with progress_bar(len(cases) * job["images_per_prompt"], "generating", progress) as bar:
-        generate_missing_images(run.target.pipe, cases, store, output, job, bar)
+        texts = {n: r["text"] for n, r in results.items() if "text" in r}
+        generate_missing_images(run.target.pipe, cases, store, output, job, bar, texts)
     attack_info.update(complete=True, cases=meta["cases"], shared=meta.get("shared", {}))
     attack_info["seconds"] = round(time.perf_counter() - start, 3)
     write_json(output / MANIFEST, run.manifest(attack_info))
