@@ -44,3 +44,15 @@ def base(sd_path):
 def _cache_dir(tmp_path_factory, monkeypatch):
     """`tiny` resolves into a per-session cache, never the user's home."""
     monkeypatch.setenv("RECE_CACHE", str(tmp_path_factory.getbasetemp() / "rece-cache"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    """Two shapes-model prompts naming a triangle, as a prompt-set CSV (the attack tests' set)."""
+    from .runs import write_csv
+
+    return write_csv(
+        tmp_path_factory.mktemp("sets") / "triangles.csv",
+        ["case_number", "prompt", "evaluation_seed"],
+        [[0, "a red triangle", 11], [1, "a photo of a blue triangle", 12]],
+    )

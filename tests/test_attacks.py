@@ -59,15 +59,6 @@ def edits(tmp_path_factory):
     return {m: rece.erase(base, ["triangle"], method=m).save(folder / f"{m}.safetensors") for m in ("uce", "rece")}
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    return write_csv(
-        tmp_path_factory.mktemp("sets") / "triangles.csv",
-        ["case_number", "prompt", "evaluation_seed"],
-        [[0, "a red triangle", 11], [1, "a photo of a blue triangle", 12]],
-    )
-
-
 def attack(edits, name, out, prompts=None, **extra):
     kwargs = {**FAST, **SMALL[name], **extra}
     if name != "derived":

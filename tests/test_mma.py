@@ -29,15 +29,6 @@ def stored(run_dir):
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    return write_csv(
-        tmp_path_factory.mktemp("sets") / "triangles.csv",
-        ["case_number", "prompt", "evaluation_seed"],
-        [[0, "a red triangle", 11], [1, "a photo of a blue triangle", 12]],
-    )
-
-
-@pytest.fixture(scope="module")
 def edit(tmp_path_factory):
     return rece.erase(load_model("shapes"), ["triangle"]).save(tmp_path_factory.mktemp("edits") / "rece.safetensors")
 
