@@ -186,3 +186,20 @@ class Family:
     def rows_as_input(self, pipe) -> Iterator[None]:
         """While drawing from rows, bypass the denoiser modules between the text encoder and the edited layers."""
         yield
+
+    def extra_rows(self, pipe, texts: list[str]) -> list[torch.Tensor]:
+        """Conditioning the denoiser reads besides the spaces rece edits, as [n, 1, d] rows after them (SDXL's pooled
+        vector); [] for most families."""
+        return []
+
+    # -- the denoiser's training objective (the gradient attacks) ------------------------------
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [n, c, h, w] as the denoiser takes them and `output_type="latent"` returns them (FLUX packs them)."""
+        return latents
+
+    def predict(self, pipe, noisy: torch.Tensor, timestep: torch.Tensor, rows: list[torch.Tensor], attended: list[int],
+                guidance: float) -> torch.Tensor:  # fmt: skip
+        """The denoiser's output at `noisy` and `timestep` (the scheduler's scale, [0, T)) conditioned on `rows` (as
+        `embeds_call` takes them, `extra_rows` after them), as the pipeline's sampler reads it; gradients flow to rows."""
+        unet = getattr(pipe, self.denoiser)
+        return unet(noisy, timestep, encoder_hidden_states=rows[0].to(unet.dtype)).sample

@@ -4,6 +4,7 @@ embeddings, run in 4 steps without guidance."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,28 @@ class FluxPooled(Family):
 
 
 class Flux(TwoSpace):
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """FluxPipeline's 2×2 patches: [n, c, h, w] → [n, h/2 · w/2, 4c]."""
+        n, c, h, w = latents.shape
+        patches = latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(n, (h // 2) * (w // 2), c * 4)
+
+    def predict(self, pipe, noisy, timestep, rows, attended, guidance) -> torch.Tensor:
+        """FLUX's transformer on packed latents of a square image: its timestep as σ (the pipeline's t / 1000), the
+        guidance embedding where the model has one (dev), zero text ids and the patches' row and column ids."""
+        transformer, side = pipe.transformer, math.isqrt(noisy.shape[1])
+        image_ids = torch.zeros(side, side, 3)
+        image_ids[..., 1] += torch.arange(side)[:, None]
+        image_ids[..., 2] += torch.arange(side)[None, :]
+        kwargs = {}
+        if transformer.config.guidance_embeds:
+            kwargs["guidance"] = torch.full([noisy.shape[0]], float(guidance), device=noisy.device)
+        return transformer(
+            hidden_states=noisy, timestep=timestep / 1000, encoder_hidden_states=rows[0].to(transformer.dtype),
+            pooled_projections=rows[1][:, 0].to(transformer.dtype), txt_ids=torch.zeros(rows[0].shape[1], 3, device=noisy.device),
+            img_ids=image_ids.reshape(-1, 3).to(noisy.device), **kwargs,
+        ).sample  # fmt: skip
+
     def variant(self, denoiser_config: dict) -> Family:
         """FLUX.1 [schnell] is the transformer without guidance embeddings."""
         if self is FLUX and denoiser_config.get("guidance_embeds") is False:

@@ -76,6 +76,28 @@ class PixArt(Family):
             for name, module in saved.items():
                 setattr(pipe.transformer, name, module)
 
+    def denoiser_options(self, pipe, noisy: torch.Tensor) -> dict:
+        """PixArt's micro-conditions: the image's size and aspect ratio for the 1024-pixel α models (sample size 128),
+        none otherwise (as the pipelines pass them)."""
+        if not getattr(pipe.transformer, "use_additional_conditions", False):
+            return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        n, size = noisy.shape[0], noisy.shape[-1] * pipe.vae_scale_factor
+        resolution = torch.tensor([[size, size]], dtype=noisy.dtype, device=noisy.device).expand(n, -1)
+        return {"added_cond_kwargs": {"resolution": resolution, "aspect_ratio": torch.ones(n, 1, device=noisy.device)}}
+
+    def predict(self, pipe, noisy, timestep, rows, attended, guidance) -> torch.Tensor:
+        """The transformer on rows past its caption modules, padding masked; of a learned-sigma output (2c channels)
+        the first c, the noise prediction the sampler reads."""
+        transformer = pipe.transformer
+        length = rows[0].shape[1]
+        mask = (torch.arange(length)[None] < torch.tensor(attended)[:, None]).long().to(noisy.device)
+        scale = getattr(transformer.config, "timestep_scale", None) or 1.0
+        with self.rows_as_input(pipe):
+            out = transformer(noisy, encoder_hidden_states=rows[0].to(transformer.dtype), encoder_attention_mask=mask,
+                              timestep=timestep * scale, **self.denoiser_options(pipe, noisy)).sample  # fmt: skip
+        channels = noisy.shape[1]
+        return out[:, :channels] if out.shape[1] == 2 * channels else out
+
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
         inputs = tokenize(tokenizers[0], texts, self.max_length)
         mask = inputs.attention_mask.to(device)

@@ -54,6 +54,10 @@ class Sana(PixArt):
     def attention_counts(self, tokenizers, texts: Sequence[str]) -> list[int]:
         return self._inputs(tokenizers[0], texts).attention_mask[:, self._selected()].sum(dim=1).tolist()
 
+    def denoiser_options(self, pipe, noisy: torch.Tensor) -> dict:
+        """Sana's transformer takes no micro-conditions."""
+        return {}
+
     def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
         inner = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]
         projection, norm = CaptionProjection(denoiser_config["caption_channels"], inner), RMSNorm(inner)

@@ -24,9 +24,24 @@ class StableDiffusionXL(StableDiffusion):
         return torch.cat(parts, dim=-1)
 
     def embeds_call(self, pipe, rows, attended, texts) -> dict:
-        """SDXL also reads the pooled vector of text_encoder_2 (not edited): the prompts' own."""
-        pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
+        """SDXL also reads the pooled vector of text_encoder_2 (not edited): rows[1] when given, else the prompts' own."""
+        pooled = rows[1][:, 0] if len(rows) > 1 else self.extra_rows(pipe, list(texts))[0][:, 0]
+        pooled = pooled.to(pipe.unet.device, pipe.unet.dtype)
         return {**super().embeds_call(pipe, rows, attended, texts), "pooled_prompt_embeds": pooled}
+
+    def extra_rows(self, pipe, texts: list[str]) -> list[torch.Tensor]:
+        """text_encoder_2's pooled vector of each text, [n, 1, d]: the UNet's added `text_embeds`."""
+        with torch.no_grad():
+            pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
+        return [pooled[:, None].float()]
+
+    def predict(self, pipe, noisy, timestep, rows, attended, guidance) -> torch.Tensor:
+        """The UNet with SDXL's added conditions: the pooled vector (rows[1]) and the size and crop ids of the latents'
+        image, uncropped (what the pipeline passes)."""
+        size = noisy.shape[-1] * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=noisy.dtype, device=noisy.device)
+        added = {"text_embeds": rows[1][:, 0].to(pipe.unet.dtype), "time_ids": time_ids.expand(noisy.shape[0], -1)}
+        return pipe.unet(noisy, timestep, encoder_hidden_states=rows[0].to(pipe.unet.dtype), added_cond_kwargs=added).sample
 
     def kohya_modules(self, layers: Sequence[str], denoiser_config: dict) -> dict[str, str]:
         """SGM's block names (input_blocks / middle_block / output_blocks): kohya's SDXL scripts train on SGM's UNet."""

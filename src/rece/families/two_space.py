@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .base import Family
 
 CONTEXT = re.compile(r"^context_embedder\.weight$")
@@ -20,6 +22,12 @@ class TwoSpace(Family):
         """The token rows and the pooled vector, each where the pipeline takes it."""
         device, dtype = pipe.transformer.device, pipe.transformer.dtype
         return {"prompt_embeds": rows[0].to(device, dtype), "pooled_prompt_embeds": rows[1][:, 0].to(device, dtype)}
+
+    def predict(self, pipe, noisy, timestep, rows, attended, guidance) -> torch.Tensor:
+        """SD3's MMDiT: the token rows and the pooled vector; its timestep on the scheduler's scale."""
+        dtype = pipe.transformer.dtype
+        return pipe.transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=rows[0].to(dtype),
+                                pooled_projections=rows[1][:, 0].to(dtype)).sample  # fmt: skip
 
 
 def two_space_family(cls: type[TwoSpace], name: str, context: type[Family], pooled: type[Family], shared: dict,
