@@ -87,6 +87,10 @@ def test_matrix_on_shapes_end_to_end_and_resumes(tmp_path, capsys, monkeypatch):
     assert main([*argv[:-2], "--images", "2", "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "other settings" in err and len(err.splitlines()) == 1
+    # ... and so is an attack measured with other parameters (an added attack is not: above)
+    assert main([*argv, "--attack-param", "ring-a-bell:generations=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ring-a-bell with other parameters" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -129,12 +129,13 @@ class Matrix:
         return [BASELINE, *self.config.methods]
 
     def settings(self) -> dict:
-        """What the numbers depend on; a rerun with other settings is refused."""
+        """What every number depends on; a rerun with other settings is refused. Each attack's own parameters are kept
+        with its results (`finished`), so that attacks can be added to a folder."""
         c = self.config
         prompts = file_sha256(resolve_prompt_set(c.prompts)) if c.prompts is not None else None
         return json.loads(json.dumps({
             "model": str(self.model), "quick": c.quick, "images_per_prompt": self.images, "steps": c.steps,
-            "guidance": c.guidance, "seed": c.seed, "prompts": prompts, "attack_parameters": self.parameters,
+            "guidance": c.guidance, "seed": c.seed, "prompts": prompts,
         }))  # fmt: skip
 
     def sampling(self) -> dict:
@@ -274,12 +275,33 @@ def open_record(matrix: Matrix) -> dict:
             raise ReceError(f"cannot read {path} ({exc}); delete it or pass --overwrite") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ReceError(f"{path} is not a rece robustness record; use another -o folder or pass --overwrite")
-        if record.get("settings") != settings:
+        if shared_settings(record.get("settings")) != settings:
             raise ReceError(f"'{matrix.output}' was measured with other settings; use another -o folder or pass --overwrite")
         return record
     if not path.is_file() and matrix.output.is_dir() and any(matrix.output.iterdir()) and not matrix.config.overwrite:
         raise ReceError(f"'{matrix.output}' exists and is not a rece robustness folder; choose another -o or pass --overwrite")
     return {"format": FORMAT, "settings": settings, "created": utc_now(), "results": {}, "not_run": {}}
+
+
+def shared_settings(settings) -> dict | None:
+    """A record's settings without the attack parameters older records kept among them."""
+    if not isinstance(settings, dict):
+        return None
+    return {k: v for k, v in settings.items() if k != "attack_parameters"}
+
+
+def finished(matrix: Matrix, concept: str, method: str, group: str) -> bool:
+    """Whether the record has this measurement; an attack measured with other parameters is refused in one line."""
+    result = matrix.record["results"].get(key(concept, method, group))
+    if result is None or group == PRESERVATION_GROUP:
+        return result is not None
+    attack = group.removeprefix("attack:")
+    used = result.get("parameters", matrix.record["settings"].get("attack_parameters", {}).get(attack))
+    if used != json.loads(json.dumps(matrix.parameters[attack])):
+        raise ReceError(
+            f"'{matrix.output}' measured {attack} with other parameters ({used}); use another -o folder or pass --overwrite"
+        )
+    return True
 
 
 def groups(matrix: Matrix) -> list[str]:
@@ -291,6 +313,7 @@ def measure_all(matrix: Matrix) -> None:
     """Every (concept, method, measurement) not yet in the record, saving the record after each one."""
     record, path = matrix.record, matrix.output / RECORD_FILE
     todo = [(c, m, g) for c in matrix.config.concepts for m in matrix.methods for g in groups(matrix)]
+    done = {cell for cell in todo if finished(matrix, *cell)}  # other parameters refused before any work
     with progress_bar(total=len(todo), desc="robustness", unit="run", enabled=matrix.config.progress) as bar:
         for concept, method, group in todo:
             bar.set_postfix_str(f"{concept} {method} {group}")
@@ -298,12 +321,12 @@ def measure_all(matrix: Matrix) -> None:
             reason = refusal(attack, matrix.base) if group != PRESERVATION_GROUP else None
             if reason is not None:
                 record["not_run"][attack] = reason
-            elif key(concept, method, group) not in record["results"]:
+            elif (concept, method, group) not in done:
                 start = time.perf_counter()
                 if group == PRESERVATION_GROUP:
                     result = measure_preservation(matrix, concept, method)
                 else:
-                    result = measure_attack(matrix, concept, method, attack)
+                    result = {**measure_attack(matrix, concept, method, attack), "parameters": matrix.parameters[attack]}
                 record["results"][key(concept, method, group)] = {**result, "seconds": round(time.perf_counter() - start, 3)}
             write_json(path, record)
             bar.update(1)
@@ -361,7 +384,8 @@ def html_report(matrix: Matrix, rows: list[dict]) -> str:
     reasons = "".join(f"<li>{html.escape(a)}: {html.escape(r)}</li>" for a, r in not_run.items())
     notices = "".join(f"<p><b>{html.escape(text)}.</b></p>" for text in not_erased(rows))
     sections.insert(0, notices)
-    settings = json.dumps(matrix.record["settings"], indent=1, ensure_ascii=False)
+    named = {**shared_settings(matrix.record["settings"]), "attack_parameters": {a: matrix.parameters[a] for a in matrix.attacks}}
+    settings = json.dumps(named, indent=1, ensure_ascii=False)
     sections.append(
         "<p>Values in %, images counted in brackets: named, % of images of prompts naming the concept that show it; "
         "others, the other concepts' detection rate as % of the unedited model's; colours, % of images showing their "
