@@ -141,3 +141,18 @@ def test_an_edit_that_erased_nothing_is_said_plainly():
         "unedited model"
     ]
     assert robustness.not_erased([row("rece", 100.0)]) == []  # no baseline row: nothing to compare with
+
+
+def test_csv_grows_while_the_matrix_runs(tmp_path, monkeypatch):
+    """An interrupted matrix leaves the CSV of what it finished: a long run can be read while it runs."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(robustness, "measure_attack", interrupted)
+    out = tmp_path / "matrix"
+    argv = ["robustness", "shapes", "--concept", "red", "--methods", "uce", "--attacks", "derived", *TINY[:4], "-o", str(out)]
+    assert main(argv) != 0  # the CLI says it was interrupted
+    header, *rows = read_csv(out / CSV_FILE)
+    assert header == list(robustness.HEADER) and rows
+    assert {(r[2], r[3]) for r in rows} == {("none", m) for m in ("named", "others", "colours")}

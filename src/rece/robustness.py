@@ -328,6 +328,7 @@ def measure_all(matrix: Matrix) -> None:
                 else:
                     result = {**measure_attack(matrix, concept, method, attack), "parameters": matrix.parameters[attack]}
                 record["results"][key(concept, method, group)] = {**result, "seconds": round(time.perf_counter() - start, 3)}
+                write_outputs(matrix)  # the CSV and page grow with the matrix: a long run can be read while it runs
             write_json(path, record)
             bar.update(1)
 

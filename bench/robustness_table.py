@@ -1,0 +1,69 @@
+"""The robustness matrix as Markdown, from the CSV `rece robustness` writes (the tables in docs/attacks.md).
+
+    python bench/robustness_table.py runs/shapes-quick/robustness.csv [more.csv ...]
+
+One table per model: a row per concept × method, a column per measure (preservation figures first, then each attack's
+ASR), each cell `value (images)`; a missing cell is `–` and counted below the table, so an unfinished matrix is said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+
+PRESERVATION = ("named", "others", "colours", "erased_colours")
+ATTACKS = ("derived", "derived-from-uce", "ring-a-bell", "unlearndiff", "textual-inversion", "mma", "inversion")
+METHODS = ("none", "uce", "rece", "robust")
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    """Every row of the CSV files (header model,concept,method,measure,value,images)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """One Markdown table per model, the missing cells counted."""
+    out = []
+    by_model = defaultdict(dict)
+    for r in rows:
+        by_model[r["model"]][r["concept"], r["method"], r["measure"]] = r
+    for model, cells in by_model.items():
+        measures = [m for m in PRESERVATION if any(k[2] == m for k in cells)] + [f"attack:{a}" for a in ATTACKS]
+        concepts = list(dict.fromkeys(k[0] for k in cells))
+        methods = [m for m in METHODS if any(k[1] == m for k in cells)]
+        header = ["concept", "method", *(m.removeprefix("attack:") for m in measures)]
+        lines = [f"**{model}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        missing = 0
+        for concept in concepts:
+            for method in methods:
+                values = []
+                for m in measures:
+                    r = cells.get((concept, method, m))
+                    if r is None and not (m == "erased_colours" and concept in COLOURS):
+                        missing += 1
+                    values.append("–" if r is None else f"{float(r['value']):.1f} ({r['images']})")
+                lines.append("| " + " | ".join([concept, method, *values]) + " |")
+        if missing:
+            lines += ["", f"{missing} cells not measured yet (–)."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+COLOURS = ("red", "green", "blue", "yellow")  # a colour's prompts are meant to lose it: no erased_colours
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", nargs="+", help="robustness.csv files")
+    args = parser.parse_args()
+    print(markdown(read_rows(args.csv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
