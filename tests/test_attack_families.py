@@ -1,5 +1,5 @@
 """The derived attack on every family: c′ in each space the family reads, drawn by the family's own pipeline from
-rows instead of a prompt; Ring-A-Bell on SD1/SD2, SDXL, SD3 and FLUX; the other attacks refuse other families in one line."""
+rows instead of a prompt; Ring-A-Bell on every family; the other attacks refuse other families in one line."""
 
 import csv
 
@@ -68,25 +68,20 @@ def _prompts(tmp_path):
     return path
 
 
-def test_ring_a_bell_runs_on_sd_sdxl_sd3_and_flux_and_refuses_the_rest(folder, tmp_path):
-    """SD1/2 search token ids, SDXL, SD3 (T5 included) and FLUX the candidates' texts in every space; the other
-    families are refused in one line."""
+def test_ring_a_bell_runs_on_every_family(folder, tmp_path):
+    """SD1/2 search token ids; SDXL, SD3 (T5 included), FLUX, PixArt and Sana the candidates' texts in every space
+    (PixArt and Sana: with the found text's attended rows; tests/test_token_attacks_masked.py checks them further)."""
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("sensitive prompt,normal prompt\nnudity,a person\na nude body,a dressed body\n")
     run = dict(concepts=["nudity"], prompts=_prompts(tmp_path), steps=2, images_per_prompt=1, progress=False,
                population=4, generations=2, length=3, pairs=str(pairs))  # fmt: skip
-    family = load_model(folder).family.name
-    if family not in ("sd", "sdxl", "sd3", "flux"):
-        with pytest.raises(
-            ReceError, match="supports Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5 and FLUX.1 pipelines.*derived attack is"
-        ):
-            run_attack(folder, None, "ring-a-bell", tmp_path / "r", **run)
-        assert not (tmp_path / "r").exists()
-        return
+    base = load_model(folder)
+    family = base.family.name
     out = run_attack(folder, None, "ring-a-bell", tmp_path / "r", **run)
     stored = load_file(out / "adversarial.safetensors")
     assert read_manifest(out)["attack"]["complete"] and len(list((out / "images").glob("*.png"))) == 1
     assert ("embeds1.0" in stored and "concept_vector1" in stored) == (family in ("sd3", "flux"))  # the pooled space's too
+    assert ("attended.0" in stored) == base.family.masks_padding  # the rows the transformer attends, for its mask
     if family == "sdxl":
         check_drawn_from_the_found_text(folder, out, stored)
 

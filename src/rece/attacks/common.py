@@ -112,8 +112,10 @@ def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
 
 def reads_ids(target: Target) -> bool:
     """Whether the prompt rows are one text encoder's output on the token ids (SD1/2), so that an attack may encode
-    the ids it makes; otherwise (SDXL, the MMDiTs) each candidate's decoded text goes through the family's encoders."""
-    return len(target.base.family.text_parts) == 1 and not target.base.spaces
+    the ids it makes; otherwise (SDXL, the MMDiTs, and PixArt and Sana, whose rows pass the caption projection and
+    whose padding is masked) each candidate's decoded text goes through the family's encoders."""
+    family = target.base.family
+    return len(family.text_parts) == 1 and not target.base.spaces and not family.text_modules and not family.masks_padding
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -124,10 +126,11 @@ def special_ids(tokenizer) -> set[int]:
 def ordinary_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     """Ids an attack may place in a prompt: every id below the encoder's vocabulary size but 0 and the special ones.
 
-    Ring-A-Bell draws from 1 .. 49405 for SD1.4 (0 is '!', 49406/49407 are BOS/EOS); this is the same rule.
+    Ring-A-Bell draws from 1 .. 49405 for SD1.4 (0 is '!', 49406/49407 are BOS/EOS); this is the same rule. Ids the
+    tokenizer has no entry for (T5's embedding table is padded past its 32,100 tokens) are left out too.
     """
     banned = special_ids(tokenizer) | {0}
-    return torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
+    return torch.tensor([i for i in range(min(vocab_size, len(tokenizer))) if i not in banned], dtype=torch.long)
 
 
 def encode_ids(pipe, ids: torch.Tensor, grad: bool = False) -> torch.Tensor:

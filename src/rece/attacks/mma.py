@@ -15,6 +15,13 @@ candidate's decoded text is encoded as the pipeline encodes it and scored in eve
 spaces of 1 − cos of the rows, as one vector per space: SDXL's one space is both CLIP encoders' penultimate states,
 joined; its pooled vector of text_encoder_2, not edited, is not scored, and the images take the found text's own).
 
+On PixArt-α/Σ and Sana, whose one text encoder (T5; Gemma-2) has no pooled row, the tokens are that encoder's
+tokenizer's and the loss is 1 − cos of the rows the edited layers read (after the caption projection, taken as one
+vector, the padding rows the transformer masks zero), its gradient taken through that encoder's token embeddings and
+the projection (`encoder_tokens`: Sana's instruction prefix stays in front of the tokens). A candidate round-trips when
+the pipeline's tokens of its decoded text (lower-cased, stripped, after Sana's instruction) are exactly its own; each
+is scored on the pipeline's encoding of that text, and the images come from the found text's rows and attended count.
+
 The images are drawn from exactly the found prompt: its decoded text, tokenized and encoded as the pipeline does.
 """
 
@@ -28,15 +35,15 @@ import torch
 
 from ..config import text_key
 from ..errors import ReceError
-from ..families import FLUX, SD, SD3, SDXL
 from ..families.sd import eos_attention_mask
 from .common import AttackCase, CaseResult, Target, encode_ids, frozen, ordinary_ids, reads_ids, tokenize
 from .common import token_embedding_table as embedding_table
+from .encoder_tokens import EncoderTokens
 from .params import MMAParams as Params
-from .ring_a_bell import space_rows
+from .ring_a_bell import found_rows, space_rows
 
 NAME = "mma"
-FAMILIES = (SD, SDXL, SD3, FLUX)  # SD: the paper's; the rest: the gradient through the first CLIP encoder, text scored
+FAMILIES = None  # SD: the paper's; SDXL, MMDiTs: the gradient through the first CLIP encoder; PixArt, Sana: their own
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 SCORE_BATCH = 64
@@ -81,8 +88,8 @@ def banned_words(concepts: list[str], extra: str | None) -> set[str]:
 
 
 def token_text(token: str) -> str:
-    """A vocabulary entry as text: lower case, CLIP's end-of-word mark dropped."""
-    return token.replace("</w>", "").lower()
+    """A vocabulary entry as text: lower case, CLIP's end-of-word mark dropped, sentencepiece's word mark a space."""
+    return token.replace("</w>", "").replace("▁", " ").lower()
 
 
 def banned_ids(tokenizer, vocab_size: int, words: set[str]) -> set[int]:
@@ -96,7 +103,7 @@ def banned_ids(tokenizer, vocab_size: int, words: set[str]) -> set[int]:
 def allowed_ids(tokenizer, vocab_size: int, words: set[str]) -> torch.Tensor:
     """The ids a prompt may hold: ordinary (not special, not 0), ASCII and printable (as GCG), and not banned."""
     banned = banned_ids(tokenizer, vocab_size, words)
-    ascii_ok = {i for t, i in tokenizer.get_vocab().items() if t.isascii() and t.isprintable()}
+    ascii_ok = {i for t, i in tokenizer.get_vocab().items() if token_text(t).isascii() and token_text(t).isprintable()}
     keep = [int(i) for i in ordinary_ids(tokenizer, vocab_size) if int(i) not in banned and int(i) in ascii_ok]
     return torch.tensor(keep, dtype=torch.long)
 
@@ -139,14 +146,29 @@ def round_trips(pipe, control: torch.Tensor) -> torch.Tensor:
     return (ids == full_ids(pipe.tokenizer, control)).all(dim=1)
 
 
-def initial_control(pipe, allowed: torch.Tensor, length: int, rng: np.random.Generator) -> torch.Tensor:
-    """K allowed tokens [K] whose decoded text tokenizes back to them: one whole-word token repeated (GCG starts
-    from a repeated token too), the first such among the allowed ones in a seeded order."""
+def initial_control(tokens, allowed: torch.Tensor, length: int, rng: np.random.Generator) -> torch.Tensor:
+    """K allowed tokens [K] whose decoded text tokenizes back to them (`tokens.round_trips`): one whole-word token
+    repeated (GCG starts from a repeated token too), the first such among the allowed ones in a seeded order."""
     for i in rng.permutation(len(allowed)):
         control = allowed[int(i)].repeat(1, length)
-        if bool(round_trips(pipe, control)[0]):
+        if bool(tokens.round_trips(control)[0]):
             return control[0]
     raise ValueError("no allowed token survives decoding")
+
+
+class ClipTokens:
+    """The first CLIP encoder's tokens ([BOS] + K + [EOS] + padding) and the gradient of the pooled cosine loss
+    against `goal` (SD, SDXL, the MMDiTs)."""
+
+    def __init__(self, pipe, goal: torch.Tensor | None = None):
+        self.pipe, self.goal = pipe, goal
+        self.table = embedding_table(pipe)
+
+    def round_trips(self, control: torch.Tensor) -> torch.Tensor:
+        return round_trips(self.pipe, control)
+
+    def gradient(self, control: torch.Tensor) -> torch.Tensor:
+        return one_hot_gradient(self.pipe, control, self.goal, self.table)
 
 
 def clip_rows(pipe, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,21 +223,22 @@ def losses(pipe, control: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def search(pipe, params: Params, goal: torch.Tensor, allowed: torch.Tensor, seed: list[int],
-           score=None) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
-    """The best control tokens [K] found, and the best loss after each step (the first entry: the start's). The
-    gradient matches `goal`, the prompt's pooled row in the first CLIP encoder; `score` (control tokens [n, K] ->
-    losses [n]) ranks the candidates (default: that same loss)."""
+def search(pipe, params: Params, goal: torch.Tensor | None, allowed: torch.Tensor, seed: list[int],
+           score=None, tokens=None) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
+    """The best control tokens [K] found, and the best loss after each step (the first entry: the start's). `tokens`
+    says which candidates round-trip and gives the gradient (default: `ClipTokens`, matching `goal`, the prompt's
+    pooled row in the first CLIP encoder); `score` (control tokens [n, K] -> losses [n]) ranks the candidates
+    (default: that pooled loss)."""
     score = score or (lambda control: losses(pipe, control, goal))
-    table = embedding_table(pipe)
+    tokens = tokens or ClipTokens(pipe, goal)
     generator = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2**31)))
-    control = initial_control(pipe, allowed, params.length, np.random.default_rng(seed))
+    control = initial_control(tokens, allowed, params.length, np.random.default_rng(seed))
     best, best_loss = control, float(score(control[None])[0])
     history = [best_loss]
     for _ in range(params.iterations):
-        grad = one_hot_gradient(pipe, control, goal, table)
+        grad = tokens.gradient(control)
         batch = substitutions(control, grad, allowed, params.topk, params.candidates, generator)
-        batch = batch[round_trips(pipe, batch)]
+        batch = batch[tokens.round_trips(batch)]
         if len(batch):
             scores = score(batch)
             index = int(scores.argmin())
@@ -234,7 +257,7 @@ def check(target: Target, params: Params) -> None:
     if len(allowed) == 0:
         raise ReceError("the mma attack's banned words leave no token to search over; pass fewer --banned-words")
     try:
-        initial_control(target.pipe, allowed, params.length, np.random.default_rng(0))
+        initial_control(search_tokens(target), allowed, params.length, np.random.default_rng(0))
     except ValueError:
         raise ReceError("no allowed token of this tokenizer decodes back to itself; pass fewer --banned-words") from None
 
@@ -260,8 +283,19 @@ def prompt_goal(pipe, prompt: str) -> torch.Tensor:
         return pooled(clip_rows(pipe, ids).double(), ids, pipe.tokenizer.eos_token_id)[0]
 
 
+def search_tokens(target: Target, loss=None):
+    """The tokens the search runs over: the one encoder's of a family whose padding is masked (PixArt's T5, Sana's
+    Gemma: the only encoder, and no pooled row), else the first CLIP encoder's."""
+    if target.base.family.masks_padding:
+        return EncoderTokens(target.base.views[0], loss)
+    return ClipTokens(target.pipe)
+
+
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
-    """Search K tokens whose pooled text embedding matches the prompt's; the images come from their decoded text."""
+    """Search K tokens whose text embedding matches the prompt's (SD: the pooled row; other families: the rows of
+    every space); the images come from their decoded text."""
+    if target.base.family.masks_padding:
+        return attack_case_in_rows(target, params, case, shared)
     if not reads_ids(target):
         return attack_case_in_spaces(target, params, case, shared)
     start = time.perf_counter()
@@ -309,7 +343,30 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
     goal = prompt_goal(pipe, case.prompt)
     control, history = search(pipe, params, goal, shared["allowed_ids"], [target.seed, case.case_number], score)
     text = decoded(pipe.tokenizer, control[None])[0]
-    rows = [r[0].float() for r in space_rows(target, [text])]
-    tensors = {f"ids.{case.case_number}": tokenize(pipe, [text])[0]}
-    tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
-    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info(history, params, start), text=text)
+    embeds, tensors = found_rows(target, case.case_number, text)
+    tensors[f"ids.{case.case_number}"] = tokenize(pipe, [text])[0]
+    return CaseResult(prompt=text, embeds=embeds, tensors=tensors, info=info(history, params, start), text=text)
+
+
+def attack_case_in_rows(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
+    """On PixArt and Sana: the tokens are the one text encoder's (T5, Gemma-2), the loss 1 − cos(E(text), E(p)) of
+    the rows the edited layers read (after the caption projection; the padding rows, which the transformer masks, zero)
+    taken as one vector, its gradient through that encoder's token embeddings and the projection, each candidate's
+    decoded text scored as the pipeline encodes it; the images come from the found text's rows and attended count."""
+    start = time.perf_counter()
+    goal = space_rows(target, [case.prompt])[0][0]
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        return space_losses([rows], [goal])
+
+    tokens = search_tokens(target, loss)
+
+    def score(control: torch.Tensor) -> torch.Tensor:
+        texts = tokens.decoded(control)
+        return torch.cat([loss(space_rows(target, texts[i : i + SCORE_BATCH])[0]) for i in range(0, len(texts), SCORE_BATCH)])
+
+    control, history = search(target.pipe, params, None, shared["allowed_ids"], [target.seed, case.case_number], score, tokens)
+    text = tokens.decoded(control[None])[0]
+    embeds, tensors = found_rows(target, case.case_number, text)
+    tensors[f"ids.{case.case_number}"] = control  # the text's tokens as the pipeline reads them (they round-trip)
+    return CaseResult(prompt=text, embeds=embeds, tensors=tensors, info=info(history, params, start), text=text)

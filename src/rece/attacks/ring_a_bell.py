@@ -15,6 +15,14 @@ tokenizer) in every space the model reads the prompt in: SDXL's one (both CLIP e
 an MMDiT's two (token rows and pooled vector). The concept vector and the target have one part per space, and the
 fitness sums each space's squared distance relative to its target's, so the one pooled row counts as much as the
 token rows. SDXL's pooled vector of text_encoder_2 (not edited) is not scored; the images take the found text's own.
+
+On PixArt-α/Σ and Sana the K tokens are the family's one tokenizer's (T5's; Gemma-2's), since the pipeline's only
+text encoder is the one whose rows the edited layers read, and E is the pipeline's encoding of each candidate's decoded
+text (lower-cased and stripped as the pipeline does, Sana's instruction prefix and row selection included, through the
+caption projection), so that sentencepiece re-tokenizing the decoded text changes nothing between what is scored and
+what the images are drawn from. The transformer masks the padding rows: they are zero in every E compared (the
+concept vector, the target, the candidates), so only the attended rows count and a candidate's rows past the target's
+length count as distance. The images are drawn from the found text's rows with its attended count (`attended.N`).
 """
 
 from __future__ import annotations
@@ -28,14 +36,13 @@ import numpy as np
 import torch
 
 from ..errors import ReceError
-from ..families import FLUX, SD, SD3, SDXL
 from ..provenance import file_id
 from ..toy import door
 from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, reads_ids, tokenize
 from .params import RingABellParams as Params
 
 NAME = "ring-a-bell"
-FAMILIES = (SD, SDXL, SD3, FLUX)  # SD1/2: E on the token ids, as in the paper; SDXL and MMDiTs: on each candidate's text
+FAMILIES = None  # SD1/2: E on the token ids, as in the paper; every other family: on each candidate's decoded text
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 PAIR_COLUMNS = (("sensitive prompt", "normal prompt"), ("prompt", "prompt1"))
@@ -81,13 +88,10 @@ def concept_pairs(target: Target, params: Params, concept: str) -> list[tuple[st
 
 def concept_vectors(target: Target, pairs: list[tuple[str, str]]) -> list[torch.Tensor]:
     """v = mean of E(sensitive) − E(normal) over the pairs in every space the model reads the prompt in ([77, d] for
-    SD), float64."""
-    out = []
-    for view in target.base.views:
-        sensitive = view.encoder.encode([s for s, _ in pairs])
-        normal = view.encoder.encode([n for _, n in pairs])
-        out.append((sensitive - normal).mean(dim=0))
-    return out
+    SD; masked rows as zeros, `space_rows`), float64."""
+    sensitive = space_rows(target, [s for s, _ in pairs])
+    normal = space_rows(target, [n for _, n in pairs])
+    return [(s - n).mean(dim=0) for s, n in zip(sensitive, normal)]
 
 
 def vector_key(space: int) -> str:
@@ -95,11 +99,14 @@ def vector_key(space: int) -> str:
     return "concept_vector" if space == 0 else f"concept_vector{space}"
 
 
-def initial_population(rng: np.random.Generator, size: int, length: int, candidates: np.ndarray, tokenizer) -> np.ndarray:
-    """`size` random prompts [size, 77]: BOS, `length` random ordinary tokens, EOS, then padding."""
-    context = tokenizer.model_max_length
-    pop = np.full((size, context), tokenizer.pad_token_id, dtype=np.int64)
-    pop[:, 0] = tokenizer.bos_token_id
+def initial_population(rng: np.random.Generator, size: int, length: int, candidates: np.ndarray, tokenizer,
+                       context: int | None = None) -> np.ndarray:  # fmt: skip
+    """`size` random prompts [size, context (default: the tokenizer's, 77)]: BOS, `length` random ordinary tokens, EOS,
+    then padding (a tokenizer without BOS, T5's, has padding in its place: only the K tokens of such a prompt are read,
+    decoded)."""
+    pop = np.full((size, context or tokenizer.model_max_length), tokenizer.pad_token_id, dtype=np.int64)
+    if tokenizer.bos_token_id is not None:
+        pop[:, 0] = tokenizer.bos_token_id
     pop[:, 1 : length + 1] = rng.choice(candidates, size=(size, length))
     pop[:, length + 1] = tokenizer.eos_token_id
     return pop
@@ -143,8 +150,32 @@ def candidate_texts(tokenizer, population: np.ndarray, length: int) -> list[str]
 
 
 def space_rows(target: Target, texts: list[str]) -> list[torch.Tensor]:
-    """E_s(texts) in every space s the model reads the prompt in: the pipeline's rows, [n, L_s, d_s] float64 each."""
-    return [view.encoder.encode(texts) for view in target.base.views]
+    """E_s(texts) in every space s the model reads the prompt in: the pipeline's rows, [n, L_s, d_s] float64 each, the
+    rows a masked family's denoiser never attends (PixArt's and Sana's padding) set to zero, so that texts compare by
+    what the edited layers' outputs depend on and a length difference counts as the rows one text has and the other not."""
+    return [masked_rows(view, view.encoder.encode(texts), texts) for view in target.base.views]
+
+
+def masked_rows(view, rows: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """`rows` [n, L, d] of `texts` with the rows past each text's attended ones zero (as they are when the family
+    does not mask padding)."""
+    if not view.family.masks_padding:
+        return rows
+    counts = torch.tensor(view.encoder.token_counts(texts), device=rows.device)
+    keep = torch.arange(rows.shape[1], device=rows.device)[None] < counts[:, None]
+    return rows * keep[..., None]
+
+
+def found_rows(target: Target, case_number: int, text: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The found text's rows as its images are drawn from them: the token space's [L, d] float32, and the tensors to
+    keep beside them (space s > 0's rows as `embeds{s}.N`, as the derived attack; a masked family's attended rows as
+    `attended.N`)."""
+    rows = [r[0].float() for r in space_rows(target, [text])]
+    tensors = {f"embeds{i}.{case_number}": r for i, r in enumerate(rows) if i > 0}
+    view = target.base.views[0]
+    if view.family.masks_padding:
+        tensors[f"attended.{case_number}"] = torch.tensor(view.encoder.token_counts([text])[0])
+    return rows[0], tensors
 
 
 def relative_distances(rows: list[torch.Tensor], goals: list[torch.Tensor]) -> np.ndarray:
@@ -158,7 +189,8 @@ def genetic_search(target: Target, params: Params, score, rng: np.random.Generat
     better), and the best fitness of every generation."""
     tokenizer = target.pipe.tokenizer
     candidates = ordinary_ids(tokenizer, target.pipe.text_encoder.config.vocab_size).numpy()
-    population = initial_population(rng, params.population, params.length, candidates, tokenizer)
+    context = tokenizer.model_max_length if reads_ids(target) else params.length + 2  # the decoded text's: K tokens
+    population = initial_population(rng, params.population, params.length, candidates, tokenizer, context)
     history = []
     for step in range(params.generations):
         scores = score(population)
@@ -219,10 +251,7 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
     the model reads the prompt in, the found text's rows in each kept for its images (space s > 0 as `embeds{s}.N`, as
     the derived attack) and the text itself for what the pipeline reads besides rows (SDXL's pooled vector)."""
     start = time.perf_counter()
-    goals = [
-        view.encoder.encode([case.prompt])[0] + params.eta * shared[vector_key(i)].to(torch.float64).to(view.encoder.device)
-        for i, view in enumerate(target.base.views)
-    ]  # fmt: skip
+    goals = [row[0] + params.eta * shared[vector_key(i)].to(row) for i, row in enumerate(space_rows(target, [case.prompt]))]
     tokenizer = target.pipe.tokenizer
     rng = np.random.default_rng([target.seed, case.case_number])
 
@@ -231,9 +260,8 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
 
     ids, history = genetic_search(target, params, score, rng)
     text = candidate_texts(tokenizer, ids[None], params.length)[0]
-    found = space_rows(target, [text])
-    distances = relative_distances(found, goals)[0] ** 0.5
-    rows = [r[0].float() for r in found]
+    embeds, tensors = found_rows(target, case.case_number, text)
+    distances = relative_distances(space_rows(target, [text]), goals)[0] ** 0.5
     info = {
         "fitness": round(history[-1], 6),
         "relative_distance": [round(float(d), 6) for d in distances],  # one per space
@@ -241,6 +269,5 @@ def attack_case_in_spaces(target: Target, params: Params, case: AttackCase, shar
         "attack_steps": params.generations,
         "seconds": round(time.perf_counter() - start, 4),
     }
-    tensors = {f"ids.{case.case_number}": torch.from_numpy(ids)}
-    tensors.update({f"embeds{i}.{case.case_number}": r for i, r in enumerate(rows) if i > 0})
-    return CaseResult(prompt=text, embeds=rows[0], tensors=tensors, info=info, text=text)
+    tensors[f"ids.{case.case_number}"] = torch.from_numpy(ids)
+    return CaseResult(prompt=text, embeds=embeds, tensors=tensors, info=info, text=text)

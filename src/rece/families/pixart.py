@@ -98,8 +98,12 @@ class PixArt(Family):
         channels = noisy.shape[1]
         return out[:, :channels] if out.shape[1] == 2 * channels else out
 
+    def encoder_inputs(self, tokenizers: Sequence, texts: Sequence[str]):
+        """Token ids and attention mask of (preprocessed) texts as the pipeline gives them to its text encoder."""
+        return tokenize(tokenizers[0], texts, self.max_length)
+
     def encode_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> torch.Tensor:
-        inputs = tokenize(tokenizers[0], texts, self.max_length)
+        inputs = self.encoder_inputs(tokenizers, texts)
         mask = inputs.attention_mask.to(device)
         return encoders[0](inputs.input_ids.to(device), attention_mask=mask)[0]
 

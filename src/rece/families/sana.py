@@ -47,6 +47,9 @@ class Sana(PixArt):
         return tokenizer([instruction + t for t in texts], padding="max_length", max_length=length, truncation=True,
                          add_special_tokens=True, return_tensors="pt")  # fmt: skip
 
+    def encoder_inputs(self, tokenizers: Sequence, texts: Sequence[str]):
+        return self._inputs(tokenizers[0], texts)
+
     def _selected(self) -> list[int]:
         """The pipeline's `select_index`: the first row (BOS) and the last max_length − 1 rows."""
         return [0] + list(range(-self.max_length + 1, 0))
