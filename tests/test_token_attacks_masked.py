@@ -134,3 +134,14 @@ def test_the_gradient_flows_through_the_token_embeddings_of_the_rows_the_pipelin
     assert float(after - before) == pytest.approx(predicted, rel=0.1)
     letters = torch.tensor([tokens.tokenizer.convert_tokens_to_ids(c) for c in "cat"])  # "cat" is tokenized as one word
     assert not bool(tokens.round_trips(letters[None])[0])
+
+
+def test_ordinary_ids_stop_at_the_tokenizers_last_entry(tmp_path):
+    """T5's embedding table is padded past its tokenizer (32,128 rows for 32,100 tokens): ids the tokenizer cannot
+    decode are never drawn."""
+    from rece.attacks.common import ordinary_ids
+    from rece.tiny_dit import save_t5_tokenizer
+
+    tokenizer = save_t5_tokenizer(tmp_path / "t5")
+    ids = ordinary_ids(tokenizer, len(tokenizer) + 28).tolist()
+    assert max(ids) == len(tokenizer) - 1 and not set(ids) & set(tokenizer.all_special_ids)
