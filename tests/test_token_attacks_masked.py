@@ -145,3 +145,14 @@ def test_ordinary_ids_stop_at_the_tokenizers_last_entry(tmp_path):
     tokenizer = save_t5_tokenizer(tmp_path / "t5")
     ids = ordinary_ids(tokenizer, len(tokenizer) + 28).tolist()
     assert max(ids) == len(tokenizer) - 1 and not set(ids) & set(tokenizer.all_special_ids)
+
+
+def test_sentencepiece_word_tokens_are_allowed_and_banned_like_clip_words(tmp_path):
+    """T5's and Gemma's word tokens start with "▁" (not ASCII): it counts as a space, so whole words stay in mma's
+    vocabulary, and a banned word's "▁word" token is banned."""
+    from rece.tiny_dit import save_gemma_tokenizer, save_t5_tokenizer
+
+    for tokenizer in (save_t5_tokenizer(tmp_path / "t5"), save_gemma_tokenizer(tmp_path / "gemma")):
+        vocab = tokenizer.get_vocab()
+        allowed = set(mma.allowed_ids(tokenizer, len(tokenizer), mma.banned_words(["cat"], None)).tolist())
+        assert vocab["▁cat"] not in allowed and vocab["▁dog"] in allowed and vocab["▁triangle"] in allowed
