@@ -8,7 +8,7 @@ Erases --concept (triangle) with each of --methods (uce, rece), by default with 
 (`rece.toy.door.erasure_arguments`, the model's own; `--recipe word` erases the word alone with `rece erase` defaults), then runs
 on each edited model: no attack
 (the plain prompts), derived (fresh c′, and c′ derived against the UCE edit as in the RECE paper), ring-a-bell,
-unlearndiff, textual-inversion and mma, with the reduced parameters below (the papers' defaults take hours on a CPU).
+unlearndiff, textual-inversion, mma and inversion, with the reduced parameters below (the papers' defaults take hours on a CPU).
 Every run is scored with `rece evaluate` (asr, shapes detector) and one table row is printed per (attack, method).
 """
 
@@ -101,6 +101,7 @@ def main() -> int:
                 dict(attack="textual-inversion", prompts=prompts, images_per_prompt=args.images, **params["textual-inversion"]),
             ),
             ("mma", dict(attack="mma", prompts=prompts, images_per_prompt=args.images, **params["mma"])),
+            ("inversion", dict(attack="inversion", images_per_prompt=4 * args.images, **params["inversion"])),
         ]:
             if args.attacks and extra["attack"] not in args.attacks:
                 continue

@@ -8,10 +8,10 @@ A step is what each attack repeats: derived, one closed-form derivation of c′ 
 generation of the genetic algorithm (the population's text encodings and the selection, crossover, mutation);
 unlearndiff, one optimisation iteration (text encoder + UNet forward and backward); textual-inversion, one
 training step (batch × accumulation forward and backward passes); mma, one GCG step (the one-hot gradient and 512
-candidates decoded, checked and encoded); inversion, one optimisation step of the conditioning rows (denoiser forward
-and backward on a batch of reference latents). The times come from the attacks' own timers
-(recorded in each run's manifest) and leave out loading the model, drawing target/training images and generating
-the final images, which are timed separately (seconds per generated image).
+candidates decoded, checked and encoded); inversion, one step of batch 4 (the denoiser forward and backward to the
+rows). The times come from the attacks' own timers (recorded in each run's manifest) and leave out loading the model,
+drawing target/training/reference images and generating the final images, which are timed separately (seconds per
+generated image).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PARAMS = {
     "unlearndiff": dict(iterations=5, timesteps=2, adv_tokens=5),
     "textual-inversion": dict(train_steps=5, train_batch_size=4, gradient_accumulation=1, train_images=4),
     "mma": dict(iterations=5, candidates=512, topk=256, length=20),
-    "inversion": dict(steps=5, reference_images=2),
+    "inversion": dict(train_steps=5, train_batch_size=4, reference_images=4),
 }
 
 
@@ -90,7 +90,10 @@ def bench_model(model: str | Path, label: str, concept: str, work: Path, steps: 
         total = time.perf_counter() - start
         per_step = statistics.median(step_seconds(run))
         manifest = json.loads((run / "manifest.json").read_text())["attack"]
-        attack_seconds = sum(c["info"].get("seconds", 0) + c["info"].get("target_seconds", 0) for c in manifest["cases"].values())
+        attack_seconds = sum(
+            c["info"].get("seconds", 0) + c["info"].get("target_seconds", 0) + c["info"].get("reference_seconds", 0)
+            for c in manifest["cases"].values()
+        )
         shared = manifest.get("shared") or {}
         attack_seconds += shared.get("seconds", 0) + shared.get("training_images_seconds", 0)
         images = len(list((run / "images").glob("*.png")))

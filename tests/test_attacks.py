@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 import rece
-from rece.attacks import ATTACKS, attack_parameters, make_params, run_attack
+from rece.attacks import ATTACKS, attack_module, attack_parameters, make_params, run_attack
 from rece.attacks.common import ADVERSARIAL
 from rece.attacks.ring_a_bell import crossover, initial_population, mutate, read_pairs
 from rece.attacks.textual_inversion import insert_placeholder
@@ -37,6 +37,7 @@ SMALL = {
     "unlearndiff": dict(iterations=2, timesteps=2, adv_tokens=2),
     "textual-inversion": dict(train_steps=2, train_batch_size=2, gradient_accumulation=2, train_images=2),
     "mma": dict(iterations=2, candidates=8, topk=8, length=4),
+    "inversion": dict(train_steps=2, reference_images=2, train_batch_size=2),
 }
 
 
@@ -61,7 +62,7 @@ def edits(tmp_path_factory):
 
 def attack(edits, name, out, prompts=None, **extra):
     kwargs = {**FAST, **SMALL[name], **extra}
-    if name != "derived":
+    if attack_module(name).NEEDS_PROMPTS:
         kwargs["prompts"] = prompts
     return run_attack("shapes", edits["rece"], name, out, **kwargs)
 
@@ -95,7 +96,7 @@ def test_derived_probe_finds_triangles_after_uce_far_more_often_than_after_rece(
 def test_attack_end_to_end_and_deterministic(edits, prompts, tmp_path, name):
     a = attack(edits, name, tmp_path / "a", prompts)
     b = attack(edits, name, tmp_path / "b", prompts)
-    cases = 1 if name == "derived" else 2
+    cases = 2 if attack_module(name).NEEDS_PROMPTS else 1
     assert len(pixels(a)) == cases * 2 and pixels(a).keys() == pixels(b).keys()
     assert all(np.array_equal(pixels(a)[n], pixels(b)[n]) for n in pixels(a))
     ta, tb = tensors(a), tensors(b)
@@ -125,7 +126,7 @@ def test_attacks_run_on_a_tiny_sd(sd_path, tmp_path, name):
     edit = rece.erase(base, ["cat"], method="rece").save(tmp_path / "cat.safetensors")
     pairs = write_csv(tmp_path / "pairs.csv", ["sensitive prompt", "normal prompt"], [["a cat on a tree", "a dog on a tree"]])
     sets = write_csv(tmp_path / "set.csv", ["case_number", "prompt", "evaluation_seed"], [[3, "a photo of a cat", 5]])
-    extra = {} if name == "derived" else {"prompts": sets}
+    extra = {"prompts": sets} if attack_module(name).NEEDS_PROMPTS else {}
     if name == "ring-a-bell":
         extra["pairs"] = str(pairs)
     out = run_attack(sd_path, edit, name, tmp_path / "run", steps=2, images_per_prompt=1, progress=False, **SMALL[name], **extra)

@@ -60,7 +60,7 @@ def test_attack_flags_come_from_each_attacks_params(capsys, monkeypatch):
     for module in ATTACKS.values():
         for field in cli_fields(module.Params):
             assert flag_of(field) in text, field.name
-    assert "(defaults: unlearndiff 0.01, textual-inversion 0.005)" in text  # a flag two attacks share
+    assert "(defaults: unlearndiff 0.01, textual-inversion 0.005, inversion 0.005)" in text  # a flag three attacks share
     assert "genetic algorithm population (200)" in text and "--no-scale-lr" in text
     args = parse("attack", "m", "--attack", "textual-inversion", "-o", "x", "--no-scale-lr", "--lr", "0.1")
     assert (args.scale_lr, args.lr) == (True, 0.1)  # the switch was given; option_values turns it into scale_lr=False

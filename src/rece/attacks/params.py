@@ -129,3 +129,31 @@ class MMAParams:
         for name in ("length", "iterations", "topk", "candidates"):
             if getattr(self, name) < 1:
                 raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+
+
+EMPTY, CONCEPT = "empty", "concept"  # where the inversion attack's rows start
+
+
+@dataclass
+class InversionParams:
+    """Concept Inversion's settings (Pham et al., ICLR 2024: Textual Inversion's, via CCE's train.sh) applied to the
+    conditioning rows themselves: 5000 steps, batch 4, 25 reference images, Adam lr 5e-3 (Textual Inversion's base
+    rate, unscaled: every row is free, not one token), timesteps uniform in [0, T) at every step."""
+
+    train_steps: int = option(5000, "optimisation steps (each a batch of reference images at random timesteps)")
+    lr: float = option(5e-3, "Adam learning rate of the conditioning rows")
+    train_batch_size: int = option(4, "reference images per step")
+    reference_images: int = option(25, "reference images of the concept, drawn by the unedited model (or read from --images)")
+    images: str | None = option(None, "folder of images of the concept to invert instead of the unedited model's")
+    init: str = option(EMPTY, "rows to start from: empty (the empty prompt's) or concept (the concept prompt's own)")
+
+    def validate(self) -> None:
+        for name in ("train_steps", "train_batch_size", "reference_images"):
+            if getattr(self, name) < 1:
+                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise ReceError(f"--lr must be > 0 (got {self.lr})")
+        if self.init not in (EMPTY, CONCEPT):
+            raise ReceError(f"--init must be '{EMPTY}' or '{CONCEPT}' (got '{self.init}')")
+        if self.images is not None and not Path(self.images).is_dir():
+            raise ReceError(f"--images '{self.images}' is not a folder; pass a folder of images of the concept")

@@ -12,7 +12,14 @@ from typing import NamedTuple
 
 from ..errors import ReceError
 from .base import Attack, AttackParams
-from .params import DerivedParams, MMAParams, RingABellParams, TextualInversionParams, UnlearnDiffParams
+from .params import (
+    DerivedParams,
+    InversionParams,
+    MMAParams,
+    RingABellParams,
+    TextualInversionParams,
+    UnlearnDiffParams,
+)
 
 
 class Registered(NamedTuple):
@@ -28,6 +35,7 @@ ATTACKS: dict[str, Registered] = {
     "unlearndiff": Registered("unlearndiff", UnlearnDiffParams),
     "textual-inversion": Registered("textual_inversion", TextualInversionParams),
     "mma": Registered("mma", MMAParams),
+    "inversion": Registered("inversion", InversionParams),
 }
 
 
