@@ -168,6 +168,12 @@ def frozen(*modules) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def model_modules(target: Target) -> list[torch.nn.Module]:
+    """Every module of the attacked model: the pipeline's components and the prompt encoders' text projections."""
+    modules = [m for m in target.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return modules + [v.encoder.projection for v in target.base.views if v.encoder.projection is not None]
+
+
 def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the UNet predicts at x_t for its scheduler's prediction type: the noise, x0 ("sample") or v."""
     kind = scheduler.config.prediction_type
@@ -185,12 +191,16 @@ def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int
     out = []
     with target.original_model() as pipe, torch.no_grad():
         for prompt, seed in zip(prompts, seeds):
+            size = image_size(pipe)  # FLUX's pipeline would draw 1024 pixels whatever its transformer's size
             result = pipe(
                 prompt=[prompt],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=[torch.Generator("cpu").manual_seed(int(seed))],
                 output_type="latent",
+                height=size,
+                width=size,
+                **target.base.family.call_options(),
             )
             out.append(result.images.detach().float())
     return torch.cat(out)
@@ -288,6 +298,15 @@ def generate_from_embeddings(pipe, rows: list[torch.Tensor], attended: list[int]
                 pipe, seeds, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="pil",
                 **call, **family.call_kwargs,
             )  # fmt: skip
+
+
+def space_tensors(target: Target, case_number: int, rows: list[torch.Tensor], attended: list[int]) -> dict[str, torch.Tensor]:
+    """What a case found in one text keeps besides its token rows (`CaseResult.embeds`): the rows of every other space
+    and the family's extra rows (SDXL's pooled vector) as `embeds{s}.N`, and its attended rows where padding is masked."""
+    out = {space_key(AttackCase(case_number, "", 0, ""), i): r[0].float().cpu() for i, r in enumerate(rows) if i > 0}
+    if target.base.views[0].family.masks_padding:
+        out[f"attended.{case_number}"] = torch.tensor(int(attended[0]))
+    return out
 
 
 def case_rows(tensors: dict, batch: Sequence[AttackCase]) -> tuple[list[torch.Tensor], list[int]]:
