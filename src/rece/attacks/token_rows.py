@@ -45,9 +45,13 @@ class WrittenTokenizer:
 
 
 def with_placeholders(tokenizer, words: Sequence[str]) -> tuple[object, list[int]]:
-    """A copy of `tokenizer` that knows each word as one new token, and those tokens' ids."""
+    """A copy of `tokenizer` that knows each word as one new token, and those tokens' ids. Each token takes the space
+    before it (`lstrip`, matched in the raw text: Gemma's normalizer turns spaces into "▁" first), as a word's own
+    token does in SentencePiece vocabularies (T5's "▁cat", Gemma's): otherwise that space would be a token of its own."""
+    from transformers import AddedToken
+
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_tokens(list(words))
+    tokenizer.add_tokens([AddedToken(w, lstrip=True, rstrip=False, normalized=False) for w in words])
     ids = [tokenizer.convert_tokens_to_ids(w) for w in words]
     if any(len(tokenizer.tokenize(w)) != 1 for w in words) or len(set(ids)) != len(ids):
         raise ReceError(f"cannot add '{words[0]}' to the tokenizer as one token; choose another --placeholder")
@@ -82,7 +86,9 @@ def vectors_in(encoder, placeholder_ids: Sequence[int], stand_in: torch.Tensor, 
         slot = state.pop("slot", None)
         if slot is None or slot.shape != output.shape[:-1]:
             return output
-        put = vectors.to(output.device, output.dtype)[slot.clamp(min=0)]
+        # vectors are rows of the table; a scaled lookup (Gemma's embed_scale, √d) scales them as it scales its rows
+        scale = getattr(module, "embed_scale", 1.0)
+        put = (vectors.to(output.device) * scale).to(output.dtype)[slot.clamp(min=0)]
         return torch.where((slot >= 0)[..., None], put, output)
 
     handles = [encoder.register_forward_pre_hook(before, with_kwargs=True)]
@@ -104,7 +110,7 @@ class TokenRows:
         encoder = self.views[0].encoder
         self.tokenizers, self.encoders = encoder.tokenizers, encoder.text_encoders
         self.parts = self.family.attack_parts
-        self.words = list(words)
+        self.words = [self.family.preprocess(w) for w in words]  # as the texts holding them are read
         made = {p: with_placeholders(self.tokenizers[p], self.words) for p in self.parts}
         self.copies = {p: tok for p, (tok, _) in made.items()}
         self.ids = {p: ids for p, (_, ids) in made.items()}
