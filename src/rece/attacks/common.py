@@ -174,18 +174,6 @@ def model_modules(target: Target) -> list[torch.nn.Module]:
     return modules + [v.encoder.projection for v in target.base.views if v.encoder.projection is not None]
 
 
-def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts at x_t for its scheduler's prediction type: the noise, x0 ("sample") or v."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "sample":
-        return x0
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    raise ReceError(f"scheduler prediction type '{kind}' is not supported by the gradient attacks")
-
-
 def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> torch.Tensor:
     """Latents [n, c, h, w] the original (unedited) model draws for prompts and seeds: what the concept looks like."""
     out = []
@@ -204,24 +192,6 @@ def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int
             )
             out.append(result.images.detach().float())
     return torch.cat(out)
-
-
-def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
-    """Latents [n, c, h, w] of image files, resized to the pipeline's size (the VAE posterior mean, scaled)."""
-    import numpy as np
-    from PIL import Image
-
-    size = image_size(pipe)
-    tensors = []
-    for path in paths:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
-        tensors.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
-    pixels = torch.stack(tensors).to(pipe.vae.device, pipe.vae.dtype)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * pipe.vae.config.scaling_factor).float()
 
 
 # -- run folders ----------------------------------------------------------------------------------
