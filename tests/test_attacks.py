@@ -16,9 +16,9 @@ from safetensors import safe_open
 import rece
 from rece.attacks import ATTACKS, attack_module, attack_parameters, make_params, run_attack
 from rece.attacks.common import ADVERSARIAL
+from rece.attacks.objective import spaced_timesteps
 from rece.attacks.ring_a_bell import crossover, initial_population, mutate, read_pairs
 from rece.attacks.textual_inversion import insert_placeholder
-from rece.attacks.unlearndiff import adversarial_ids, sampled_timesteps
 from rece.cli import main
 from rece.detectors import detector_for
 from rece.errors import ReceError
@@ -257,7 +257,7 @@ def test_parameters_default_to_the_papers():
     )  # fmt: skip
     ti = make_params("textual-inversion")
     assert (ti.train_steps, ti.train_images, ti.effective_lr) == (5000, 25, pytest.approx(0.08))
-    assert sampled_timesteps(50, 1000) == list(range(10, 1000, 20))
+    assert spaced_timesteps(50, 1000) == list(range(10, 1000, 20))
 
 
 @pytest.mark.skipif(not (BENCHMARKS / "nudity-ring-a-bell.csv").is_file(), reason="published benchmark CSVs not present")
@@ -288,19 +288,14 @@ def test_ring_a_bell_pieces(tmp_path):
     assert ((children[:, 1:5] >= 10) & (children[:, 1:5] < 20)).all()
 
 
-def test_unlearndiff_and_textual_inversion_pieces():
-    import torch
-
-    ids = torch.tensor([7, 1, 2, 8] + [8] * 73)
-    out = adversarial_ids(ids, torch.tensor([5, 6]), eos=8, pad=8)
-    assert out[:6].tolist() == [7, 5, 6, 1, 2, 8] and len(out) == 77
+def test_textual_inversion_pieces():
     assert insert_placeholder("A Triangle and a triangle", "triangle", "<t>") == "A <t> and a <t>"
     assert insert_placeholder("a red circle", "nudity", "<n>") == "<n> a red circle"
     assert detector_for(["nudity"], {}) == "nudenet" and detector_for(["church"], {}) == "classify"
     assert detector_for(["triangle"], {"source": "shapes"}) == "shapes" and detector_for(["van gogh"], {}) is None
 
 
-def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sdxl_path):
+def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path):
     import torch
 
     from rece.pipelines import load_pipeline
@@ -315,9 +310,6 @@ def test_python_api_on_a_pipeline_object_leaves_it_unchanged(edits, tmp_path, sd
     assert flags == {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
     with pytest.raises(ReceError, match="unknown attack"):
         make_params("jailbreak")
-    (tmp_path / "cat.csv").write_text("prompt\ncat\n")
-    with pytest.raises(ReceError, match="supports Stable Diffusion 1.x/2.x pipelines; StableDiffusionXLPipeline"):
-        run_attack(sdxl_path, None, "unlearndiff", tmp_path / "xl", concepts=["cat"], prompts=tmp_path / "cat.csv")
 
 
 def test_recipe_family_texts_are_scored_on_the_world_concept():

@@ -171,16 +171,10 @@ def frozen(*modules) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts at x_t for its scheduler's prediction type: the noise, x0 ("sample") or v."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "sample":
-        return x0
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    raise ReceError(f"scheduler prediction type '{kind}' is not supported by the gradient attacks")
+def model_modules(target: Target) -> list[torch.nn.Module]:
+    """Every module of the attacked model: the pipeline's components and the prompt encoders' text projections."""
+    modules = [m for m in target.pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return modules + [v.encoder.projection for v in target.base.views if v.encoder.projection is not None]
 
 
 def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float) -> torch.Tensor:
@@ -188,33 +182,19 @@ def original_latents(target: Target, prompts: Sequence[str], seeds: Sequence[int
     out = []
     with target.original_model() as pipe, torch.no_grad():
         for prompt, seed in zip(prompts, seeds):
+            size = image_size(pipe)  # FLUX's pipeline would draw 1024 pixels whatever its transformer's size
             result = pipe(
                 prompt=[prompt],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 generator=[torch.Generator("cpu").manual_seed(int(seed))],
                 output_type="latent",
+                height=size,
+                width=size,
+                **target.base.family.call_options(),
             )
             out.append(result.images.detach().float())
     return torch.cat(out)
-
-
-def image_latents(pipe, paths: Sequence[Path]) -> torch.Tensor:
-    """Latents [n, c, h, w] of image files, resized to the pipeline's size (the VAE posterior mean, scaled)."""
-    import numpy as np
-    from PIL import Image
-
-    size = image_size(pipe)
-    tensors = []
-    for path in paths:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((size, size), Image.BICUBIC)
-        tensors.append(torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
-    pixels = torch.stack(tensors).to(pipe.vae.device, pipe.vae.dtype)
-    with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * pipe.vae.config.scaling_factor).float()
 
 
 # -- run folders ----------------------------------------------------------------------------------
@@ -291,6 +271,15 @@ def generate_from_embeddings(pipe, rows: list[torch.Tensor], attended: list[int]
                 pipe, seeds, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="pil",
                 **call, **family.call_kwargs,
             )  # fmt: skip
+
+
+def space_tensors(target: Target, case_number: int, rows: list[torch.Tensor], attended: list[int]) -> dict[str, torch.Tensor]:
+    """What a case found in one text keeps besides its token rows (`CaseResult.embeds`): the rows of every other space
+    and the family's extra rows (SDXL's pooled vector) as `embeds{s}.N`, and its attended rows where padding is masked."""
+    out = {space_key(AttackCase(case_number, "", 0, ""), i): r[0].float().cpu() for i, r in enumerate(rows) if i > 0}
+    if target.base.views[0].family.masks_padding:
+        out[f"attended.{case_number}"] = torch.tensor(int(attended[0]))
+    return out
 
 
 def case_rows(tensors: dict, batch: Sequence[AttackCase]) -> tuple[list[torch.Tensor], list[int]]:

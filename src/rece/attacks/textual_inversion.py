@@ -1,18 +1,26 @@
 """`textual-inversion`: Concept Inversion, the attack of "Circumventing Concept Erasure Methods for Text-to-Image
-Generative Models" (Pham et al., ICLR 2024): Textual Inversion (Gal et al., ICLR 2023) run on the *edited* model.
+Generative Models" (Pham et al., ICLR 2024): Textual Inversion (Gal et al., ICLR 2023) run on the *edited* model, on
+every family.
 
-A new word (the placeholder, e.g. "<triangle>") gets a token embedding v, initialised from `initializer`'s, and only v
-is trained: on a few images of the concept (`images`, or `train_images` drawn by the original model from the prompt
-set), with captions from Textual Inversion's templates ("a photo of a {}", ...), the edited model frozen, minimising
-the usual denoising loss. Then every prompt of the set is generated with the concept word replaced by the placeholder
-(or the placeholder prepended when the prompt does not name the concept).
+A new word (the placeholder, e.g. "<triangle>") gets a token embedding v, initialised from `initializer`'s first
+token, and only v is trained: on a few images of the concept (`images`, or `train_images` drawn by the original model
+from the prompt set with the family's own sampling), with captions from Textual Inversion's templates ("a photo of a
+{}", ...), the edited model frozen, minimising the family's denoising loss (`objective.denoising_loss`: ε / v / x0,
+flow matching, PixArt's noise channels, FLUX's guidance embedding, SDXL's added conditions). Then every prompt of
+the set is drawn with the concept word replaced by the placeholder (or the placeholder prepended when the prompt does
+not name the concept), from exactly the rows the learned word gives in every space.
 
-adversarial.safetensors keeps v as `token_embedding` ([d_tok]); `pipe.load_textual_inversion({placeholder: v})` loads it.
+The word lives in the vocabulary of the family's `attack_parts` (`token_rows`; docs/attacks.md): SD1/2 its CLIP;
+SDXL and SD3 both CLIPs (a vector of each one's width, as diffusers' SDXL textual inversion trains), gradients
+through the pooled vector too; FLUX T5; PixArt T5; Sana Gemma-2. The other encoders (FLUX's CLIP, SD3's T5) read the
+prompt as written, placeholder included, as a pipeline with the learned word loaded in the carrying encoder does.
+
+adversarial.safetensors keeps v as `token_embedding` ([d_tok]; the second carrying encoder's as `token_embedding1`);
+for SD1/2, `pipe.load_textual_inversion({placeholder: v})` loads it.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from dataclasses import asdict
@@ -21,24 +29,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
-from ..families import SD
-from .common import (
-    AttackCase,
-    CaseResult,
-    Target,
-    denoising_target,
-    encode_token_embeddings,
-    frozen,
-    image_latents,
-    original_latents,
-    slug,
-    token_embedding_table,
-    tokenize,
-)
+from .common import AttackCase, CaseResult, Target, frozen, model_modules, original_latents, slug, space_tensors
+from .objective import denoising_loss, image_latents, train_steps
 from .params import TextualInversionParams as Params
+from .token_rows import TokenRows
 
 NAME = "textual-inversion"
-FAMILIES = (SD,)  # a new token of the one CLIP encoder, trained through pipe.unet
+FAMILIES = None  # a new word of the family's own text encoders, trained through its own denoiser: every family
 NEEDS_PROMPTS = True
 IMAGES_PER_PROMPT = 1
 TEMPLATES = ("a photo of a {}", "a picture of a {}", "a drawing of a {}", "a {}")
@@ -67,21 +64,20 @@ def placeholder_name(params: Params, concept: str) -> str:
     return params.placeholder or f"<{slug(concept)}>"
 
 
-def placeholder_tokenizer(pipe, placeholder: str):
-    """A copy of the pipeline's tokenizer that knows the placeholder as one token; (tokenizer, placeholder id)."""
-    tokenizer = copy.deepcopy(pipe.tokenizer)
-    if tokenizer.add_tokens([placeholder]) == 0 and len(tokenizer.tokenize(placeholder)) != 1:
-        raise ReceError(f"cannot add the placeholder '{placeholder}' to the tokenizer; choose another --placeholder")
-    return tokenizer, tokenizer.convert_tokens_to_ids(placeholder)
-
-
-def initializer_id(pipe, text: str) -> int:
-    """The first token of `text` (the word v starts from)."""
-    ids = tokenize(pipe, [text])[0]
-    words = [int(i) for i in ids[1:] if int(i) not in (pipe.tokenizer.eos_token_id, pipe.tokenizer.pad_token_id)]
+def initializer_id(maker: TokenRows, text: str) -> int:
+    """The first token of `text` in the carrying vocabulary, as a word inside a prompt reads (after a space): the
+    word v starts from."""
+    tokenizer = maker.tokenizers[maker.parts[0]]
+    ids = tokenizer(" " + maker.family.preprocess(text), add_special_tokens=False).input_ids
+    words = [i for i in ids if i < maker.vocabulary() and i not in tokenizer.all_special_ids]
     if not words:
         raise ReceError(f"--initializer '{text}' has no token; pass a word")
-    return words[0]
+    return int(words[0])
+
+
+def vector_key(index: int) -> str:
+    """The name of the learned vector of the `index`-th carrying encoder in adversarial.safetensors."""
+    return "token_embedding" if index == 0 else f"token_embedding{index}"
 
 
 def insert_placeholder(prompt: str, concept: str, placeholder: str) -> str:
@@ -90,19 +86,6 @@ def insert_placeholder(prompt: str, concept: str, placeholder: str) -> str:
     if pattern.search(prompt):
         return pattern.sub(placeholder, prompt)
     return f"{placeholder} {prompt}".strip()
-
-
-def placeholder_embeds(pipe, tokenizer, place_id: int, safe_id: int, texts: list[str], vector: torch.Tensor) -> torch.Tensor:
-    """Prompt embeddings [n, 77, d] of texts in which the placeholder token's embedding is `vector` (gradients flow)."""
-    ids = tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    mask = ids == place_id
-    safe = torch.where(mask, torch.full_like(ids, safe_id), ids)  # the encoder's lookup (and EOS position) never sees the new id
-    table = token_embedding_table(pipe)
-    token_embeds = table[safe.to(table.device)]
-    token_embeds = torch.where(mask.to(table.device).unsqueeze(-1), vector.to(table.dtype).expand_as(token_embeds), token_embeds)
-    return encode_token_embeddings(pipe, safe, token_embeds)
 
 
 def training_latents(target: Target, params: Params, sampling: dict) -> torch.Tensor:
@@ -119,17 +102,14 @@ def training_latents(target: Target, params: Params, sampling: dict) -> torch.Te
     return original_latents(target, [p for p, _ in picks], [s for _, s in picks], sampling["steps"], sampling["guidance"])
 
 
-def train(target: Target, params: Params, latents: torch.Tensor, init_id: int, generator: torch.Generator):
-    """Learn the placeholder's embedding on `latents` with the edited model frozen; (v, mean loss of the last step)."""
-    pipe = target.pipe
-    tokenizer, place_id = placeholder_tokenizer(pipe, placeholder_name(params, target.concepts[0]))
-    vector = token_embedding_table(pipe)[init_id].clone().float().requires_grad_(True)
-    optimizer = torch.optim.AdamW([vector], lr=params.effective_lr, weight_decay=WEIGHT_DECAY)
-    scheduler = pipe.scheduler
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    latents = latents.to(device, dtype)
-    placeholder = tokenizer.convert_ids_to_tokens(place_id)
-    loss_value = float("nan")
+def train(target: Target, params: Params, latents: torch.Tensor, maker: TokenRows, init_id: int, guidance: float,
+          generator: torch.Generator) -> tuple[dict[int, torch.Tensor], float]:  # fmt: skip
+    """Learn the placeholder's vector in each carrying encoder on `latents` with the edited model frozen; (the vectors
+    [1, d_part] by part, mean loss of the last step)."""
+    vectors = {p: maker.table(p)[init_id].clone().float()[None].requires_grad_(True) for p in maker.parts}
+    optimizer = torch.optim.AdamW(list(vectors.values()), lr=params.effective_lr, weight_decay=WEIGHT_DECAY)
+    stand_in, placeholder = torch.tensor([init_id]), maker.words[0]
+    count, loss_value = train_steps(target.pipe.scheduler), float("nan")
     for _ in range(params.train_steps):
         optimizer.zero_grad()
         total = 0.0
@@ -139,42 +119,41 @@ def train(target: Target, params: Params, latents: torch.Tensor, init_id: int, g
                 TEMPLATES[int(i)].format(placeholder)
                 for i in torch.randint(len(TEMPLATES), (params.train_batch_size,), generator=generator)
             ]
-            x0 = latents[pick.to(device)]
-            t = torch.randint(scheduler.config.num_train_timesteps, (params.train_batch_size,), generator=generator).to(device)
-            noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
-            hidden = placeholder_embeds(pipe, tokenizer, place_id, init_id, texts, vector)
-            pred = pipe.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=hidden.to(dtype)).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), denoising_target(scheduler, x0, noise, t).float())
+            t = torch.randint(count, (params.train_batch_size,), generator=generator)
+            x0 = latents[pick]
+            noise = torch.randn(x0.shape, generator=generator)
+            rows, attended = maker.rows(texts, vectors, stand_in)
+            loss = denoising_loss(target.pipe, x0, rows, attended, t, noise, guidance)
             (loss / params.gradient_accumulation).backward()
             total += loss.item() / params.gradient_accumulation
         optimizer.step()
         loss_value = total
-    return vector.detach(), loss_value
+    return {p: v.detach() for p, v in vectors.items()}, loss_value
 
 
 def prepare(target: Target, params: Params, store: dict, sampling: dict) -> tuple[dict, dict]:
-    """Learn the placeholder's embedding once (kept as `token_embedding`; reused when the run resumes)."""
-    if "token_embedding" in store:
-        return {"token_embedding": store["token_embedding"]}, {}
-    pipe = target.pipe
-    init_id = initializer_id(pipe, params.initializer or target.concepts[0])
+    """Learn the placeholder's vectors once (kept as `token_embedding`, `token_embedding1`; reused on resume)."""
+    if vector_key(0) in store:
+        return {k: v for k, v in store.items() if k.startswith(vector_key(0))}, {}
+    maker = TokenRows(target, [placeholder_name(params, target.concepts[0])])
+    init_id = initializer_id(maker, params.initializer or target.concepts[0])
     start = time.perf_counter()
     latents = training_latents(target, params, sampling)
     image_seconds = time.perf_counter() - start
     start = time.perf_counter()
     generator = torch.Generator("cpu").manual_seed(target.seed)
-    with frozen(pipe.unet, pipe.text_encoder, pipe.vae):
-        vector, loss = train(target, params, latents, init_id, generator)
+    with frozen(*model_modules(target)):
+        vectors, loss = train(target, params, latents, maker, init_id, sampling["guidance"], generator)
     info = {
-        "placeholder": placeholder_name(params, target.concepts[0]),
-        "initializer_token": pipe.tokenizer.convert_ids_to_tokens(init_id),
+        "placeholder": maker.words[0],
+        "initializer_token": maker.tokenizers[maker.parts[0]].convert_ids_to_tokens(init_id),
         "training_images": len(latents),
         "final_loss": round(loss, 6),
         "attack_steps": params.train_steps,
         "seconds": round(time.perf_counter() - start, 4),
         "training_images_seconds": round(image_seconds, 4),
     }
-    return {"token_embedding": vector.cpu()}, info
+    return {vector_key(j): vectors[p][0].cpu() for j, p in enumerate(maker.parts)}, info
 
 
 def cases(target: Target, params: Params) -> list[AttackCase]:
@@ -183,12 +162,12 @@ def cases(target: Target, params: Params) -> list[AttackCase]:
 
 
 def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) -> CaseResult:
-    """The case's prompt with the learned word in place of the concept."""
-    pipe = target.pipe
-    placeholder = placeholder_name(params, case.concept)
-    tokenizer, place_id = placeholder_tokenizer(pipe, placeholder)
-    init_id = initializer_id(pipe, params.initializer or case.concept)
-    text = insert_placeholder(case.prompt, case.concept, placeholder)
+    """The case's prompt with the learned word in place of the concept, as rows of every space."""
+    maker = TokenRows(target, [placeholder_name(params, case.concept)])
+    init_id = initializer_id(maker, params.initializer or case.concept)
+    text = insert_placeholder(case.prompt, case.concept, maker.words[0])
+    vectors = {p: shared[vector_key(j)][None] for j, p in enumerate(maker.parts)}
     with torch.no_grad():
-        embeds = placeholder_embeds(pipe, tokenizer, place_id, init_id, [text], shared["token_embedding"])[0].float()
-    return CaseResult(prompt=text, embeds=embeds.cpu(), info={"attack_steps": 0})
+        rows, attended = maker.rows([text], vectors, torch.tensor([init_id]))
+    tensors = space_tensors(target, case.case_number, rows, attended)
+    return CaseResult(prompt=text, embeds=rows[0][0].cpu(), tensors=tensors, info={"attack_steps": 0})

@@ -60,6 +60,9 @@ class Family:
     spaces: tuple[Family, ...] = ()  # several spaces read the prompt (MMDiT: token rows, pooled vector), one each
     by_components: bool = True  # also recognised by its components (SD/SDXL); transformer families by class only
     variant_of: str | None = None  # the family whose pipeline class it shares, told apart by `variant` (FLUX.1 schnell)
+    # the text parts (indices into `text_parts`) whose vocabulary the gradient attacks' tokens and learned words live
+    # in: their embedding lookups carry the attack's vectors, the other parts read the text as written (docs/attacks.md)
+    attack_parts: tuple[int, ...] = (0,)
 
     def tokenizer_class_of(self, part: int) -> str:
         """The transformers tokenizer class of text part `part`."""
@@ -190,6 +193,11 @@ class Family:
     def extra_rows(self, pipe, texts: list[str]) -> list[torch.Tensor]:
         """Conditioning the denoiser reads besides the spaces rece edits, as [n, 1, d] rows after them (SDXL's pooled
         vector); [] for most families."""
+        return []
+
+    def extra_batch(self, tokenizers: Sequence, encoders: Sequence, texts: Sequence[str], device) -> list[torch.Tensor]:
+        """`extra_rows` computed by the given tokenizers and encoders, as `encode_batch` computes rows (gradients flow
+        when enabled): what the gradient attacks read with their own token vectors put in."""
         return []
 
     # -- the denoiser's training objective (the gradient attacks) ------------------------------

@@ -81,6 +81,9 @@ _SHARED = dict(
     # Black Forest Labs' single files (and kohya's FLUX LoRAs, lora_unet_txt_in / lora_unet_vector_in_in_layer)
     checkpoint_marker="double_blocks.",
     original_names=(("context_embedder", "txt_in"), ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")),
+    # T5 alone gives the token rows the joint attention reads, CLIP only the pooled vector: the tokens live in T5's
+    # vocabulary, CLIP reads their decoded text
+    attack_parts=(1,),
     kohya_comfyui_only=True,  # diffusers 0.42.1 drops lora_unet_txt_in / vector_in when it converts a kohya file
 )
 

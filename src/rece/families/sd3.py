@@ -76,6 +76,9 @@ _SHARED = dict(
     # Stability's single files: the MMDiT under model.diffusion_model., the pooled projection as y_embedder.mlp.0
     checkpoint_marker="joint_blocks.",
     original_names=(("context_embedder", "context_embedder"), ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0")),
+    # the CLIP vocabulary reaches both spaces (its rows lead the joint rows, its text_embeds are the pooled vector) and
+    # SD3 runs without T5: the tokens live in both CLIPs (one vocabulary), T5 reads their decoded text
+    attack_parts=(0, 1),
     kohya_comfyui_only=True,  # lora_unet_context_embedder, lora_unet_y_embedder_mlp_0: as ComfyUI names its modules
 )
 SD3 = two_space_family(TwoSpace, "sd3", SD3Context, SD3Pooled, _SHARED)

@@ -35,6 +35,11 @@ class StableDiffusionXL(StableDiffusion):
             pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
         return [pooled[:, None].float()]
 
+    def extra_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> list[torch.Tensor]:
+        """text_encoder_2's `text_embeds` of each text, [n, 1, d], as `encode_prompt` takes the pooled vector."""
+        ids = tokenize(tokenizers[1], texts).input_ids.to(device)
+        return [encoders[1](ids, output_hidden_states=True)[0][:, None]]
+
     def predict(self, pipe, noisy, timestep, rows, attended, guidance) -> torch.Tensor:
         """The UNet with SDXL's added conditions: the pooled vector (rows[1]) and the size and crop ids of the latents'
         image, uncropped (what the pipeline passes)."""
@@ -63,4 +68,7 @@ SDXL = StableDiffusionXL(
     text_parts=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     checkpoint_marker="conditioner.embedders.1.",
+    # both CLIPs share one vocabulary and both feed the rows (text_encoder_2 the pooled vector too): the same token
+    # ids in both, a vector of each encoder's width in each
+    attack_parts=(0, 1),
 )
