@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import rece
 from rece.attacks import run_attack
 from rece.attacks.common import generate_from_embeddings
-from rece.errors import ReceError
 from rece.models import load_model
 from rece.runs import read_manifest
 from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
