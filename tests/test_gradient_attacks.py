@@ -140,3 +140,17 @@ def check_images_from_rows(folder, edit, out, stored, manifest):
                                          settings["height"])[0]  # fmt: skip
         got = np.asarray(Image.open(out / "images" / f"{number}_0.png"), np.float32)
         assert np.abs(got - np.asarray(drawn, np.float32)).max() <= 1
+
+
+def test_encoders_without_the_learned_word_do_not_read_it(tmp_path):
+    """FLUX's CLIP has no learned word: it reads a textual-inversion prompt without the placeholder, never its written
+    form, which would hand the pooled vector the concept's own word ("<cat>")."""
+    target = target_of(build_tiny_flux(tmp_path / "flux"))
+    maker = TokenRows(target, ["<cat>"])
+    stand_in = torch.tensor(maker.tokenizers[maker.parts[0]](" dog", add_special_tokens=False).input_ids[:1])
+    vectors = {p: maker.table(p)[stand_in].clone() for p in maker.parts}
+    rows, _ = maker.rows(["a red <cat>"], vectors, stand_in, ti.unwritten(maker))
+    without, _ = conditioning(target, ["a red"])
+    written, _ = conditioning(target, ["a red <cat>"])
+    torch.testing.assert_close(rows[1], without[1], rtol=1e-5, atol=1e-5)  # the pooled vector: CLIP's
+    assert not torch.allclose(rows[1], written[1], atol=1e-4)

@@ -13,7 +13,8 @@ not name the concept), from exactly the rows the learned word gives in every spa
 The word lives in the vocabulary of the family's `attack_parts` (`token_rows`; docs/attacks.md): SD1/2 its CLIP;
 SDXL and SD3 both CLIPs (a vector of each one's width, as diffusers' SDXL textual inversion trains), gradients
 through the pooled vector too; FLUX T5; PixArt T5; Sana Gemma-2. The other encoders (FLUX's CLIP, SD3's T5) read the
-prompt as written, placeholder included, as a pipeline with the learned word loaded in the carrying encoder does.
+prompt without the placeholder: they have no word for it, and its written form ("<triangle>") would hand them the
+concept's own word, which is not the attack's to use.
 
 adversarial.safetensors keeps v as `token_embedding` ([d_tok]; the second carrying encoder's as `token_embedding1`);
 for SD1/2, `pipe.load_textual_inversion({placeholder: v})` loads it.
@@ -80,6 +81,11 @@ def vector_key(index: int) -> str:
     return "token_embedding" if index == 0 else f"token_embedding{index}"
 
 
+def unwritten(maker) -> dict[str, str]:
+    """What the encoders without the learned word read for it: nothing (the placeholder dropped, its space with it)."""
+    return {f" {maker.words[0]}": "", maker.words[0]: ""}
+
+
 def insert_placeholder(prompt: str, concept: str, placeholder: str) -> str:
     """The prompt with the concept (whole words, any case) replaced by the placeholder, else the placeholder prepended."""
     pattern = re.compile(r"(?<!\w)" + re.escape(concept) + r"(?!\w)", re.IGNORECASE)
@@ -122,7 +128,7 @@ def train(target: Target, params: Params, latents: torch.Tensor, maker: TokenRow
             t = torch.randint(count, (params.train_batch_size,), generator=generator)
             x0 = latents[pick]
             noise = torch.randn(x0.shape, generator=generator)
-            rows, attended = maker.rows(texts, vectors, stand_in)
+            rows, attended = maker.rows(texts, vectors, stand_in, unwritten(maker))
             loss = denoising_loss(target.pipe, x0, rows, attended, t, noise, guidance)
             (loss / params.gradient_accumulation).backward()
             total += loss.item() / params.gradient_accumulation
@@ -168,6 +174,6 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
     text = insert_placeholder(case.prompt, case.concept, maker.words[0])
     vectors = {p: shared[vector_key(j)][None] for j, p in enumerate(maker.parts)}
     with torch.no_grad():
-        rows, attended = maker.rows([text], vectors, torch.tensor([init_id]))
+        rows, attended = maker.rows([text], vectors, torch.tensor([init_id]), unwritten(maker))
     tensors = space_tensors(target, case.case_number, rows, attended)
     return CaseResult(prompt=text, embeds=rows[0][0].cpu(), tensors=tensors, info={"attack_steps": 0})
