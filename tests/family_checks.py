@@ -3,6 +3,12 @@
 import pytest
 import torch
 
+from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
+
+# tiny pipelines of the transformer families, by name (the UNet families are conftest's sd_path / sdxl_path)
+DIT_BUILDERS = {"pixart": build_tiny_pixart, "sana": build_tiny_sana, "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+WITH_SCHNELL = {**DIT_BUILDERS, "flux-schnell": lambda path: build_tiny_flux(path, schnell=True)}
+
 
 def built_case(cases: dict):
     """A module-scoped fixture, one parameter per case: (case, the tiny model folder its `build` writes)."""

@@ -16,9 +16,10 @@ from rece.attacks import run_attack
 from rece.attacks.common import generate_from_embeddings
 from rece.models import load_model
 from rece.runs import read_manifest
-from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
 
-BUILDERS = {"pixart": build_tiny_pixart, "sana": build_tiny_sana, "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+from .family_checks import DIT_BUILDERS
+
+BUILDERS = DIT_BUILDERS
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl", *BUILDERS])

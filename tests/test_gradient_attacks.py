@@ -23,17 +23,12 @@ from rece.edit import load_edit
 from rece.models import load_model
 from rece.pipelines import image_size
 from rece.runs import read_manifest
-from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
+from rece.tiny_dit import build_tiny_flux
 
+from .family_checks import WITH_SCHNELL
 from .runs import write_csv
 
-BUILDERS = {
-    "pixart": build_tiny_pixart,
-    "sana": build_tiny_sana,
-    "flux": build_tiny_flux,
-    "flux-schnell": lambda path: build_tiny_flux(path, schnell=True),
-    "sd3": build_tiny_sd3,
-}
+BUILDERS = WITH_SCHNELL
 SMALL = {
     "unlearndiff": dict(iterations=2, timesteps=2, adv_tokens=2),
     "textual-inversion": dict(train_steps=2, train_batch_size=2, gradient_accumulation=1, train_images=2),

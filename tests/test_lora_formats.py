@@ -14,7 +14,8 @@ from rece.errors import ReceError
 from rece.families import FLUX, SANA, SDXL
 from rece.lora import denoiser_config, kohya_modules, lora_factors, read_lora_record
 from rece.models import load_model
-from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
+
+from .family_checks import WITH_SCHNELL
 
 PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
@@ -154,13 +155,7 @@ def test_info_describes_rece_loras_and_names_other_ones(edits, tmp_path, capsys)
     assert "is a rece LoRA (kohya), not an edit file" in capsys.readouterr().err
 
 
-BUILDERS = {
-    "pixart": build_tiny_pixart,
-    "sana": build_tiny_sana,
-    "flux": build_tiny_flux,
-    "flux-schnell": lambda path: build_tiny_flux(path, schnell=True),
-    "sd3": build_tiny_sd3,
-}
+BUILDERS = WITH_SCHNELL
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl", *BUILDERS])

@@ -10,9 +10,10 @@ from diffusers import DiffusionPipeline
 from rece.attacks.objective import conditioning, denoising_loss, is_flow_matching, noisy_and_target
 from rece.families import family_of_pipeline
 from rece.models import load_model
-from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
 
-BUILDERS = {"pixart": build_tiny_pixart, "sana": build_tiny_sana, "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+from .family_checks import DIT_BUILDERS
+
+BUILDERS = DIT_BUILDERS
 
 
 @pytest.fixture(scope="module", params=["sd", "sdxl", *BUILDERS])
