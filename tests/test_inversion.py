@@ -22,12 +22,12 @@ from rece.metrics import evaluate
 from rece.models import load_model
 from rece.pipelines import denoiser, image_size, load_pipeline
 from rece.robustness_params import DERIVED_IMAGES, QUICK_ATTACKS, QUICK_IMAGES
-from rece.tiny_dit import build_tiny_flux, build_tiny_pixart, build_tiny_sana, build_tiny_sd3
 from rece.toy.world import Scene, render
 
+from .family_checks import DIT_BUILDERS
 from .runs import pixels
 
-BUILDERS = {"pixart": build_tiny_pixart, "sana": build_tiny_sana, "flux": build_tiny_flux, "sd3": build_tiny_sd3}
+BUILDERS = DIT_BUILDERS
 TINY = dict(train_steps=3, reference_images=2, train_batch_size=2, lr=0.05)
 RUN = dict(steps=2, images_per_prompt=2, progress=False, device="cpu")
 
@@ -165,8 +165,8 @@ def test_parameters_default_to_concept_inversions():
     }  # fmt: skip
 
 
-# Measured: the --quick settings (80 steps, lr 0.05, 8 reference images) reconstruct triangles in 8 of 8 images (about
-# 30 s on a 2-core CPU); 40 steps at the same rate in 1 of 8, 60 steps in 8 of 8.
+# Measured (docs/attacks.md, the inversion section): the --quick settings (160 steps, lr 0.02, 8 reference images)
+# reconstruct triangles and circles in 8 of 8 images; 80 steps at lr 0.01 or 0.02 leave triangles at 4 of 8.
 def test_quick_inversion_reconstructs_the_concept_on_the_unedited_shapes_model(tmp_path):
     images = DERIVED_IMAGES * QUICK_IMAGES  # what `rece robustness --quick` draws for a concept attack
     out = run_attack("shapes", None, "inversion", tmp_path / "run", concepts=["triangle"], images_per_prompt=images,

@@ -22,14 +22,14 @@ SHAPES_ATTACKS = {
     "unlearndiff": dict(iterations=10, timesteps=10, adv_tokens=5, lr=0.01),
     "textual-inversion": dict(train_steps=300, train_batch_size=4, gradient_accumulation=1, train_images=16),
     "mma": dict(iterations=200, candidates=256),
-    "inversion": dict(train_steps=300, lr=0.05, reference_images=16, train_batch_size=4),
+    "inversion": dict(train_steps=300, lr=0.02, reference_images=16, train_batch_size=4),
 }
 QUICK_ATTACKS = {  # --quick, on every model
     "ring-a-bell": dict(population=20, generations=20, length=8),
     "unlearndiff": dict(iterations=3, timesteps=4),
     "textual-inversion": dict(train_steps=30, train_batch_size=4, gradient_accumulation=1, train_images=8),
     "mma": dict(iterations=20, candidates=64),
-    "inversion": dict(train_steps=80, lr=0.05, reference_images=8, train_batch_size=4),
+    "inversion": dict(train_steps=160, lr=0.02, reference_images=8, train_batch_size=4),
 }
 SHAPES_IMAGES, QUICK_IMAGES, OTHER_IMAGES = 4, 2, 1  # images per prompt: shapes models, --quick, other models
 
