@@ -197,8 +197,8 @@ def test_demo_on_an_mmdit_shapes_model(trained, tmp_path):
 
 
 def test_every_model_command_takes_an_mmdit_shapes_model(trained, tmp_path, capsys):
-    """erase, apply, lora, generate + evaluate (the shapes metric), and the derived attack; the attacks that support only
-    SD1/SD2 (unlearndiff, textual inversion) refuse it in one line before creating their folder."""
+    """erase, apply, lora, generate + evaluate (the shapes metric), the derived attack and a gradient attack (unlearndiff,
+    through the MMDiT's joint rows and pooled vector)."""
     from diffusers import StableDiffusion3Pipeline
 
     from rece.cli import main
@@ -223,10 +223,8 @@ def test_every_model_command_takes_an_mmdit_shapes_model(trained, tmp_path, caps
     assert "triangle %" in run("evaluate", tmp_path / "gen", "--metric", "shapes", "--concept", "triangle")
     attack = ["attack", model, "--edit", str(edit), "--steps", "2", "--images-per-prompt", "2"]
     assert "2 images" in run(*attack, "--attack", "derived", "-o", tmp_path / "d")
-    code = main([*attack, "--attack", "unlearndiff", "--prompts", str(prompts), "-o", str(tmp_path / "u")])
-    err = capsys.readouterr().err
-    assert code == 2 and "supports Stable Diffusion 1.x/2.x pipelines" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "u").exists()
+    few = ["--iterations", "1", "--timesteps", "1", "--adv-tokens", "2"]
+    assert "4 images" in run(*attack, "--attack", "unlearndiff", "--prompts", prompts, *few, "-o", tmp_path / "u")
 
 
 def test_ring_a_bell_searches_both_spaces_of_an_mmdit(trained, tmp_path):
