@@ -1,9 +1,10 @@
 """The robustness matrix as Markdown, from the CSV `rece robustness` writes (the tables in docs/attacks.md).
 
-    python bench/robustness_table.py runs/shapes-quick/robustness.csv [more.csv ...]
+    python bench/robustness_table.py runs/shapes-quick/robustness.csv [more.csv ...] [--summary]
 
 One table per model: a row per concept × method, a column per measure (preservation figures first, then each attack's
 ASR), each cell `value (images)`; a missing cell is `–` and counted below the table, so an unfinished matrix is said.
+`--summary`: a row per model × method, each cell the mean over the concepts measured (how many, in brackets).
 """
 
 from __future__ import annotations
@@ -57,11 +58,30 @@ def markdown(rows: list[dict]) -> str:
 COLOURS = ("red", "green", "blue", "yellow")  # a colour's prompts are meant to lose it: no erased_colours
 
 
+def summary(rows: list[dict]) -> str:
+    """One Markdown table: a row per model × method, each measure's mean over the concepts (their count)."""
+    values = defaultdict(list)
+    for r in rows:
+        values[r["model"], r["method"], r["measure"]].append(float(r["value"]))
+    measures = [m for m in PRESERVATION if any(k[2] == m for k in values)] + [f"attack:{a}" for a in ATTACKS]
+    header = ["model", "method", *(m.removeprefix("attack:") for m in measures)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for method in METHODS:
+            cells = [values.get((model, method, m)) for m in measures]
+            if any(cells):
+                text = ["–" if not c else f"{sum(c) / len(c):.1f} ({len(c)})" for c in cells]
+                lines.append("| " + " | ".join([model, method, *text]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", nargs="+", help="robustness.csv files")
+    parser.add_argument("--summary", action="store_true", help="means over the concepts, a row per model × method")
     args = parser.parse_args()
-    print(markdown(read_rows(args.csv)))
+    rows = read_rows(args.csv)
+    print(summary(rows) if args.summary else markdown(rows))
     return 0
 
 
