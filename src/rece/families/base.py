@@ -191,9 +191,12 @@ class Family:
         yield
 
     def extra_rows(self, pipe, texts: list[str]) -> list[torch.Tensor]:
-        """Conditioning the denoiser reads besides the spaces rece edits, as [n, 1, d] rows after them (SDXL's pooled
-        vector); [] for most families."""
-        return []
+        """Conditioning the denoiser reads besides the spaces rece edits, as [n, 1, d] float32 rows after them (SDXL's
+        pooled vector; [] for most families): `extra_batch` by the pipeline's own tokenizers and encoders."""
+        tokenizers = [getattr(pipe, t) for t, _ in self.text_parts]
+        encoders = [getattr(pipe, e) for _, e in self.text_parts]
+        with torch.no_grad():
+            return [r.float() for r in self.extra_batch(tokenizers, encoders, texts, getattr(pipe, self.denoiser).device)]
 
     def extra_batch(self, tokenizers: Sequence, encoders: Sequence, texts: Sequence[str], device) -> list[torch.Tensor]:
         """`extra_rows` computed by the given tokenizers and encoders, as `encode_batch` computes rows (gradients flow

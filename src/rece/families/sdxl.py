@@ -29,12 +29,6 @@ class StableDiffusionXL(StableDiffusion):
         pooled = pooled.to(pipe.unet.device, pipe.unet.dtype)
         return {**super().embeds_call(pipe, rows, attended, texts), "pooled_prompt_embeds": pooled}
 
-    def extra_rows(self, pipe, texts: list[str]) -> list[torch.Tensor]:
-        """text_encoder_2's pooled vector of each text, [n, 1, d]: the UNet's added `text_embeds`."""
-        with torch.no_grad():
-            pooled = pipe.encode_prompt(list(texts), device=pipe.unet.device, do_classifier_free_guidance=False)[2]
-        return [pooled[:, None].float()]
-
     def extra_batch(self, tokenizers, encoders, texts: Sequence[str], device) -> list[torch.Tensor]:
         """text_encoder_2's `text_embeds` of each text, [n, 1, d], as `encode_prompt` takes the pooled vector."""
         ids = tokenize(tokenizers[1], texts).input_ids.to(device)
