@@ -4,6 +4,7 @@ and the facts the README repeats (the fresh-machine commands, the family table) 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -33,9 +34,9 @@ def code_blocks(markdown: str) -> list[str]:
 
 
 def family_table(markdown: str) -> list[str]:
-    """The rows of the table under the heading 'What works on each family'."""
-    section = markdown.split("## What works on each family", 1)[1]
-    return [line for line in section.strip().splitlines() if line.startswith("|")]
+    """The rows of the (first) table under the heading 'What works on each family'."""
+    lines = markdown.split("## What works on each family", 1)[1].strip().splitlines()
+    return list(itertools.takewhile(lambda line: line.startswith("|"), lines))
 
 
 def test_link_check_finds_a_broken_link(tmp_path):
