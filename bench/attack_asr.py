@@ -91,9 +91,12 @@ def main() -> int:
         if erased >= original:  # every attack row below would measure an erasure that did not happen
             print(f"{method}: erased nothing: the prompts show '{args.concept}' in {erased:.1f} % of the images, "
                   f"the unedited model in {original:.1f} %", flush=True)  # fmt: skip
+        # c′ from UCE needs the UCE edit among the methods
+        uce = {"derive_from": str(edits["uce"])} if "uce" in edits else None
+        from_uce = [("derived (c′ from UCE)", dict(attack="derived", **uce, images_per_prompt=4 * args.images))] if uce else []
         for name, extra in [
             ("derived (fresh c′)", dict(attack="derived", images_per_prompt=4 * args.images)),
-            ("derived (c′ from UCE)", dict(attack="derived", derive_from=str(edits["uce"]), images_per_prompt=4 * args.images)),
+            *from_uce,
             ("ring-a-bell", dict(attack="ring-a-bell", prompts=prompts, images_per_prompt=args.images, **params["ring-a-bell"])),
             ("unlearndiff", dict(attack="unlearndiff", prompts=prompts, images_per_prompt=args.images, **params["unlearndiff"])),
             (
