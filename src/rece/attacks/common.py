@@ -145,19 +145,6 @@ def token_embedding_table(pipe) -> torch.Tensor:
     return pipe.text_encoder.get_input_embeddings().weight.detach()
 
 
-def encode_token_embeddings(pipe, ids: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
-    """Prompt embeddings when the token-embedding lookup returns `token_embeds` [n, 77, d_tok] (gradients flow).
-
-    `ids` still decide the causal attention and the pooled position; only the looked-up vectors are replaced.
-    """
-    layer = pipe.text_encoder.get_input_embeddings()
-    handle = layer.register_forward_hook(lambda module, args, output: token_embeds.to(output.dtype))
-    try:
-        return encode_ids(pipe, ids, grad=True)
-    finally:
-        handle.remove()
-
-
 @contextlib.contextmanager
 def frozen(*modules) -> Iterator[None]:
     """No parameter of `modules` requires gradients inside the block; the flags are restored after."""

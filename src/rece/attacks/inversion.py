@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ReceError
-from ..pipelines import denoiser, seeded_images
+from ..pipelines import denoiser
 from ..runs import image_files
-from .common import AttackCase, CaseResult, Target, frozen
+from .common import AttackCase, CaseResult, Target, frozen, original_latents, space_tensors
 from .objective import conditioning, denoising_loss, image_latents, spaced_timesteps, train_steps
 from .params import EMPTY
 from .params import InversionParams as Params
@@ -77,14 +77,7 @@ def reference_latents(target: Target, params: Params, concept: str, sampling: di
     if params.images:
         return image_latents(target.pipe, reference_files(params))
     seeds = [target.seed + REFERENCE_SEED_OFFSET + j for j in range(params.reference_images)]
-    call = dict(num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance"], height=sampling["size"],
-                width=sampling["size"], output_type="latent", **target.base.family.call_options())  # fmt: skip
-    out = []
-    with target.original_model() as pipe, torch.no_grad():
-        for start in range(0, len(seeds), params.train_batch_size):
-            chunk = seeds[start : start + params.train_batch_size]
-            out.append(seeded_images(pipe, chunk, prompt=[concept] * len(chunk), **call).detach().float())
-    return torch.cat(out)
+    return original_latents(target, [concept] * len(seeds), seeds, sampling["steps"], sampling["guidance"])
 
 
 def initial_rows(target: Target, params: Params, concept: str) -> tuple[list[torch.Tensor], list[int]]:
@@ -143,9 +136,7 @@ def attack_case(target: Target, params: Params, case: AttackCase, shared: dict) 
     generator = torch.Generator("cpu").manual_seed(target.seed * 1_000_003 + case.case_number)
     with frozen(denoiser(target.pipe)):
         rows, losses = optimise(target, params, latents, rows, attended, shared["guidance"], generator)
-    tensors = {f"embeds{i}.{case.case_number}": r[0].float().cpu() for i, r in enumerate(rows) if i > 0}
-    if target.base.family.masks_padding:
-        tensors[f"attended.{case.case_number}"] = torch.tensor(attended[0])
+    tensors = space_tensors(target, case.case_number, rows, attended)
     info = {
         **losses,
         "init": params.init,

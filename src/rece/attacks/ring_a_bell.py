@@ -38,7 +38,7 @@ import torch
 from ..errors import ReceError
 from ..provenance import file_id
 from ..toy import door
-from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, reads_ids, tokenize
+from .common import AttackCase, CaseResult, Target, encode_ids, ordinary_ids, reads_ids, space_tensors, tokenize
 from .params import RingABellParams as Params
 
 NAME = "ring-a-bell"
@@ -170,12 +170,8 @@ def found_rows(target: Target, case_number: int, text: str) -> tuple[torch.Tenso
     """The found text's rows as its images are drawn from them: the token space's [L, d] float32, and the tensors to
     keep beside them (space s > 0's rows as `embeds{s}.N`, as the derived attack; a masked family's attended rows as
     `attended.N`)."""
-    rows = [r[0].float() for r in space_rows(target, [text])]
-    tensors = {f"embeds{i}.{case_number}": r for i, r in enumerate(rows) if i > 0}
-    view = target.base.views[0]
-    if view.family.masks_padding:
-        tensors[f"attended.{case_number}"] = torch.tensor(view.encoder.token_counts([text])[0])
-    return rows[0], tensors
+    rows = space_rows(target, [text])
+    return rows[0][0].float(), space_tensors(target, case_number, rows, target.base.views[0].encoder.token_counts([text]))
 
 
 def relative_distances(rows: list[torch.Tensor], goals: list[torch.Tensor]) -> np.ndarray:
