@@ -15,6 +15,13 @@ from ..options import option
 SELF, BASE = "self", "base"  # what the derived attack's c′ is derived against, besides another edit file
 
 
+def require_counts(params: object, *names: str) -> None:
+    """Refuse a count parameter below 1, naming its flag."""
+    for name in names:
+        if getattr(params, name) < 1:
+            raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(params, name)})")
+
+
 @dataclass
 class DerivedParams:
     """r of the derivation (default: the edit's own `regularization`) and the weights c′ is derived against."""
@@ -44,9 +51,7 @@ class RingABellParams:
     pairs: str | None = option(None, "CSV of 'sensitive prompt','normal prompt' pairs for the concept vector (shapes: built in)")
 
     def validate(self) -> None:
-        for name in ("length", "population", "generations"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        require_counts(self, "length", "population", "generations")
         if self.population < 2:
             raise ReceError(f"--population must be at least 2 (got {self.population})")
         for name in ("mutation_rate", "crossover_rate"):
@@ -74,9 +79,7 @@ class UnlearnDiffParams:
     )
 
     def validate(self) -> None:
-        for name in ("iterations", "adv_tokens", "timesteps"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        require_counts(self, "iterations", "adv_tokens", "timesteps")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ReceError(f"--lr must be > 0 and --weight-decay >= 0 (got {self.lr}, {self.weight_decay})")
         if self.target_run is not None and not (Path(self.target_run) / "images").is_dir():
@@ -101,9 +104,7 @@ class TextualInversionParams:
     placeholder: str | None = option(None, "the new word (default: <concept>)")
 
     def validate(self) -> None:
-        for name in ("train_steps", "train_batch_size", "gradient_accumulation", "train_images"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        require_counts(self, "train_steps", "train_batch_size", "gradient_accumulation", "train_images")
         if not self.lr > 0:
             raise ReceError(f"--lr must be > 0 (got {self.lr})")
         if self.images is not None and not Path(self.images).is_dir():
@@ -126,9 +127,7 @@ class MMAParams:
     banned_words: str | None = option(None, "comma-separated words no token may contain, besides the concept's own")
 
     def validate(self) -> None:
-        for name in ("length", "iterations", "topk", "candidates"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        require_counts(self, "length", "iterations", "topk", "candidates")
 
 
 EMPTY, CONCEPT = "empty", "concept"  # where the inversion attack's rows start
@@ -148,9 +147,7 @@ class InversionParams:
     init: str = option(EMPTY, "rows to start from: empty (the empty prompt's) or concept (the concept prompt's own)")
 
     def validate(self) -> None:
-        for name in ("train_steps", "train_batch_size", "reference_images"):
-            if getattr(self, name) < 1:
-                raise ReceError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        require_counts(self, "train_steps", "train_batch_size", "reference_images")
         if not self.lr > 0:
             raise ReceError(f"--lr must be > 0 (got {self.lr})")
         if self.init not in (EMPTY, CONCEPT):
