@@ -18,3 +18,18 @@ def write_csv(path, header, rows):
 def pixels(run_dir):
     """{file name: uint8 array} of a run's images."""
     return {p.name: np.asarray(Image.open(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
+
+
+def killed_at(module, case_number: int, calls: list | None = None):
+    """A stand-in for `module.attack_case` that records each case it is given in `calls` and raises KeyboardInterrupt
+    at case `case_number` (the run is killed while attacking it)."""
+    real = module.attack_case
+
+    def attack_case(target, params, case, shared):
+        if calls is not None:
+            calls.append(case.case_number)
+        if case.case_number == case_number:
+            raise KeyboardInterrupt
+        return real(target, params, case, shared)
+
+    return attack_case

@@ -26,7 +26,7 @@ from rece.runs import read_manifest
 from rece.tiny_dit import build_tiny_flux
 
 from .family_checks import WITH_SCHNELL
-from .runs import write_csv
+from .runs import killed_at, write_csv
 
 BUILDERS = WITH_SCHNELL
 SMALL = {
@@ -88,13 +88,7 @@ def test_attack_runs_resumes_and_draws_from_the_stored_rows(folder, name, tmp_pa
     run = dict(prompts=prompts, steps=2, progress=False, **SMALL[name])
     module = unlearndiff if name == "unlearndiff" else ti
     original = module.attack_case
-
-    def killed(target, params, case, shared):
-        if case.case_number == 1:
-            raise KeyboardInterrupt  # the run is killed while attacking its second case
-        return original(target, params, case, shared)
-
-    monkeypatch.setattr(module, "attack_case", killed)
+    monkeypatch.setattr(module, "attack_case", killed_at(module, 1))  # killed while attacking its second case
     with pytest.raises(KeyboardInterrupt):
         run_attack(folder, edit, name, tmp_path / "run", **run)
     first = load_file(tmp_path / "run" / "adversarial.safetensors")

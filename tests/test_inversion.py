@@ -25,7 +25,7 @@ from rece.robustness_params import DERIVED_IMAGES, QUICK_ATTACKS, QUICK_IMAGES
 from rece.toy.world import Scene, render
 
 from .family_checks import DIT_BUILDERS
-from .runs import pixels
+from .runs import killed_at, pixels
 
 BUILDERS = DIT_BUILDERS
 TINY = dict(train_steps=3, reference_images=2, train_batch_size=2, lr=0.05)
@@ -105,15 +105,8 @@ def test_inversion_runs_on_every_family_and_draws_from_the_rows_stored(folder, e
 def test_resume_after_an_interruption(tmp_path, monkeypatch):
     calls = []
     real = inversion.attack_case
-
-    def interrupted(target, params, case, shared):
-        calls.append(case.case_number)
-        if case.case_number == 1:
-            raise KeyboardInterrupt
-        return real(target, params, case, shared)
-
     run = dict(concepts=["triangle", "circle"], steps=4, images_per_prompt=1, progress=False, device="cpu", **TINY)
-    monkeypatch.setattr(inversion, "attack_case", interrupted)
+    monkeypatch.setattr(inversion, "attack_case", killed_at(inversion, 1, calls))
     with pytest.raises(KeyboardInterrupt):
         run_attack("shapes", None, "inversion", tmp_path / "run", **run)
     first = load_file(tmp_path / "run" / "adversarial.safetensors")["embeds.0"]

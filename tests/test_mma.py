@@ -17,7 +17,7 @@ from rece.models import load_model
 from rece.pipelines import load_pipeline
 from rece.tiny_dit import build_tiny_flux, build_tiny_sd3
 
-from .runs import pixels, write_csv
+from .runs import killed_at, pixels, write_csv
 
 TINY = dict(iterations=4, candidates=24, topk=16, length=6, steps=4, images_per_prompt=1, progress=False, device="cpu")
 
@@ -114,14 +114,7 @@ def test_the_search_lowers_the_loss_and_keeps_to_the_allowed_tokens():
 def test_resume_after_an_interruption(edit, prompts, tmp_path, monkeypatch):
     calls = []
     real = mma.attack_case
-
-    def interrupted(target, params, case, shared):
-        calls.append(case.case_number)
-        if case.case_number == 1:
-            raise KeyboardInterrupt
-        return real(target, params, case, shared)
-
-    monkeypatch.setattr(mma, "attack_case", interrupted)
+    monkeypatch.setattr(mma, "attack_case", killed_at(mma, 1, calls))
     with pytest.raises(KeyboardInterrupt):
         run_attack("shapes", edit, "mma", tmp_path / "run", prompts=prompts, **TINY)
     first = stored(tmp_path / "run")["ids.0"]
