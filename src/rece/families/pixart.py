@@ -29,6 +29,11 @@ def submodule_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return {k.removeprefix(prefix + "."): v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def attended_mask(length: int, attended: list[int]) -> torch.Tensor:
+    """The transformer's `encoder_attention_mask` [n, length]: 1 on each row set's first `attended[i]` rows."""
+    return (torch.arange(length)[None] < torch.tensor(attended)[:, None]).long()
+
+
 class PixArt(Family):
     def preprocess(self, text: str) -> str:
         return text.lower().strip()  # the pipeline's _text_preprocessing with clean_caption=False
@@ -55,7 +60,7 @@ class PixArt(Family):
 
     def embeds_call(self, pipe, rows, attended, texts) -> dict:
         n, length = rows[0].shape[:2]
-        mask = (torch.arange(length)[None] < torch.tensor(attended)[:, None]).long().to(pipe.transformer.device)
+        mask = attended_mask(length, attended).to(pipe.transformer.device)
         negative, negative_mask = self.negative_rows(pipe, n)
         call = {
             "prompt_attention_mask": mask,
@@ -90,7 +95,7 @@ class PixArt(Family):
         the first c, the noise prediction the sampler reads."""
         transformer = pipe.transformer
         length = rows[0].shape[1]
-        mask = (torch.arange(length)[None] < torch.tensor(attended)[:, None]).long().to(noisy.device)
+        mask = attended_mask(length, attended).to(noisy.device)
         scale = getattr(transformer.config, "timestep_scale", None) or 1.0
         with self.rows_as_input(pipe):
             out = transformer(noisy, encoder_hidden_states=rows[0].to(transformer.dtype), encoder_attention_mask=mask,
