@@ -13,7 +13,7 @@ import argparse
 import csv
 from collections import defaultdict
 
-PRESERVATION = ("named", "others", "colours", "erased_colours")
+PRESERVATION = ("named", "others", "colours", "erased_colours", "erased_shapes")
 ATTACKS = ("derived", "derived-from-uce", "ring-a-bell", "unlearndiff", "textual-inversion", "mma", "inversion")
 METHODS = ("none", "uce", "rece", "robust")
 
@@ -45,7 +45,7 @@ def markdown(rows: list[dict]) -> str:
                 values = []
                 for m in measures:
                     r = cells.get((concept, method, m))
-                    if r is None and not (m == "erased_colours" and concept in COLOURS):
+                    if r is None and not (m == ("erased_colours" if concept in COLOURS else "erased_shapes")):
                         missing += 1
                     values.append("–" if r is None else f"{float(r['value']):.1f} ({r['images']})")
                 lines.append("| " + " | ".join([concept, method, *values]) + " |")
@@ -55,7 +55,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-COLOURS = ("red", "green", "blue", "yellow")  # a colour's prompts are meant to lose it: no erased_colours
+COLOURS = ("red", "green", "blue", "yellow")  # a colour's prompts are meant to lose it: erased_shapes, no erased_colours
 
 
 def summary(rows: list[dict]) -> str:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rece import closed_form as cf
+from rece import projections as pj
 from rece.errors import ReceError
 
 from .reference import uce_layer
@@ -119,10 +120,10 @@ def test_concept_subspace_finds_the_mean_difference_direction():
     d, direction = 16, torch.nn.functional.normalize(torch.randn(16, dtype=torch.float64), dim=0)
     contrast = torch.randn(5, 7, d, dtype=torch.float64)
     concept = contrast.mean(0) + 4.0 * direction + 0.05 * torch.randn(3, 7, d, dtype=torch.float64)  # shifted along one
-    vectors, energies = cf.concept_subspace(concept, contrast)
+    vectors, energies = pj.concept_subspace(concept, contrast)
     assert abs(float(vectors[:, 0] @ direction)) > 0.95
     assert energies[0] > 100 * energies[1]
-    assert cf.rank_for_energy(energies, 0.5) == 1 and cf.rank_for_energy(torch.zeros(4, dtype=torch.float64), 0.9) == 0
+    assert pj.rank_for_energy(energies, 0.5) == 1 and pj.rank_for_energy(torch.zeros(4, dtype=torch.float64), 0.9) == 0
 
 
 def test_projections_remove_the_concept_directions():
@@ -130,16 +131,16 @@ def test_projections_remove_the_concept_directions():
     d = 12
     directions = torch.linalg.qr(torch.randn(d, 2, dtype=torch.float64))[0]
     preserve = torch.randn(40, d, dtype=torch.float64)
-    metric = cf.projection_metric(preserve)
-    oblique = cf.oblique_projection(directions, metric)
+    metric = pj.projection_metric(preserve)
+    oblique = pj.oblique_projection(directions, metric)
     assert torch.allclose(oblique @ directions, torch.zeros(d, 2, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(oblique @ oblique, oblique, atol=1e-10)  # a projection
-    orthogonal = cf.orthogonal_projection(directions)
+    orthogonal = pj.orthogonal_projection(directions)
     assert torch.allclose(directions.T @ orthogonal, torch.zeros(2, d, dtype=torch.float64), atol=1e-10)  # range ⊥ U
     # among projections that remove U, the oblique one disturbs the preserved rows least (in their own metric)
     moved = lambda m: ((preserve @ m.T - preserve) ** 2).sum()  # noqa: E731
     assert moved(oblique) <= moved(orthogonal) + 1e-9
-    assert torch.equal(cf.oblique_projection(directions[:, :0], metric), torch.eye(d, dtype=torch.float64))
+    assert torch.equal(pj.oblique_projection(directions[:, :0], metric), torch.eye(d, dtype=torch.float64))
 
 
 def test_key_value_projection_shuts_the_concept_out_of_every_output():
@@ -149,9 +150,9 @@ def test_key_value_projection_shuts_the_concept_out_of_every_output():
     gram = cf.weight_gram(weights)
     concept = torch.randn(30, d, dtype=torch.float64) + 3.0 * torch.nn.functional.one_hot(torch.tensor(0), d).double()
     preserve = torch.randn(50, d, dtype=torch.float64)
-    directions, values = cf.key_value_concept_directions(concept, preserve, gram, tradeoff=1.0)
+    directions, values = pj.key_value_concept_directions(concept, preserve, gram, tradeoff=1.0)
     assert values[0] >= values[1]
-    m = cf.key_value_projection(directions[:, :1], gram)
+    m = pj.key_value_projection(directions[:, :1], gram)
     stacked = torch.cat(weights)
     outputs_dir = stacked @ directions[:, :1]
     anything = torch.randn(d, 7, dtype=torch.float64)

@@ -45,6 +45,12 @@ def test_concepts_and_recipes():
     assert door.erasure_arguments("blue", door.MMDIT)["target"] == "a shape"
     assert door.recipe_for("tiny", ["triangle"]) is None and door.recipe_for("shapes", ["cat"]) is None
     assert door.recipe_for("shapes", ["triangle", "red"]) is None
+    # robust mode: each prompt maps to the same prompt with the next concept of its kind, keeping the other attribute
+    robust = door.recipe_for("shapes", ["triangle"], "robust")
+    assert robust == {**recipe, "targets": door.kept_attribute_targets("triangle")}
+    assert dict(zip(robust["concepts"], robust["targets"]))["a blue triangle"] == "a blue cross"
+    assert door.kept_attribute_targets("yellow")[2:] == ["a red circle", "a red square", "a red triangle", "a red cross"]
+    assert door.next_concept("cross") == "circle" and door.next_concept("red") == "green"
     rows = door.evaluation_prompt_rows("triangle")
     assert len(rows) == 2 * len(COLORS) and all(r["concept"] == "triangle" for r in rows)
     kept = door.evaluation_prompt_rows("triangle", kept=True)

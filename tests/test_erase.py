@@ -173,11 +173,17 @@ def test_zero_epochs_is_uce(base):
 
 def test_robust_method_is_one_singular_transform_with_a_report(base, tmp_path):
     """Robust mode: one d×d transform that removes `rank` directions."""
-    edit = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], rank=2)
+    edit = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], rank=2, support=1.0)
     report = edit.metadata["robust"]
-    assert edit.kind == "transform" and report["rank"] == 2
-    assert set(report["fresh_residual"]) == {"r=0.1", "r=0.001"} and all(v >= 0 for v in report["fresh_residual"].values())
+    assert edit.kind == "transform" and report["rank"] == 2 and report["unused_removed"] == 0
+    assert set(report["fresh_residual"]) == {"r=0.1", "r=0.001", "best"}
+    assert all(v >= 0 for v in report["fresh_residual"].values())
     assert int(torch.linalg.matrix_rank(edit.transform).item()) == base.dim - 2  # singular: not undone by any embedding
+    # by default the directions the preserved texts do not use go too: the edited model hears what they need
+    narrow = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], rank=2)
+    unused = narrow.metadata["robust"]["unused_removed"]
+    assert 0 < unused < base.dim - 2
+    assert int(torch.linalg.matrix_rank(narrow.transform).item()) == base.dim - 2 - unused
     edit.save(tmp_path / "robust.safetensors")
     loaded = rece.load_edit(tmp_path / "robust.safetensors")
     assert loaded.metadata["robust"] == report and "robust        rank 2" in loaded.summary()
@@ -208,6 +214,7 @@ def test_no_embedding_brings_back_what_robust_mode_removed(base):
     best = _best_reachable_residual(base, robust.transform, "cat")
     assert best > 0.05
     assert robust.metadata["robust"]["fresh_residual"]["r=0.001"] >= best - 1e-6  # c′ cannot beat the best embedding
+    assert robust.metadata["robust"]["fresh_residual"]["best"] == pytest.approx(best, abs=1e-3)  # what `info` shows
 
 
 def test_robust_templates_and_map_to_target(base):
@@ -221,3 +228,43 @@ def test_robust_templates_and_map_to_target(base):
     projection = rece.erase(base, ["cat"], method="robust", preserve=["dog"], rank=1, map_to_target=False).transform
     assert torch.allclose(projection @ projection, projection, atol=1e-8)
     assert not torch.allclose(with_templates.transform @ with_templates.transform, with_templates.transform, atol=1e-4)
+
+
+def test_adversarial_rounds_remove_what_a_fresh_c_prime_reaches(base):
+    """Each round derives c′ against the edit so far and removes the directions it still reaches: the best embedding
+    stays at least as far from the concept, and the report names each round's rank."""
+    once = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], support=1.0)
+    twice = rece.erase(base, ["cat"], method="robust", preserve=["dog", "bird"], support=1.0, adversarial_rounds=2)
+    ranks = twice.metadata["robust"]["adversarial_ranks"]
+    assert len(ranks) == 2 and all(r >= 1 for r in ranks) and "adversarial_ranks" not in once.metadata["robust"]
+    removed = int(torch.linalg.matrix_rank(twice.transform).item())
+    assert removed < int(torch.linalg.matrix_rank(once.transform).item())
+    assert twice.metadata["robust"]["fresh_residual"]["best"] >= once.metadata["robust"]["fresh_residual"]["best"] - 1e-9
+    assert "2 adversarial rounds" in twice.summary() and "trade-off     best embedding residual" in twice.summary()
+    with pytest.raises(ReceError, match="adversarial rounds must be"):
+        rece.erase(base, ["cat"], method="robust", adversarial_rounds=-1)
+    with pytest.raises(ReceError, match="support must be in"):
+        rece.erase(base, ["cat"], method="robust", support=0.0)
+
+
+def test_each_concept_maps_to_its_own_target(base):
+    """--concept-target: UCE sends each concept's keys/values towards its own target, not a shared one."""
+    edit = rece.erase(base, ["cat", "dog"], method="uce", targets=["bird", "tree"], preserve_empty=False)
+    shared = rece.erase(base, ["cat", "dog"], method="uce", target="bird", preserve_empty=False)
+    w = torch.cat([t.to(torch.float64) for t in base.kv.values()])
+    rows = {t: base.encoder.encode([t])[0][1].to(torch.float64) for t in ("dog", "tree", "bird")}  # first word row
+    after = w @ edit.transform.to(torch.float64) @ rows["dog"]
+    after_shared = w @ shared.transform.to(torch.float64) @ rows["dog"]
+    # 'dog' lands nearer 'tree' than with the shared target 'bird', and nearer 'tree' than 'bird'
+    assert torch.linalg.norm(after - w @ rows["tree"]) < torch.linalg.norm(after_shared - w @ rows["tree"])
+    assert torch.linalg.norm(after - w @ rows["tree"]) < torch.linalg.norm(after - w @ rows["bird"])
+    assert "'dog' → 'tree'" in edit.summary()
+    rece_edit = rece.erase(base, ["cat", "dog"], targets=["bird", "tree"])  # RECE's c′ go to their own targets too
+    assert rece_edit.metadata["config"]["targets"] == ["bird", "tree"]
+    with pytest.raises(ReceError, match="1 --concept-target for 2 concepts"):
+        rece.erase(base, ["cat", "dog"], targets=["bird"])
+    with pytest.raises(ReceError, match="also its --concept-target"):
+        rece.erase(base, ["cat", "dog"], targets=["bird", "dog"])
+    with pytest.warns(UserWarning, match="repeated concept"):
+        repeated = rece.erase(base, ["cat", "dog", "cat"], method="uce", targets=["bird", "tree", "sky"])
+    assert repeated.metadata["config"]["targets"] == ["bird", "tree"]  # a repeat keeps its first target

@@ -156,3 +156,16 @@ def test_csv_grows_while_the_matrix_runs(tmp_path, monkeypatch):
     header, *rows = read_csv(out / CSV_FILE)
     assert header == list(robustness.HEADER) and rows
     assert {(r[2], r[3]) for r in rows} == {("none", m) for m in ("named", "others", "colours")}
+
+
+def test_preservation_measures_say_what_they_count():
+    """A shape erased: colours over every image (the erased prompts keep theirs); a colour erased: colours over the
+    other prompts' images (its own are meant to lose it) and erased_shapes over its own."""
+    from rece.robustness import preservation_rows
+
+    counts = dict(named=8, named_shown=1, named_coloured=2, named_shaped=6, others=24, others_kept=24,
+                  others_coloured=21, all=32, coloured=23)  # fmt: skip
+    shape = {r["measure"]: (r["value"], r["images"]) for r in preservation_rows(counts, counts, "triangle")}
+    assert shape == {"named": (12.5, 8), "others": (100.0, 24), "colours": (71.875, 32), "erased_colours": (25.0, 8)}
+    colour = {r["measure"]: (r["value"], r["images"]) for r in preservation_rows(counts, counts, "red")}
+    assert colour == {"named": (12.5, 8), "others": (100.0, 24), "colours": (87.5, 24), "erased_shapes": (75.0, 8)}

@@ -66,6 +66,11 @@ class EraseConfig:
     method: str = option("rece", "rece (UCE, then RECE epochs), uce, or robust (no embedding undoes it)")
     preset: str | None = option(None, "paper settings: " + ", ".join(PRESETS))
     target: str = option(" ", "what erased concepts map to")
+    targets: list[str] = option(
+        default_factory=list,
+        help="what the concept given in the same place maps to (repeatable, one per --concept; default --target)",
+        flag="--concept-target",
+    )
     preserve: list[str] = option(default_factory=list, help="text whose keys/values must not change (repeatable)")
     preserve_empty: bool = option(True, "do not add '' to UCE's preserved texts")
     check: list[str] = option(default_factory=list, help="held-out text whose K/V change is reported, not preserved (repeatable)")
@@ -89,6 +94,8 @@ class EraseConfig:
     templates: bool = option(True, "robust: estimate from the given texts only, not also from built-in templates")
     projection: str = option("keys", "robust: keys (K/V output directions), oblique or orthogonal")
     tradeoff: float = option(5.0, "robust keys: weight of preserved energy")
+    support: float = option(0.9999, "robust keys: share of the preserved texts' K/V energy kept, the rest removed (1: all)")
+    adversarial_rounds: int = option(0, "robust keys: rounds in which a fresh c′ against the edit joins the estimate")
     max_sequence_length: int | None = option(
         None,
         "FLUX/SD3: erase at this many T5 rows per prompt only (default: each length the model is run with; "
@@ -124,6 +131,7 @@ class EraseConfig:
         for concept in self.concepts:
             if not isinstance(concept, str) or not concept.strip():
                 raise ReceError("a concept is empty; pass a non-empty --concept TEXT")
+        self.check_targets()
         self.concepts = unique_concepts(self.concepts)  # a repeat would weigh a concept more, not erase it more
         if self.method not in METHODS:
             raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
@@ -135,6 +143,11 @@ class EraseConfig:
             raise ReceError(f"rank must be a whole number >= 0, got {self.rank!r}; fix --rank")
         if not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
             raise ReceError(f"energy must be in (0, 1], got {self.energy!r}; fix --energy")
+        if not (isinstance(self.support, (int, float)) and 0 < self.support <= 1):
+            raise ReceError(f"support must be in (0, 1], got {self.support!r}; fix --support")
+        rounds = self.adversarial_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ReceError(f"adversarial rounds must be a whole number >= 0, got {rounds!r}; fix --adversarial-rounds")
         if self.projection not in ("keys", "oblique", "orthogonal"):
             raise ReceError(f"unknown projection '{self.projection}'; choose keys, oblique or orthogonal")
         if self.method == "robust" and (self.technique != "replace" or self.layers is not None):
@@ -157,15 +170,31 @@ class EraseConfig:
                 raise ReceError(f"{name} must be at most {MAX_PARAMETER:g}, got {value:g}; fix {flag}")
         self.validate_texts()
 
+    def check_targets(self) -> None:
+        """One --concept-target per concept, in order; a repeated concept keeps its first target."""
+        if not self.targets:
+            return
+        if len(self.targets) != len(self.concepts):
+            raise ReceError(
+                f"{len(self.targets)} --concept-target for {len(self.concepts)} concepts; give one per --concept, in order"
+            )
+        for target in self.targets:
+            if not isinstance(target, str):
+                raise ReceError(f"a --concept-target must be a text, got {target!r}; fix --concept-target")
+        first: dict[str, str] = {}
+        for concept, target in zip(self.concepts, self.targets):
+            first.setdefault(text_key(concept), target)
+        self.targets = list(first.values())  # the order unique_concepts keeps
+
     def validate_texts(self) -> None:
         """Refuse a concept that is also the target or a preserved text (the closed form would undo the erasure),
         and a --layers pattern that is not a regular expression."""
-        target = text_key(self.resolved_target)
         preserved = {text_key(p): p for p in self.preserve}
-        for concept in self.concepts:
+        for concept, target in zip(self.concepts, self.concept_targets):
             key = text_key(concept)
-            if key == target:
-                raise ReceError(f"concept '{concept}' is also the --target; erasing it towards itself changes nothing")
+            if key == text_key(target):
+                flag = "--concept-target" if self.targets else "--target"
+                raise ReceError(f"concept '{concept}' is also its {flag}; erasing it towards itself changes nothing")
             if key in preserved:
                 raise ReceError(
                     f"concept '{concept}' is also preserved (--preserve '{preserved[key]}'); erase it or preserve it, not both"
@@ -189,6 +218,11 @@ class EraseConfig:
     @property
     def resolved_target(self) -> str:
         return self.target if self.target else " "
+
+    @property
+    def concept_targets(self) -> list[str]:
+        """What each concept maps to, in order: its --concept-target, else --target."""
+        return list(self.targets) if self.targets else [self.resolved_target] * len(self.concepts)
 
     def to_dict(self) -> dict:
         return asdict(self)

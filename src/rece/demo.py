@@ -59,7 +59,7 @@ def measure_demo(
     with tqdm(total=2 * len(seeds), desc="generating", unit="img", disable=quiet) as bar:
         before = generate(pipe, prompts, seeds, steps, guidance, progress=bar)
         start = time.perf_counter()
-        settings = door.erasure_arguments(concept, recipe_model(pipe))
+        settings = door.erasure_arguments(concept, recipe_model(pipe), method)
         edit = erase(pipe, method=method, **settings)
         erase_seconds = time.perf_counter() - start
         edit.apply(pipe)
@@ -71,6 +71,7 @@ def measure_demo(
         "erased_prompts": settings["concepts"],
         "preserved_prompts": settings["preserve"],
         "target": settings["target"],
+        "targets": settings.get("targets"),  # robust: each erased prompt's own
         "regularization": settings["regularization"],
         "uce_preserve_scale": settings.get("uce_preserve_scale"),  # None: rece's default
         "erase_seconds": round(erase_seconds, 4),
@@ -125,11 +126,20 @@ def demo_page(metrics: dict, grid: Image.Image, edit_summary: str, erase_seconds
     images = len(SHAPES) * len(COLORS) * per_combo
     erased = ", ".join(f"'{c}'" for c in metrics["erased_prompts"])
     others = "shapes" if concept in SHAPES else "colours"
+    mapped = f"'{html.escape(metrics['target'])}'"
+    if metrics.get("targets"):  # robust: each prompt to the same prompt with the next concept of its kind
+        mapped = (
+            "the same prompts with the next "
+            + ("shape" if concept in SHAPES else "colour")
+            + " ("
+            + html.escape(", ".join(f"'{t}'" for t in metrics["targets"][:3]))
+            + ", ...)"
+        )
     return html_page(
         f"rece demo: erasing '{concept}' from the {metrics['model']} model",
         [
             f"<p>Method <b>{method}</b>, erased in {erase_seconds:.2f} s: the prompts {html.escape(erased)} map to "
-            f"'{html.escape(metrics['target'])}' while the {len(metrics['preserved_prompts'])} prompts of the other "
+            f"{mapped} while the {len(metrics['preserved_prompts'])} prompts of the other "
             f"{others} are preserved, and '' (the empty prompt, which every erasure preserves by default) with them "
             f"(r = {metrics['regularization']:g}). {images} images per panel "
             f'({per_combo} per shape × colour prompt "a COLOUR SHAPE"), {steps} sampling steps, guidance {guidance}, '

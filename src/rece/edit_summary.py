@@ -22,7 +22,7 @@ def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> st
     lines = [
         f"concepts      {', '.join(unbroken(t) for t in m['concepts'])}",
         f"method        {m['method']}" + (f" (preset {c['preset']})" if c.get("preset") else ""),
-        f"target        {c['target']!r}",
+        f"target        {concept_targets(m['concepts'], c)}",
         f"preserve      {preserved_texts(c)}",
     ]
     if m["method"] == "rece":
@@ -31,14 +31,7 @@ def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> st
             f"λ1 {c['lamb']:g}, λ2 {c['preserve_scale']:g}"
         )
     if m["method"] == "robust" and "robust" in m:
-        r = m["robust"]
-        residual = ", ".join(f"{k} {v:.3f}" for k, v in r["fresh_residual"].items())
-        lines.append(f"robust        rank {r['rank']} removed; fresh c′ residual {residual} (0 = concept recoverable)")
-        how = [f"projection {c.get('projection', 'keys')}", f"tradeoff μ {c.get('tradeoff', 5.0):g}"]
-        how.append("rank fixed" if c.get("rank") is not None else f"rank by energy {c.get('energy', 0.9):g}")
-        how.append("mapped to target first" if c.get("map_to_target", True) else "projection only")
-        how.append("built-in templates" if c.get("templates", True) else "given texts only")
-        lines.append("              " + ", ".join(how))
+        lines.extend(robust_lines(m["robust"], c, m.get("preservation") or {}))
     lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
     if m["kind"] == "transform":
         kind = f"one {m['base']['dim']}×{m['base']['dim']} transform"
@@ -58,6 +51,38 @@ def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> st
     empty = " and ''" if c.get("preserve_empty", True) and c["preserve"] else ""
     lines.extend(describe(m.get("preservation") or {}, {"preserved": f"the preserve texts{empty}"}))
     return "\n".join(wrapped(line) for line in lines)
+
+
+def concept_targets(concepts: list[str], config: dict) -> str:
+    """The target line: --target, or each concept's own (--concept-target) as 'concept' → 'target'."""
+    targets = config.get("targets") or []
+    if not targets:
+        return repr(config["target"])
+    return ", ".join(unbroken(f"{c!r} → {t!r}") for c, t in zip(concepts, targets))
+
+
+def robust_lines(robust: dict, config: dict, preservation: dict) -> list[str]:
+    """Robust mode's settings and trade-off at a glance: how far the best embedding of all stays from the concept's
+    keys/values (0: an attack can bring it back), the fresh c′ residuals, and what the preserved texts paid."""
+    c = config
+    fresh = {k: v for k, v in robust["fresh_residual"].items() if k != "best"}
+    residual = ", ".join(f"{k} {v:.3f}" for k, v in fresh.items())
+    lines = [f"robust        rank {robust['rank']} removed; fresh c′ residual {residual} (0 = concept recoverable)"]
+    how = [f"projection {c.get('projection', 'keys')}", f"tradeoff μ {c.get('tradeoff', 5.0):g}"]
+    how.append("rank fixed" if c.get("rank") is not None else f"rank by energy {c.get('energy', 0.9):g}")
+    if c.get("projection", "keys") == "keys" and "support" in c:  # older edits predate these two
+        unused = robust.get("unused_removed")
+        how.append(f"support {c['support']:g}" + (f" ({unused} unused directions removed)" if unused is not None else ""))
+        how.append(f"{c['adversarial_rounds']} adversarial rounds")
+    how.append("mapped to target first" if c.get("map_to_target", True) else "projection only")
+    how.append("built-in templates" if c.get("templates", True) else "given texts only")
+    lines.append("              " + ", ".join(how))
+    best = robust["fresh_residual"].get("best")
+    if best is not None:  # edits made before it was recorded do not have it
+        kept = preservation.get("preserved")
+        paid = f"preserved K/V change mean {kept['mean']:.3g}, max {kept['max']:.3g}" if kept else "no preserved text"
+        lines.append(f"trade-off     best embedding residual {best:.3f} (any embedding at all), for {paid}")
+    return lines
 
 
 def preserved_texts(config: dict) -> str:

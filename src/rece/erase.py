@@ -12,6 +12,7 @@ import torch
 
 from . import closed_form as cf
 from . import preservation
+from . import projections as pj
 from .budget import check_memory
 from .config import ROBUST_TEMPLATES, EraseConfig
 from .console import progress_bar
@@ -89,18 +90,18 @@ class _Texts:
         return torch.cat([self.attended(t) for t in texts])
 
 
-def uce_pairs(texts: _Texts, concepts: list[str], target: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """UCE erase pairs (C, C*) for each concept, with UCE's token slicing (of the attended rows when padding is masked;
-    at each sequence length, joined)."""
+def uce_pairs(texts: _Texts, concepts: list[str], targets: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """UCE erase pairs (C, C*) for each concept and its target, with UCE's token slicing (of the attended rows when
+    padding is masked; at each sequence length, joined)."""
     if len(texts.segments) > 1:
-        per_length = [uce_pairs(part, concepts, target) for part in texts.parts()]
+        per_length = [uce_pairs(part, concepts, targets) for part in texts.parts()]
         return [tuple(torch.cat(rows) for rows in zip(*pairs)) for pairs in zip(*per_length)]
     emb, counts = texts.embeddings, texts.counts
     if texts.whole:  # a pooled vector: the concept's one row to the target's
-        return [(emb[c], emb[target]) for c in concepts]
+        return [(emb[c], emb[t]) for c, t in zip(concepts, targets)]
     if texts.masked:
-        return [cf.attended_token_rows(emb[c], counts[c], emb[target], counts[target], texts.end_rows) for c in concepts]
-    return [cf.uce_token_rows(emb[c], counts[c], emb[target], counts[target]) for c in concepts]
+        return [cf.attended_token_rows(emb[c], counts[c], emb[t], counts[t], texts.end_rows) for c, t in zip(concepts, targets)]
+    return [cf.uce_token_rows(emb[c], counts[c], emb[t], counts[t]) for c, t in zip(concepts, targets)]
 
 
 def derive_all(concept_rows: list[torch.Tensor], products, gram, r: float, anchor: torch.Tensor | None) -> list[torch.Tensor]:
@@ -212,14 +213,14 @@ def sequence_lengths(base: BaseModel, config: EraseConfig) -> tuple[int, ...]:
 
 def _erase_space(base: BaseModel, config: EraseConfig, edited: list[str], progress: bool | None = None) -> _SpaceResult:
     """The procedure on one space's rows and layers (at each sequence length it is run with, the rows joined)."""
-    target = config.resolved_target
+    targets = list(dict.fromkeys(config.concept_targets))
     rece_preserve = [" "] * len(config.concepts) + list(config.preserve)
     extra = sum(template_texts(config.concepts), []) if config.method == "robust" and config.templates else []
     lengths = base.family.erase_lengths(config.max_sequence_length)
     # more preserve texts than one chunk: encoded and summed a chunk at a time (robust mode reads each one's rows)
     chunked = config.method != "robust" and len(set(config.preserve)) > chunk_texts(base, lengths)
     preserved = ["", " "] if chunked else config.uce_preserve_texts + rece_preserve
-    texts = _Texts.encode(base, config.concepts + [target, config.regularization_text] + preserved + extra, progress, lengths)
+    texts = _Texts.encode(base, config.concepts + targets + [config.regularization_text] + preserved + extra, progress, lengths)
     rows = preserve_rows(base, texts, config, progress, lengths) if chunked else None
     if config.method == "robust":
         transform, report = _run_robust(base, config, texts)
@@ -308,7 +309,7 @@ def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.
 
 
 def _uce_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
-    pairs = uce_pairs(texts, config.concepts, config.resolved_target)
+    pairs = uce_pairs(texts, config.concepts, config.concept_targets)
     if preserve_rows is None:
         preserve_rows = texts.weighted_rows(config.uce_preserve_texts)
     return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
@@ -317,7 +318,7 @@ def _uce_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Ten
 def _rece_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
     if preserve_rows is None:
         preserve_rows = texts.weighted_rows([" "] * len(config.concepts) + list(config.preserve))
-    target_rows = texts.embeddings[config.resolved_target]
+    target_rows = [texts.embeddings[t] for t in config.concept_targets]  # each concept's c′ maps to its target
     anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
     concept_rows = [texts.attended(c) for c in config.concepts]
     return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
@@ -335,15 +336,16 @@ def _run_shared(
     left, right = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
+        concept_rows, targets, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
         # the edited gram PᵀG₀P and PᵀG₀ on the concept rows are kept current update by update, each update a
         # low-rank term (or a dense one), so the composed P is never multiplied out against G₀
         grams = cf.EditedGrams(base.original_gram(), concept_rows, left, right)
         for epoch in progress_bar(range(config.epochs), "RECE epochs", "epoch", progress):
-            stack = target_one.new_zeros(len(concept_rows), *target_one.shape)  # the edit keeps it; c′ are its views
+            stack = targets[0].new_zeros(len(concept_rows), *targets[0].shape)  # the edit keeps it; c′ are its views
             derived_rows = grams.derive(config.regularization, anchor, into=stack)
             derived.append(stack)
-            step = shared_step([(c, target_one[: c.shape[0]]) for c in derived_rows], preserve_rows, lamb, s_e, s_p, "--lamb")
+            pairs = [(c, t[: c.shape[0]]) for c, t in zip(derived_rows, targets)]
+            step = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--lamb")
             left, right = cf.compose_low_rank(left, right, *step)
             if epoch + 1 < config.epochs:
                 grams.update(*step)
@@ -365,15 +367,15 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
         weights[name] = cf.edit_layer(weights[name], pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator)
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, target_one, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
+        concept_rows, targets, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
             products = cross @ torch.cat(concept_rows).T
             derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
-            derived.append(padded_stack(derived_rows, target_one.shape[0]))
-            rece_pairs = [(c, target_one[: c.shape[0]]) for c in derived_rows]
-            denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, target_one.shape[1])
+            derived.append(padded_stack(derived_rows, targets[0].shape[0]))
+            rece_pairs = [(c, t[: c.shape[0]]) for c, t in zip(derived_rows, targets)]
+            denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, targets[0].shape[1])
             cf.check_conditioning(denominator, "--lamb", shift=lamb)
             for name in edited:
                 weights[name] = cf.edit_layer(
@@ -409,11 +411,12 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     """Robust mode: a projection singular along the concept's directions, so no embedding can bring them back.
 
     Default ("keys"): the directions whose key/value outputs carry the concept (rows of each erased text minus the
-    mean preserved row, position by position) for the least preserved energy (weight `tradeoff`), removed from every
-    K/V output (M = I − U(UᵀGU)⁻¹UᵀG, G = Σ W⁰ᵀW⁰). "oblique"/"orthogonal" remove embedding directions instead.
-    Before the projection, the UCE update maps the concept to the target (`map_to_target`, on by default). With
-    `templates` (default) the directions are also estimated from each concept in ROBUST_TEMPLATES. The report holds
-    the rank, the eigenvalues and the fresh-c′ residuals.
+    mean preserved row, position by position) for the least preserved energy (weight `tradeoff`), and the directions
+    the preserved texts do not use (`support`), removed from every K/V output (M = I − U(UᵀGU)⁻¹UᵀG, G = Σ W⁰ᵀW⁰);
+    `adversarial_rounds` times, the rows of a fresh c′ against the edit join the estimate. "oblique"/"orthogonal"
+    remove embedding directions instead. Before the projection, the UCE update maps each concept to its target
+    (`map_to_target`, on by default). With `templates` (default) the directions are also estimated from each concept
+    in ROBUST_TEMPLATES. The report holds the rank, the eigenvalues and the residuals of the best embeddings.
     """
     in_context, contexts = template_texts(config.concepts) if config.templates else ([], [])
     preserve_rows = texts.rows(config.uce_preserve_texts + contexts)
@@ -427,28 +430,63 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
     concept_rows, contrast_rows = aligned[: len(concepts)], aligned[len(concepts) :]
     gram0 = base.original_gram().to(preserve_rows.device)
     if config.projection == "keys":
-        differences = (concept_rows - contrast_rows.mean(dim=0, keepdim=True)).reshape(-1, concept_rows.shape[-1])
-        directions, values = cf.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
+        transform, report = _key_value_robust(config, texts, concept_rows, contrast_rows, preserve_rows, gram0)
     else:
-        directions, values = cf.concept_subspace(concept_rows, contrast_rows)
-    rank = config.rank if config.rank is not None else cf.rank_for_energy(values, config.energy)
-    rank = min(rank, values.shape[0] - 1)
-    if config.projection == "keys":
-        transform = cf.key_value_projection(directions[:, :rank], gram0)
-    elif config.projection == "oblique":
-        moment = cf.projection_metric(preserve_rows, config.ridge)
-        transform = cf.oblique_projection(directions[:, :rank], moment)
-    else:
-        transform = cf.orthogonal_projection(directions[:, :rank])
+        directions, values = pj.concept_subspace(concept_rows, contrast_rows)
+        rank = min(config.rank if config.rank is not None else pj.rank_for_energy(values, config.energy), values.shape[0] - 1)
+        if config.projection == "oblique":
+            transform = pj.oblique_projection(directions[:, :rank], pj.projection_metric(preserve_rows, config.ridge))
+        else:
+            transform = pj.orthogonal_projection(directions[:, :rank])
+        report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
     if config.map_to_target:
         # UCE first, the projection last: every output stays in the projection's range, so the guarantee holds
         pairs, uce_preserve, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
         erase_rows, target_rows = torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
         step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve, lamb, s_e, s_p, "--uce-lamb")
         transform = transform @ step
-    report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
     report["fresh_residual"] = fresh_derived_residuals(base, transform, gram0, texts, config.concepts)
     return transform, report
+
+
+def _key_value_robust(config: EraseConfig, texts: _Texts, concept_rows, contrast_rows, preserve_rows, gram0):
+    """The "keys" projection and its report: concept directions (re-estimated with each adversarial round's fresh
+    c′) and the directions no preserved text uses, all removed from the keys/values."""
+    contrast_mean = contrast_rows.mean(dim=0, keepdim=True)
+    dim = gram0.shape[0]
+    differences = (concept_rows - contrast_mean).reshape(-1, dim)
+    unused = pj.unused_directions(preserve_rows, gram0, config.support)
+    removed, ranks, transform = [], [], gram0
+    for round_ in range(config.adversarial_rounds + 1):
+        if round_:  # the rows a fresh c′ against this edit reaches join what the concept looks like
+            found = aligned_token_rows(derived_texts(texts, config, transform, gram0), config.concepts)
+            differences = torch.cat([differences, (found[:, : concept_rows.shape[1]] - contrast_mean).reshape(-1, dim)])
+        directions, values = pj.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
+        rank = config.rank if config.rank is not None else pj.rank_for_energy(values, config.energy)
+        rank = min(rank, values.shape[0] - 1)
+        removed.append(directions[:, :rank])
+        ranks.append(rank)
+        transform = pj.key_value_projection(torch.cat([*removed, unused], dim=1), gram0)
+    report = {"rank": ranks[0], "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
+    report["unused_removed"] = unused.shape[1]
+    if config.adversarial_rounds:
+        report["adversarial_ranks"] = ranks[1:]
+    return transform, report
+
+
+def derived_texts(texts: _Texts, config: EraseConfig, transform: torch.Tensor, gram0: torch.Tensor) -> _Texts:
+    """`texts` with each concept's attended rows replaced by transform·c′, c′ the closed-form embedding that brings
+    the concept's original keys/values back best through the edit W⁰·transform (r = --regularization)."""
+    cross = transform.T @ gram0
+    gram = cross @ transform
+    embeddings = dict(texts.embeddings)
+    for concept in config.concepts:
+        rows = texts.attended(concept)
+        derived = cf.derive_embedding(rows, gram, cross, config.regularization)
+        full = embeddings[concept].clone()
+        full[: rows.shape[0]] = derived @ transform.T
+        embeddings[concept] = full
+    return replace(texts, embeddings=embeddings)
 
 
 def fresh_derived_residuals(
@@ -469,4 +507,6 @@ def fresh_derived_residuals(
             derived = cf.derive_embedding(c, gram, cross, r)
             residuals.append(cf.relative_residual(edited, originals, derived, c))
         out[f"r={r:g}"] = round(sum(residuals) / len(residuals), 6)
+    best = [pj.best_residual(transform, gram0, texts.attended(concept)) for concept in concepts]
+    out["best"] = round(sum(best) / len(best), 6)  # the least-squares embedding of all: what no attack can beat
     return out

@@ -78,7 +78,7 @@ def merge_sums(*parts: dict[str, tuple[float, float]]) -> dict[str, tuple[float,
 
 def summary(sums: dict[str, tuple[float, float]]) -> dict | None:
     """{texts, mean, max, worst: [[text, change], ...]} of the relative K/V changes (None when there is no text)."""
-    changes = {t: (c / n) ** 0.5 for t, (c, n) in sums.items() if n > 0}
+    changes = {t: (max(c, 0.0) / n) ** 0.5 for t, (c, n) in sums.items() if n > 0}  # c: a sum of squares, rounding aside
     if not changes:
         return None
     worst = sorted(changes.items(), key=lambda item: -item[1])[:WORST]

@@ -167,7 +167,7 @@ class Matrix:
         if (concept, method) not in self.edits:
             path = self.concept_folder(concept) / folder_name(method) / "edit.safetensors"
             if self.config.overwrite or not path.is_file():  # a kill before the rename leaves no file: erased again
-                recipe = door.recipe_for(self.model, [concept]) or {"concepts": [concept]}
+                recipe = door.recipe_for(self.model, [concept], method) or {"concepts": [concept]}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 erase(self.base, method=method, **recipe).save(path)
             self.edits[concept, method] = path
@@ -209,10 +209,12 @@ def measure_attack(matrix: Matrix, concept: str, method: str, attack: str) -> di
 
 def shapes_figures(run_dir: Path, concept: str) -> dict:
     """Counts in a grid run of the shapes model: the named images showing the concept, the others showing their own
-    shape (colour when the concept is a colour), every image showing its colour, the named ones keeping theirs."""
+    shape (colour when the concept is a colour), every image and the others showing their colour, the named ones
+    keeping their colour (their shape when the concept is a colour)."""
     run = load_run(run_dir)
     kind = door.concept_kind(concept)
-    counts = dict.fromkeys(("named", "named_shown", "named_coloured", "others", "others_kept", "all", "coloured"), 0)
+    names = ("named", "named_shown", "named_coloured", "named_shaped", "others", "others_kept", "others_coloured")
+    counts = dict.fromkeys((*names, "all", "coloured"), 0)
     for name, found in shapes_detections(run, progress=False).items():
         color, shape = run.prompts[name]["prompt"].split()[-2:]
         asked = {"shape": shape, "color": color}
@@ -224,9 +226,11 @@ def shapes_figures(run_dir: Path, concept: str) -> dict:
             counts["named"] += 1
             counts["named_shown"] += getattr(found, kind) == concept
             counts["named_coloured"] += coloured
+            counts["named_shaped"] += found.shape == shape
         else:
             counts["others"] += 1
             counts["others_kept"] += getattr(found, kind) == asked[kind]
+            counts["others_coloured"] += coloured
     return counts
 
 
@@ -236,15 +240,24 @@ def percent(part: float, whole: float) -> float:
 
 
 def preservation_rows(counts: dict, baseline: dict, concept: str) -> list[dict]:
-    """The preservation measures from a grid's counts and the baseline's (`others` relative to the baseline, %)."""
+    """The preservation measures from a grid's counts and the baseline's (`others` relative to the baseline, %).
+
+    `colours` counts every image when a shape is erased ("a blue triangle" must stay blue) and the images of the
+    other prompts when a colour is (its own prompts are meant to lose it); `erased_colours` / `erased_shapes` count
+    the named prompts keeping their other attribute."""
     kept, kept_before = percent(counts["others_kept"], counts["others"]), percent(baseline["others_kept"], baseline["others"])
     rows = [
         {"measure": "named", "value": percent(counts["named_shown"], counts["named"]), "images": counts["named"]},
         {"measure": "others", "value": percent(kept, kept_before), "images": counts["others"]},
-        {"measure": "colours", "value": percent(counts["coloured"], counts["all"]), "images": counts["all"]},
     ]
-    if door.concept_kind(concept) == "shape":  # a colour erased: its prompts are meant to lose their colour
+    if door.concept_kind(concept) == "shape":
+        rows.append({"measure": "colours", "value": percent(counts["coloured"], counts["all"]), "images": counts["all"]})
         rows.append({"measure": "erased_colours", "value": percent(counts["named_coloured"], counts["named"]),
+                     "images": counts["named"]})  # fmt: skip
+    else:
+        coloured = percent(counts["others_coloured"], counts["others"])
+        rows.append({"measure": "colours", "value": coloured, "images": counts["others"]})
+        rows.append({"measure": "erased_shapes", "value": percent(counts["named_shaped"], counts["named"]),
                      "images": counts["named"]})  # fmt: skip
     return rows
 
@@ -390,7 +403,8 @@ def html_report(matrix: Matrix, rows: list[dict]) -> str:
     sections.append(
         "<p>Values in %, images counted in brackets: named, % of images of prompts naming the concept that show it; "
         "others, the other concepts' detection rate as % of the unedited model's; colours, % of images showing their "
-        "prompt's colour; erased_colours, % of the images of erased prompts that keep their colour; attack:NAME, the "
+        "prompt's colour (a shape erased: every image; a colour erased: the other prompts' images); erased_colours / "
+        "erased_shapes, % of the images of erased prompts that keep their colour / shape; attack:NAME, the "
         "attack's success rate. Method none is the unedited model.</p>"
         + (f"<h2>Not run</h2><ul>{reasons}</ul>" if reasons else "")
         + f"<h2>Settings</h2><pre>{html.escape(settings)}</pre>"

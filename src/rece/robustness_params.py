@@ -12,7 +12,7 @@ from .toy import door
 
 METHODS = ("uce", "rece", "robust")
 FROM_UCE = "derived-from-uce"  # the derived attack with c′ derived against the UCE edit, as in the RECE paper
-PRESERVATION = ("named", "others", "colours", "erased_colours")
+PRESERVATION = ("named", "others", "colours", "erased_colours", "erased_shapes")
 PRESERVATION_GROUP = "preservation"
 DERIVED_IMAGES = 4  # the derived attack has one case per concept: it draws this many times the images of a prompt
 

@@ -38,6 +38,7 @@ def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseC
         concepts, preserve, values["target"], values["templates"] = (
             recipe["concepts"], recipe["preserve"], recipe["target"], recipe["templates"],
         )  # fmt: skip
+        values["targets"] = recipe.get("targets")
         for key in ("regularization", "uce_preserve_scale"):  # the recipe's unless given on the command line
             if key in recipe and values.get(key) is None:
                 values[key] = recipe[key]

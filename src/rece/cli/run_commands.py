@@ -133,7 +133,7 @@ def cmd_sweep(args) -> int:
 
     concept = args.concepts[0] if args.concepts else None
     chosen = args.concept_prompts or args.preserve or args.preserve_prompts or args.target is not None or args.preset
-    recipe = None if chosen else door.recipe_for(args.model, args.concepts)
+    recipe = None if chosen else door.recipe_for(args.model, args.concepts, args.method or "rece")
     if recipe is not None:
         print(f"shapes model: erasing the prompt family of '{concept}' (rece.toy.door.erasure_arguments)")
     config = erase_config(args, recipe)

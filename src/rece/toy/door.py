@@ -83,14 +83,16 @@ def sampling_defaults(model) -> tuple[int, float] | None:
     return (STEPS, GUIDANCE) if is_shapes_model(model) else None
 
 
-def erasure_arguments(concept: str, model: str = NAME) -> dict:
+def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> dict:
     """How to erase a shape or a colour from a shapes model (`shapes` or `shapes-mmdit`) with `rece.erase`.
 
     The concept's short prompt family is erased and the other shapes' (colours') families are preserved
     (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
     draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
     styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
-    shapes-mmdit changes two settings (`mmdit_recipe`).
+    shapes-mmdit changes two settings (`mmdit_recipe`). Robust mode maps each prompt to the same prompt with the
+    next concept of its kind (`kept_attribute_targets`): its map to the target comes before a projection that no
+    embedding undoes, so a prompt mapped to " " would lose its colour for good ("a blue triangle" drawn red).
     """
     settings = {
         "concepts": concept_prompts(concept),
@@ -99,7 +101,11 @@ def erasure_arguments(concept: str, model: str = NAME) -> dict:
         "regularization": 1e-3,
         "templates": False,  # robust mode: the family is the estimate; its templates would overlap the held-out ones
     }
-    return {**settings, **mmdit_recipe(concept)} if model == MMDIT else settings
+    if model == MMDIT:
+        settings.update(mmdit_recipe(concept))
+    if method == "robust":
+        settings["targets"] = kept_attribute_targets(concept)
+    return settings
 
 
 def mmdit_recipe(concept: str) -> dict:
@@ -120,11 +126,24 @@ def mmdit_recipe(concept: str) -> dict:
     return settings
 
 
-def recipe_for(model, concepts: Sequence[str] | None) -> dict | None:
+def next_concept(concept: str) -> str:
+    """The next shape or colour of the world after `concept`, of the same kind (the last one wraps to the first)."""
+    group = SHAPES if concept in SHAPES else tuple(COLORS)
+    return group[(group.index(concept) + 1) % len(group)]
+
+
+def kept_attribute_targets(concept: str) -> list[str]:
+    """Each prompt of `concept_prompts(concept)` with the concept replaced by the next of its kind ("a blue triangle"
+    → "a blue cross"): the prompt keeps its other attribute (its colour, its shape) while the concept goes."""
+    other = next_concept(concept)
+    return [" ".join(other if word == concept else word for word in p.split()) for p in concept_prompts(concept)]
+
+
+def recipe_for(model, concepts: Sequence[str] | None, method: str = "rece") -> dict | None:
     """The erasure recipe when MODEL is a shapes model and `concepts` is one of its shapes or colours, else None."""
     if not concepts or len(concepts) != 1 or not is_shapes_model(model) or not is_world_concept(concepts[0]):
         return None
-    return erasure_arguments(concepts[0], shapes_model_name(model))
+    return erasure_arguments(concepts[0], shapes_model_name(model), method)
 
 
 def evaluation_prompt_rows(concept: str, kept: bool = False) -> list[dict]:
