@@ -20,43 +20,12 @@ import torch
 from .apply import composed_weights
 from .edit_file import METADATA_KEY
 from .errors import ReceError
-from .families import family_of_checkpoint, titles_where
+from .families import family_of_checkpoint
 from .io import atomic_file, check_output_path
+from .safetensors_header import DTYPES, encoded_header, read_header
+from .single_file import checkpoint_kv
 
 BLOCK = 16 * 2**20  # bytes copied at a time
-DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (tensor entries in file order, `__metadata__` if any) and where its
-    data begins."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ReceError(f"'{path}' is not a safetensors file (it is shorter than a header); pass a .safetensors checkpoint")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 2**20 or length > os.path.getsize(path):
-            raise ReceError(f"'{path}' is not a safetensors file (its header length is {length}); pass a .safetensors checkpoint")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
-        raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
-    if 8 + length + end > os.path.getsize(path):
-        raise ReceError(
-            f"'{path}' is truncated: its header describes {8 + length + end} bytes, the file has {os.path.getsize(path)}; "
-            "re-download the checkpoint"
-        )
-    return header, 8 + length
-
-
-def encoded_header(header: dict) -> bytes:
-    """A header as safetensors stores it: compact JSON padded with spaces to a multiple of 8 bytes."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
 
 
 def tensor_bytes(tensor: torch.Tensor, entry: dict, key: str) -> bytes:
@@ -105,24 +74,6 @@ def write_replaced(src: Path, out: Path, replacements: dict[str, torch.Tensor], 
             position = stop
         _copy(f, g, end - position)
     return out
-
-
-def checkpoint_kv(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The edited layers' weights of a single-file checkpoint, by diffusers module name (float32, as rece reads the
-    checkpoint through diffusers), and each one's key in the file; only those tensors are read."""
-    from safetensors import safe_open
-
-    header, _ = read_header(path)
-    family = family_of_checkpoint(path)
-    if not family.has_single_files():
-        families = titles_where("has_single_files")
-        raise ReceError(f"rece rewrites single-file checkpoints of {families} only; '{path}' is {family.title}")
-    keys = family.original_keys(header)
-    if not keys:
-        raise ReceError(f"'{path}' lacks the {family.edited_title} layers of a {family.title} checkpoint; it is not one")
-    with safe_open(str(path), framework="pt") as f:
-        kv = {n: f.get_tensor(k).to(torch.float32) for n, k in sorted(keys.items())}
-    return kv, keys
 
 
 def write_applied_checkpoint(

@@ -14,6 +14,15 @@ from ..io import check_not_input, check_output_path, disk_full_reported, read_pr
 from ..options import add_options, finite_float, option_values
 
 MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit' or 'tiny'"
+TEXT_ENCODER_HELP = (
+    "a text encoder file that goes with a single-file MODEL that lacks it (ComfyUI's models/text_encoders: clip_l, "
+    "clip_g, t5xxl; repeatable, recognised by its contents)"
+)
+
+
+def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
+    """--text-encoder FILE, repeatable."""
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE", help=TEXT_ENCODER_HELP)
 
 
 def add_erase_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +36,12 @@ def add_erase_arguments(p: argparse.ArgumentParser) -> None:
         help="file of held-out texts (e.g. the concepts' neighbours) whose K/V change is reported in the edit, not preserved",
     )
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
-    p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="folder or hub id with a single-file checkpoint's tokenizer folders (tokenizer/, tokenizer_2/, ...; default: "
+        "the family's reference hub repository, cached)",
+    )
 
 
 def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseConfig:
@@ -60,12 +74,13 @@ def cmd_erase(args) -> int:
     from ..pipelines import resolve_device
 
     config = erase_config(args)
-    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit]
+    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit,
+              *args.text_encoder]  # fmt: skip
     check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
     device = resolve_device(args.device)
     imports = waited()  # Python's start and the imports: the process start (or main()'s call) to here
     start = time.perf_counter()
-    base = edited_base(load_model(args.model, device, config=args.config), args.base_edit)
+    base = edited_base(load_model(args.model, device, config=args.config, text_encoders=args.text_encoder), args.base_edit)
     loaded = time.perf_counter()
     edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     erased = time.perf_counter()
@@ -108,7 +123,9 @@ def cmd_apply(args) -> int:
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
         return 0
     base = load_model(args.model, "cpu", config=args.config)
-    out = write_applied_pipeline(base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite)
+    out = write_applied_pipeline(
+        base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite, config=args.config
+    )
     print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
     return 0
 
@@ -146,9 +163,9 @@ def cmd_lora(args) -> int:
     from ..lora import read_lora_record
     from ..models import load_model
 
-    check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config])
+    check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config, *args.text_encoder])
     edit = load_edit(args.edit)
-    base = load_model(args.model, "cpu", config=args.config)
+    base = load_model(args.model, "cpu", config=args.config, text_encoders=args.text_encoder)
     edit.to_lora(
         base,
         args.output,
@@ -187,6 +204,7 @@ def add_parsers(sub) -> None:
     """The parsers of erase, apply, info and lora."""
     p = sub.add_parser("erase", help="erase concepts and write an edit file")
     add_erase_arguments(p)
+    add_text_encoder_argument(p)
     p.add_argument(
         "--base-edit",
         action="append",
@@ -243,5 +261,6 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.add_argument("--config", default=None, help="tokenizers (and configs) for a single-file checkpoint")
+    add_text_encoder_argument(p)
     p.set_defaults(func=cmd_lora)
