@@ -197,3 +197,78 @@ def test_bad_files_are_one_line_and_nothing_is_written(problem, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and BAD[problem] in err, err
     assert not out.exists()
+
+
+def raw(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes (float8 tensors compare bit for bit)."""
+    return tensor.contiguous().view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
+@pytest.fixture(scope="module")
+def flux_fp8(tmp_path_factory):
+    """ComfyUI's FLUX fp8 all-in-one and an edit erased from it (tokenizers from --config)."""
+    root = tmp_path_factory.mktemp("flux-fp8")
+    built = cf.flux_all_in_one(root)
+    edit = root / "edit.safetensors"
+    code = main(["erase", str(built.path), "-c", "cat", "--preset", "nudity", "--config", str(built.tokenizers), "-o", str(edit)])
+    assert code == 0
+    return built, edit
+
+
+def test_float8_apply_writes_back_in_float8_and_reports_the_rounding(flux_fp8, tmp_path, capsys):
+    """The edited K/V go back as F8_E4M3, every other byte as it was; the rounding the cast adds to the edit, relative
+    to the edit's change, is printed, with the LoRA route when it is over 10 %."""
+    built, edit = flux_fp8
+    out = tmp_path / "erased.safetensors"
+    capsys.readouterr()
+    assert main(["apply", str(built.path), str(edit), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    before, after = load_file(built.path), load_file(out)
+    changed = {k for k in before if not torch.equal(raw(before[k]), raw(after[k]))}
+    assert changed == set(built.edited.values())
+    exact = load_edit(edit).edited_kv({n: before[k].float() for n, k in built.edited.items()})
+    shares = {}
+    for name, key in built.edited.items():
+        assert after[key].dtype == torch.float8_e4m3fn
+        assert torch.equal(raw(after[key]), raw(exact[name].to(torch.float8_e4m3fn)))
+        change = (exact[name].double() - before[key].double()).norm()
+        shares[name] = ((exact[name].to(torch.float8_e4m3fn).double() - exact[name].double()).norm() / change).item()
+    worst = max(shares, key=shares.get)
+    assert (
+        f"float8: written back as F8_E4M3, the cast adds {shares[worst]:.1%} of the edit's own change (worst layer: {worst})"
+        in printed
+    )
+    assert ("--format diff" in printed) == (shares[worst] > 0.10)
+
+
+def test_float8_e5m2_reads_upcast(tmp_path):
+    built = cf.flux_all_in_one(tmp_path, dtype=torch.float8_e5m2)
+    base = load_model(built.path, config=str(built.tokenizers))
+    assert ck.read_header(built.path)[0][built.edited["context_embedder"]]["dtype"] == "F8_E5M2"
+    assert_reads(base, FLUX, built)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diff"])
+def test_lora_from_an_all_in_one_file_gives_the_exact_edit_by_comfyuis_rule(flux_fp8, fmt, tmp_path, capsys):
+    """`rece lora CKPT EDIT` from the fp8 file: read as ComfyUI reads a kohya / .diff file against that checkpoint
+    (`lora_unet_` + the key past diffusion_model., dots as underscores), it adds the edit's exact change."""
+    from .test_checkpoint_mmdit import comfy_key_map
+
+    built, edit = flux_fp8
+    lora = tmp_path / f"{fmt}.safetensors"
+    argv = ["lora", str(built.path), str(edit), "--format", fmt, "--tolerance", "1e-6", "--config", str(built.tokenizers)]
+    assert main([*argv, "-o", str(lora)]) == 0, capsys.readouterr().err
+    original, state = load_file(built.path), load_file(lora)
+    keys = comfy_key_map(original)
+    exact = load_edit(edit).edited_kv({n: original[k].float() for n, k in built.edited.items()})
+    modules = {k.split(".")[0] for k in state}
+    assert {keys[m] for m in modules} == set(built.edited.values())
+    for module in modules:
+        if f"{module}.diff" in state:
+            delta = state[f"{module}.diff"].double()
+        else:
+            down, up = state[f"{module}.lora_down.weight"].double(), state[f"{module}.lora_up.weight"].double()
+            delta = state[f"{module}.alpha"].item() / down.shape[0] * up @ down
+        name = next(n for n, k in built.edited.items() if k == keys[module])
+        want = exact[name].double()
+        assert ((original[keys[module]].double() + delta - want).norm() / want.norm()).item() <= 1e-5, module

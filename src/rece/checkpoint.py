@@ -20,10 +20,9 @@ import torch
 from .apply import composed_weights
 from .edit_file import METADATA_KEY
 from .errors import ReceError
-from .families import family_of_checkpoint
 from .io import atomic_file, check_output_path
-from .safetensors_header import DTYPES, encoded_header, read_header
-from .single_file import checkpoint_kv
+from .safetensors_header import DTYPES, FLOAT8, encoded_header, read_header
+from .single_file import checkpoint_family, checkpoint_kv
 
 BLOCK = 16 * 2**20  # bytes copied at a time
 
@@ -81,20 +80,52 @@ def write_applied_checkpoint(
 ) -> Path:
     """Write the single-file checkpoint `model` with `edits` applied in order to `out` (same keys, dtypes, shapes
     and order; only the edited tensors differ; rece's edits and base fingerprint added to the metadata)."""
+    return applied_checkpoint(model, edits, out, allow_other_base, overwrite)[0]
+
+
+def applied_checkpoint(
+    model: str | os.PathLike, edits: Sequence, out: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
+) -> tuple[Path, dict[str, tuple[str, float]]]:
+    """`write_applied_checkpoint`, and the rounding of each edited layer stored in float8 (`float8_rounding`)."""
     from .weights import kv_fingerprint
 
     src, out = Path(model), Path(out)
+    refuse_gguf(src)
     if src.is_dir() or src.suffix != ".safetensors":
         raise ReceError(
             f"'{model}' is not a .safetensors checkpoint: diffusers ships no conversion from a folder to one file; "
             "pass the original checkpoint as MODEL, or write a folder (-o DIR)"
         )
     check_output_path(out, overwrite=overwrite, inputs=[src])
-    kv, keys = checkpoint_kv(src)
+    header, _ = read_header(src)
+    kv, keys = checkpoint_kv(src, header)
     fingerprint = kv_fingerprint(kv)
-    new = composed_weights(edits, kv, allow_other_base, str(src), family_of_checkpoint(src))
+    new = composed_weights(edits, kv, allow_other_base, str(src), checkpoint_family(src, header))
     record = {
         "base_fingerprint": fingerprint,
         "edits": [{"id": e.edit_id(), "method": e.method, "concepts": e.concepts} for e in edits],
     }
-    return write_replaced(src, out, {keys[n]: w for n, w in new.items()}, {METADATA_KEY: json.dumps(record)})
+    written = write_replaced(src, out, {keys[n]: w for n, w in new.items()}, {METADATA_KEY: json.dumps(record)})
+    return written, float8_rounding(header, keys, kv, new)
+
+
+def refuse_gguf(model: str | os.PathLike) -> None:
+    """rece does not rewrite GGUF files: one line pointing to the LoRA, which ComfyUI-GGUF applies."""
+    if Path(model).suffix == ".gguf":
+        raise ReceError(
+            f"'{model}' is a GGUF file, whose quantised tensors rece does not rewrite; export the edit instead "
+            f"(rece lora {model} EDIT --format diff -o erased.safetensors) and load it with ComfyUI-GGUF's LoRA loader"
+        )
+
+
+def float8_rounding(header: dict, keys: dict[str, str], kv: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict:
+    """For each edited layer a float8 file stores: its dtype, and the error the cast to it adds to the edit, relative
+    to the edit's own change (‖fp8(W′) − W′‖ / ‖W′ − W‖, W the stored weights read exactly, W′ the edited ones)."""
+    out = {}
+    for name, w in new.items():
+        dtype = header[keys[name]]["dtype"]
+        if dtype in FLOAT8:
+            change = (w.double() - kv[name].double()).norm()
+            error = (w.to(DTYPES[dtype]).double() - w.double()).norm()
+            out[name] = (dtype, float(error / change) if change > 0 else 0.0)
+    return out

@@ -91,7 +91,7 @@ def load_model(
     source = resolve_model(model)
     if text_encoders and source.kind != "single-file":
         raise ReceError(f"--text-encoder goes with a single-file checkpoint; '{source.name}' brings its own text encoders")
-    if source.kind == "single-file" and source.path.suffix == ".safetensors":
+    if source.kind == "single-file" and source.path.suffix in (".safetensors", ".gguf"):
         return from_checkpoint(source.path, device, config=config, text_encoders=text_encoders)
     if source.kind == "pipeline":
         return from_pipeline(model, source=source.name)
@@ -194,10 +194,9 @@ def from_checkpoint(path: Path, device="cpu", config: str | None = None, text_en
     """Read a single-file checkpoint without diffusers: the edited layers' and the text encoders' tensors from the file
     (and the split `text_encoders` files), the tokenizers from `config`'s tokenizer folders or the family's hub
     repository (`rece.single_file`)."""
-    from .safetensors_header import read_header
-    from .single_file import checkpoint_family, checkpoint_kv, missing_parts, model_encoders, text_parts
+    from .single_file import checkpoint_family, checkpoint_kv, missing_parts, model_encoders, read_checkpoint_header, text_parts
 
-    header, _ = read_header(path)
+    header = read_checkpoint_header(path)
     kv, _ = checkpoint_kv(path, header)
     family = checkpoint_family(path, header)
     check_finite(kv, str(path))

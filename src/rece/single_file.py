@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ReceError
-from .families import Family, family_of_checkpoint, titles_where
+from .families import Family, family_of_keys, titles_where
 from .families.encoders import spec_named
 from .file_encoders import (
     FoundEncoder,
@@ -27,14 +27,22 @@ from .file_encoders import (
     encoder_in_file,
     encoders_in_checkpoint,
 )
+from .gguf_file import gguf_tensors, gguf_weights
 from .hub import hub_offline, is_hub_id, snapshot
 from .safetensors_header import DTYPES, read_header
 from .tokenizer_cache import load_tokenizer
 
 
+def read_checkpoint_header(path: Path) -> dict:
+    """A single file's tensor entries by name: its safetensors header, or a GGUF file's tensors (`gguf_file`)."""
+    if path.suffix == ".gguf":
+        return gguf_tensors(path)[0]
+    return read_header(path)[0]
+
+
 def checkpoint_family(path: Path, header: dict) -> Family:
     """The family of a single file, its variant told by what the file says of its denoiser (FLUX: schnell)."""
-    family = family_of_checkpoint(path)
+    family = family_of_keys(header)
     return family.variant(family.checkpoint_config(header))
 
 
@@ -43,8 +51,8 @@ def checkpoint_kv(path: Path, header: dict | None = None) -> tuple[dict[str, tor
     precision upcast exactly), and each one's key in the file; only those tensors are read."""
     from safetensors import SafetensorError, safe_open
 
-    header = header if header is not None else read_header(path)[0]
-    family = family_of_checkpoint(path)
+    header = header if header is not None else read_checkpoint_header(path)
+    family = family_of_keys(header)
     if not family.has_single_files():
         families = titles_where("has_single_files")
         raise ReceError(f"rece rewrites single-file checkpoints of {families} only; '{path}' is {family.title}")
@@ -55,6 +63,8 @@ def checkpoint_kv(path: Path, header: dict | None = None) -> tuple[dict[str, tor
     if not keys:
         raise ReceError(f"'{path}' lacks the {family.edited_title} layers of a {family.title} checkpoint; it is not one")
     check_unscaled([k for n in keys.values() for k in header if k.startswith(n.removesuffix(".weight") + ".")], str(path))
+    if path.suffix == ".gguf":
+        return gguf_weights(path, header, keys), keys
     unknown = [k for k in keys.values() if header[k]["dtype"] not in DTYPES]
     if unknown:
         raise ReceError(f"'{path}' stores {unknown[0]} as {header[unknown[0]]['dtype']}, a dtype rece does not read")

@@ -109,18 +109,20 @@ def cmd_erase(args) -> int:
 
 def cmd_apply(args) -> int:
     from ..apply import write_applied_pipeline
-    from ..checkpoint import write_applied_checkpoint
+    from ..checkpoint import applied_checkpoint, refuse_gguf
     from ..edit import load_edit
     from ..models import load_model
 
     edits = [load_edit(p) for p in args.edit]
     single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
     check_not_input(Path(args.output), [args.model, *args.edit, args.config])
+    refuse_gguf(args.model)
     if single:
         with disk_full_reported(args.output, lambda: os.path.getsize(args.model)):  # the output is the input's size
-            out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
+            out, rounding = applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
         concepts = ", ".join(c for e in edits for c in e.concepts)
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
+        report_float8(rounding, args.model, args.edit)
         return 0
     base = load_model(args.model, "cpu", config=args.config)
     out = write_applied_pipeline(
@@ -128,6 +130,22 @@ def cmd_apply(args) -> int:
     )
     print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
     return 0
+
+
+FLOAT8_LIMIT = 0.10  # the share of the edit's change that the float8 cast may add before rece points to a LoRA
+
+
+def report_float8(rounding: dict, model: str, edits: list[str]) -> None:
+    """How much of the edit the float8 cast rounded away (the worst layer), and the LoRA route when it is over 10 %."""
+    if not rounding:
+        return
+    name, (dtype, worst) = max(rounding.items(), key=lambda item: item[1][1])
+    print(f"float8: written back as {dtype}, the cast adds {worst:.1%} of the edit's own change (worst layer: {name})")
+    if worst > FLOAT8_LIMIT:
+        print(
+            f"note: over {FLOAT8_LIMIT:.0%} of the edit is lost to float8 rounding; ComfyUI applies a LoRA in higher "
+            f"precision: rece lora {model} {edits[0]} --format diff -o erased-diff.safetensors"
+        )
 
 
 def cmd_info(args) -> int:
