@@ -176,10 +176,10 @@ def flux_transformer(clip_width: int, t5_width: int, seed: int, dev: bool = True
 FLUX_EDITED = {"context_embedder": "txt_in.weight", "time_text_embed.text_embedder.linear_1": "vector_in.in_layer.weight"}
 
 
-def flux_encoders(root: Path):
+def flux_encoders(root: Path, clip_width: int = 64, t5_width: int = 128):
     tok = clip_tokenizers(root / "tok", {"tokenizer": "<|endoftext|>"})[0]
     t5_tok = save_t5_tokenizer(root / "tok" / "tokenizer_2", DEFAULT_WORDS)
-    return clip(tok, 64, 2, seed=11), t5(t5_tok, 128, seed=12)
+    return clip(tok, clip_width, 2, seed=11), t5(t5_tok, t5_width, seed=12)
 
 
 def flux_split(root: Path, dev: bool = True) -> Built:
@@ -238,3 +238,53 @@ def sd35(root: Path, t5_inside: bool = True) -> Built:
     split = {"t5xxl": save(state(t5xxl), root / "t5xxl_fp16.safetensors", torch.float16)}
     path = save(tensors, root / "sd3.5_large.safetensors", torch.float16)
     return Built(path, root / "tok", [clip_l, clip_g, t5xxl], split=split, edited=edited)
+
+
+def k_quant_rows(rows: int, cols: int, qtype, seed: int):
+    """Raw K-quant blocks (256 values each): random scales and quants under a small fp16 d and dmin, as a converter
+    would write them (gguf's Python package quantises no K types)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    data = np.random.default_rng(seed).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    data[..., :4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # d, dmin
+    return data.reshape(rows, -1)
+
+
+def write_gguf(path: Path, tensors: dict[str, torch.Tensor], qtypes: dict[str, str], arch: str = "flux") -> Path:
+    """A GGUF file as ComfyUI-GGUF's converter writes one: `general.architecture`, the denoiser's own names, each
+    tensor in its type (F32 by default; Q8_0 / BF16 quantised by gguf, K types as raw blocks)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, tensor in tensors.items():
+        qtype = gguf.GGMLQuantizationType[qtypes.get(name, "F32")]
+        values = tensor.float().numpy()
+        if qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q5_K):
+            writer.add_tensor(name, k_quant_rows(*values.shape, qtype, seed=len(name)), raw_dtype=qtype)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, values.astype(np.float16))
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def flux_gguf(root: Path, qtypes: dict[str, str]) -> Built:
+    """ComfyUI-GGUF's flux1-dev-Q*.gguf (the transformer alone, BFL's names) with split clip_l / t5xxl files."""
+    clip_l, t5xxl = flux_encoders(root, 256, 256)
+    rounded(clip_l, torch.float16), rounded(t5xxl, torch.float16)
+    clip_keys = {"text_model." + k.removeprefix("text_model."): v for k, v in state(clip_l).items()}
+    split = {
+        "clip_l": save(clip_keys, root / "clip_l.safetensors", torch.float16),
+        "t5xxl": save(state(t5xxl), root / "t5xxl_fp16.safetensors", torch.float16),
+    }
+    path = write_gguf(root / "flux1-dev-Q.gguf", flux_transformer(256, 256, seed=40), qtypes)
+    return Built(path, root / "tok", [clip_l, t5xxl], split=split, edited=dict(FLUX_EDITED))
