@@ -84,15 +84,16 @@ class BaseModel:
 
 
 def load_model(
-    model, device: str | torch.device = "cpu", config: str | None = None, text_encoders: Sequence[str] = ()
+    model, device: str | torch.device = "cpu", config: str | None = None, text_encoders: Sequence[str] = (), text: bool = True
 ) -> BaseModel:
     """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit` or
-    `tiny`); `text_encoders`: split text encoder files that go with a single-file checkpoint."""
+    `tiny`); `text_encoders`: split text encoder files that go with a single-file checkpoint; `text=False`: a single
+    file's edited weights alone (a LoRA needs no text encoder: `encoder` is then None)."""
     source = resolve_model(model)
     if text_encoders and source.kind != "single-file":
         raise ReceError(f"--text-encoder goes with a single-file checkpoint; '{source.name}' brings its own text encoders")
     if source.kind == "single-file" and source.path.suffix in (".safetensors", ".gguf"):
-        return from_checkpoint(source.path, device, config=config, text_encoders=text_encoders)
+        return from_checkpoint(source.path, device, config=config, text_encoders=text_encoders, text=text)
     if source.kind == "pipeline":
         return from_pipeline(model, source=source.name)
     if source.kind == "single-file":
@@ -190,16 +191,21 @@ def from_pipeline(pipe, source: str = "pipeline", sequence_length: int | None = 
     return _assemble(family, tokenizers, encoders, encoders[0].device, projection, kv, source, pipeline=pipe)
 
 
-def from_checkpoint(path: Path, device="cpu", config: str | None = None, text_encoders: Sequence[str] = ()) -> BaseModel:
+def from_checkpoint(
+    path: Path, device="cpu", config: str | None = None, text_encoders: Sequence[str] = (), text: bool = True
+) -> BaseModel:
     """Read a single-file checkpoint without diffusers: the edited layers' and the text encoders' tensors from the file
     (and the split `text_encoders` files), the tokenizers from `config`'s tokenizer folders or the family's hub
-    repository (`rece.single_file`)."""
+    repository (`rece.single_file`); `text=False`: the edited layers alone."""
     from .single_file import checkpoint_family, checkpoint_kv, missing_parts, model_encoders, read_checkpoint_header, text_parts
 
     header = read_checkpoint_header(path)
     kv, _ = checkpoint_kv(path, header)
     family = checkpoint_family(path, header)
     check_finite(kv, str(path))
+    if not text:
+        settings = family.checkpoint_config(header)
+        return BaseModel(family=family, encoder=None, kv=kv, source=str(path), denoiser_config=settings)
     found = model_encoders(path, header, text_encoders)
     tokenizers, encoders = text_parts(family, found, config, str(path), device)
     try:

@@ -181,9 +181,9 @@ def cmd_lora(args) -> int:
     from ..lora import read_lora_record
     from ..models import load_model
 
-    check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config, *args.text_encoder])
+    check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config])
     edit = load_edit(args.edit)
-    base = load_model(args.model, "cpu", config=args.config, text_encoders=args.text_encoder)
+    base = load_model(args.model, "cpu", config=args.config, text=False)  # a LoRA reads the edited weights alone
     edit.to_lora(
         base,
         args.output,
@@ -279,6 +279,5 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--config", default=None, help="tokenizers (and configs) for a single-file checkpoint")
-    add_text_encoder_argument(p)
+    p.add_argument("--config", default=None, help="configs for a .ckpt checkpoint")
     p.set_defaults(func=cmd_lora)
