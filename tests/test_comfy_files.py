@@ -71,12 +71,30 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_all_in_one_files_read_with_tokenizers_only(case, tmp_path):
-    """--config DIR holding only tokenizer folders: everything else comes from the checkpoint."""
+def test_all_in_one_files_read_with_tokenizers_only(case, tmp_path, capsys):
+    """--config DIR holding only tokenizer folders: everything else comes from the checkpoint; `rece erase` and
+    `rece apply` from the command line, the written file byte for byte the input's but the edited tensors."""
     build, family = CASES[case]
     built = build(tmp_path)
-    assert sorted(p.name for p in built.tokenizers.iterdir())[0].startswith("tokenizer")
+    assert all(p.name.startswith("tokenizer") for p in built.tokenizers.iterdir())
     assert_reads(load_model(built.path, config=str(built.tokenizers)), family, built)
+    edit, out = tmp_path / "edit.safetensors", tmp_path / "erased.safetensors"
+    argv = ["erase", str(built.path), "-c", "cat", "--preset", "nudity", "--config", str(built.tokenizers), "-o", str(edit)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(["apply", str(built.path), str(edit), "-o", str(out)]) == 0, capsys.readouterr().err
+    before, after = ck.read_header(built.path), ck.read_header(out)
+    assert [(k, v) for k, v in before[0].items() if k != "__metadata__"] == [
+        (k, v) for k, v in after[0].items() if k != "__metadata__"
+    ]
+    data = [f.read_bytes()[start:] for f, start in ((built.path, before[1]), (out, after[1]))]
+    edited = sorted(tuple(before[0][k]["data_offsets"]) for k in built.edited.values())
+    untouched, position = [], 0
+    for begin, end in edited:
+        untouched.append((position, begin))
+        position = end
+    untouched.append((position, len(data[0])))
+    assert len(data[0]) == len(data[1]) and all(data[0][a:b] == data[1][a:b] for a, b in untouched)
+    assert all(data[0][a:b] != data[1][a:b] for a, b in edited)
 
 
 def test_split_flux_files_are_recognised_by_their_contents(tmp_path):

@@ -154,8 +154,8 @@ def tokenizer_root(family: Family, slots: Sequence[str], parts: Sequence[int], c
         repo = family.tokenizer_repo(slots)
         try:
             root = snapshot(repo, [f"{s}/*" for s in subs])
-        except ReceError:
-            state = "the hub is offline (HF_HUB_OFFLINE)" if hub_offline() else "it could not be fetched"
+        except ReceError as exc:  # offline, gated (SD3.5, FLUX.1 [dev] need the licence accepted), no connection
+            state = "the hub is offline (HF_HUB_OFFLINE)" if hub_offline() else f"fetching failed: {str(exc).split(';')[0]}"
             raise ReceError(
                 f"'{source}' needs the {family.title} tokenizers ({', '.join(s + '/' for s in subs)} of {repo}), which are "
                 f"not cached and {state}; pass a folder holding them with --config DIR"
