@@ -155,7 +155,8 @@ def check_unscaled(encoder_or_keys, source: str) -> None:
 
 
 def read_tensors(encoder: FoundEncoder, wanted: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """The encoder's tensors by transformers' name (those in `wanted`, else all), as stored; float8 upcast to float32."""
+    """The encoder's tensors by transformers' name (those in `wanted`, else all), as stored; float8 upcast to bfloat16
+    (which the encoders compute from in float32, as they do from half-precision files)."""
     from safetensors import SafetensorError, safe_open
 
     out = {}
@@ -173,7 +174,7 @@ def read_tensors(encoder: FoundEncoder, wanted: set[str] | None = None) -> dict[
                     tensor = f.get_tensor(key)
                     tensor = tensor.T if how == "T" else tensor
                 if tensor.dtype in (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"]):
-                    tensor = tensor.float()
+                    tensor = tensor.to(torch.bfloat16)  # exact (bfloat16 holds every float8 value), half float32's memory
                 out[name] = tensor.contiguous()
     except (SafetensorError, OSError) as exc:
         raise ReceError(f"cannot read the text encoder in '{encoder.path}' ({exc}); the file is corrupt or incomplete") from None
