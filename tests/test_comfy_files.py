@@ -101,6 +101,11 @@ def test_split_flux_files_are_recognised_by_their_contents(tmp_path):
     built = cf.flux_split(tmp_path)
     files = [str(built.split["t5xxl"]), str(built.split["clip_l"])]  # any order
     assert_reads(load_model(built.path, config=str(built.tokenizers), text_encoders=files), FLUX, built)
+    # a T5 file whose token table is stored once, as encoder.embed_tokens (transformers ties it to shared)
+    t5 = load_file(built.split["t5xxl"])
+    t5["encoder.embed_tokens.weight"] = t5.pop("shared.weight")
+    files[0] = str(cf.save(t5, tmp_path / "t5xxl_embed_tokens.safetensors"))
+    assert_reads(load_model(built.path, config=str(built.tokenizers), text_encoders=files), FLUX, built)
     schnell = cf.flux_split(tmp_path / "schnell", dev=False)  # no guidance_in: FLUX.1 [schnell]
     base = load_model(schnell.path, config=str(schnell.tokenizers), text_encoders=list(map(str, schnell.split.values())))
     assert base.family is FLUX_SCHNELL

@@ -91,8 +91,13 @@ class FoundEncoder:
 
 
 def _transformers_names(header: dict, prefix: str) -> dict[str, tuple[str, str]]:
-    """transformers' names of the tensors under `prefix` (`text_model.` dropped: ClipText reads names without it)."""
-    return {k[len(prefix) :].removeprefix("text_model."): (k, "") for k in header if k.startswith(prefix) and k != "__metadata__"}
+    """transformers' names of the tensors under `prefix` (`text_model.` dropped: ClipText reads names without it; a T5
+    token table stored only as `encoder.embed_tokens`, which transformers ties to `shared`, read as `shared` too)."""
+    keys = [k for k in header if k.startswith(prefix) and k != "__metadata__"]
+    names = {k[len(prefix) :].removeprefix("text_model."): (k, "") for k in keys}
+    if "shared.weight" not in names and "encoder.embed_tokens.weight" in names:
+        names["shared.weight"] = names["encoder.embed_tokens.weight"]
+    return names
 
 
 def _open_clip_names(header: dict, prefix: str) -> dict[str, tuple[str, str]]:
