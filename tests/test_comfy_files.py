@@ -186,7 +186,7 @@ BAD = {
     "same encoder twice": "two CLIP-L text encoders",
     "truncated": "is truncated",
     "scaled fp8": "is a scaled fp8 file",
-    "wrong width": "the edited layers read 128",
+    "wrong width": "text embeddings are 64-wide but the edited layers read 128: the text encoders (CLIP-L",
 }
 
 

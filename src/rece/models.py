@@ -210,12 +210,12 @@ def from_checkpoint(
     tokenizers, encoders = text_parts(family, found, config, str(path), device)
     try:
         base = _assemble(family, tokenizers, encoders, device, None, kv, str(path))
-    except ReceError as exc:
-        absent = missing_parts(family, found)
-        if not absent:
-            raise
-        first = str(exc).split(";")[0]
-        raise ReceError(f"{first}: '{path}' has no {absent} text encoder; pass it with --text-encoder FILE") from None
+    except ReceError as exc:  # widths that do not add up: an encoder missing, or one of another model
+        absent, first = missing_parts(family, found), str(exc).split(";")[0]
+        if absent:
+            raise ReceError(f"{first}: '{path}' has no {absent} text encoder; pass it with --text-encoder FILE") from None
+        given = ", ".join(e.describe() for e in found)
+        raise ReceError(f"{first}: the text encoders ({given}) are not this model's; pass the ones made for it") from None
     base.denoiser_config = family.checkpoint_config(header)
     return base
 
