@@ -428,8 +428,13 @@ def test_allow_other_base_stays_within_the_family(sd_path, edit_path, tmp_path, 
     assert not (tmp_path / "out").exists() and not (tmp_path / "l").exists()
 
 
-def test_an_sdxl_refiner_single_file_is_refused_by_name(sdxl_path, edit_path, tmp_path, capsys):
+def test_an_sdxl_refiner_single_file_is_refused_by_name_where_a_pipeline_is_built(sdxl_path, tmp_path):
+    """diffusers builds no SDXL pipeline from a refiner's single file: the pipeline route (generate, apply to a
+    folder) names it; erasing reads it without a pipeline (tests/test_comfy_files.py)."""
     from safetensors.torch import save_file
+
+    from rece.errors import ReceError
+    from rece.pipelines import load_single_file_pipeline
 
     from .ldm_checkpoint import SGM_CLIP_PREFIX, sgm_state_dict
 
@@ -437,12 +442,9 @@ def test_an_sdxl_refiner_single_file_is_refused_by_name(sdxl_path, edit_path, tm
     refiner = {k.replace("embedders.1.", "embedders.0."): v for k, v in state.items() if not k.startswith(SGM_CLIP_PREFIX)}
     path = tmp_path / "refiner.safetensors"
     save_file({k: v.contiguous() for k, v in refiner.items()}, str(path))
-    for argv in (
-        ["erase", path, "-c", "cat", "--config", sdxl_path, "-o", tmp_path / "e"],
-        ["apply", path, edit_path, "-o", tmp_path / "o.safetensors"],
-    ):
-        err = refused(capsys, *argv)
-        assert f"'{path}' is an SDXL refiner checkpoint" in err and "refiner's diffusers folder" in err
+    with pytest.raises(ReceError) as info:
+        load_single_file_pipeline(path, str(sdxl_path))
+    assert f"'{path}' is an SDXL refiner checkpoint" in str(info.value) and "refiner's diffusers folder" in str(info.value)
 
 
 def test_edits_made_from_the_previous_result_apply_in_order(sd_path, edit_path, tmp_path, capsys):

@@ -14,6 +14,7 @@ from .families import family_of_pipeline
 from .hub import snapshot
 from .io import atomic_dir, disk_full_reported, folder_bytes, is_disk_full
 from .models import BaseModel, load_model
+from .pipelines import load_pipeline
 from .weights import component_weight_files, kv_fingerprint, load_pickled_weights
 
 APPLIED = "_rece_applied"  # the stack of (edit id, original weights) kept on the denoiser of a pipeline
@@ -108,13 +109,18 @@ def copy_error(exc: shutil.Error, folder: Path) -> ReceError:
 
 
 def write_applied_pipeline(
-    model, edits: Sequence, out_dir: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
+    model,
+    edits: Sequence,
+    out_dir: str | os.PathLike,
+    allow_other_base: bool = False,
+    overwrite: bool = False,
+    config: str | None = None,
 ) -> Path:
     """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
     base = model if isinstance(model, BaseModel) else load_model(model)
     new = composed_weights(edits, base.kv, allow_other_base, base.source, base.family)
-    if base.folder is None:  # a pipeline in memory, e.g. from a single-file checkpoint
-        pipe = base.pipeline
+    if base.folder is None:  # a pipeline in memory, or a single-file checkpoint (built through diffusers)
+        pipe = base.pipeline if base.pipeline is not None else load_pipeline(base.source, config)
         with disk_full_reported(out_dir, lambda: pipeline_bytes(pipe)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
             applied = []
             try:

@@ -20,43 +20,11 @@ import torch
 from .apply import composed_weights
 from .edit_file import METADATA_KEY
 from .errors import ReceError
-from .families import family_of_checkpoint, titles_where
 from .io import atomic_file, check_output_path
+from .safetensors_header import DTYPES, FLOAT8, encoded_header, read_header
+from .single_file import checkpoint_family, checkpoint_kv
 
 BLOCK = 16 * 2**20  # bytes copied at a time
-DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a safetensors file (tensor entries in file order, `__metadata__` if any) and where its
-    data begins."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ReceError(f"'{path}' is not a safetensors file (it is shorter than a header); pass a .safetensors checkpoint")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 2**20 or length > os.path.getsize(path):
-            raise ReceError(f"'{path}' is not a safetensors file (its header length is {length}); pass a .safetensors checkpoint")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
-        raise ReceError(f"'{path}' has a damaged safetensors header; re-download the checkpoint") from None
-    if 8 + length + end > os.path.getsize(path):
-        raise ReceError(
-            f"'{path}' is truncated: its header describes {8 + length + end} bytes, the file has {os.path.getsize(path)}; "
-            "re-download the checkpoint"
-        )
-    return header, 8 + length
-
-
-def encoded_header(header: dict) -> bytes:
-    """A header as safetensors stores it: compact JSON padded with spaces to a multiple of 8 bytes."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
 
 
 def tensor_bytes(tensor: torch.Tensor, entry: dict, key: str) -> bytes:
@@ -107,43 +75,57 @@ def write_replaced(src: Path, out: Path, replacements: dict[str, torch.Tensor], 
     return out
 
 
-def checkpoint_kv(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The edited layers' weights of a single-file checkpoint, by diffusers module name (float32, as rece reads the
-    checkpoint through diffusers), and each one's key in the file; only those tensors are read."""
-    from safetensors import safe_open
-
-    header, _ = read_header(path)
-    family = family_of_checkpoint(path)
-    if not family.has_single_files():
-        families = titles_where("has_single_files")
-        raise ReceError(f"rece rewrites single-file checkpoints of {families} only; '{path}' is {family.title}")
-    keys = family.original_keys(header)
-    if not keys:
-        raise ReceError(f"'{path}' lacks the {family.edited_title} layers of a {family.title} checkpoint; it is not one")
-    with safe_open(str(path), framework="pt") as f:
-        kv = {n: f.get_tensor(k).to(torch.float32) for n, k in sorted(keys.items())}
-    return kv, keys
-
-
 def write_applied_checkpoint(
     model: str | os.PathLike, edits: Sequence, out: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
 ) -> Path:
     """Write the single-file checkpoint `model` with `edits` applied in order to `out` (same keys, dtypes, shapes
     and order; only the edited tensors differ; rece's edits and base fingerprint added to the metadata)."""
+    return applied_checkpoint(model, edits, out, allow_other_base, overwrite)[0]
+
+
+def applied_checkpoint(
+    model: str | os.PathLike, edits: Sequence, out: str | os.PathLike, allow_other_base: bool = False, overwrite: bool = False
+) -> tuple[Path, dict[str, tuple[str, float]]]:
+    """`write_applied_checkpoint`, and the rounding of each edited layer stored in float8 (`float8_rounding`)."""
     from .weights import kv_fingerprint
 
     src, out = Path(model), Path(out)
+    refuse_gguf(src)
     if src.is_dir() or src.suffix != ".safetensors":
         raise ReceError(
             f"'{model}' is not a .safetensors checkpoint: diffusers ships no conversion from a folder to one file; "
             "pass the original checkpoint as MODEL, or write a folder (-o DIR)"
         )
     check_output_path(out, overwrite=overwrite, inputs=[src])
-    kv, keys = checkpoint_kv(src)
+    header, _ = read_header(src)
+    kv, keys = checkpoint_kv(src, header)
     fingerprint = kv_fingerprint(kv)
-    new = composed_weights(edits, kv, allow_other_base, str(src), family_of_checkpoint(src))
+    new = composed_weights(edits, kv, allow_other_base, str(src), checkpoint_family(src, header))
     record = {
         "base_fingerprint": fingerprint,
         "edits": [{"id": e.edit_id(), "method": e.method, "concepts": e.concepts} for e in edits],
     }
-    return write_replaced(src, out, {keys[n]: w for n, w in new.items()}, {METADATA_KEY: json.dumps(record)})
+    written = write_replaced(src, out, {keys[n]: w for n, w in new.items()}, {METADATA_KEY: json.dumps(record)})
+    return written, float8_rounding(header, keys, kv, new)
+
+
+def refuse_gguf(model: str | os.PathLike) -> None:
+    """rece does not rewrite GGUF files: one line pointing to the LoRA, which ComfyUI-GGUF applies."""
+    if Path(model).suffix == ".gguf":
+        raise ReceError(
+            f"'{model}' is a GGUF file, whose quantised tensors rece does not rewrite; export the edit instead "
+            f"(rece lora {model} EDIT --format diff -o erased.safetensors) and load it with ComfyUI-GGUF's LoRA loader"
+        )
+
+
+def float8_rounding(header: dict, keys: dict[str, str], kv: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict:
+    """For each edited layer a float8 file stores: its dtype, and the error the cast to it adds to the edit, relative
+    to the edit's own change (‖fp8(W′) − W′‖ / ‖W′ − W‖, W the stored weights read exactly, W′ the edited ones)."""
+    out = {}
+    for name, w in new.items():
+        dtype = header[keys[name]]["dtype"]
+        if dtype in FLOAT8:
+            change = (w.double() - kv[name].double()).norm()
+            error = (w.to(DTYPES[dtype]).double() - w.double()).norm()
+            out[name] = (dtype, float(error / change) if change > 0 else 0.0)
+    return out

@@ -84,7 +84,9 @@ def kohya_modules(family, layers: list[str], denoiser_config: dict) -> dict[str,
 
 
 def denoiser_config(base) -> dict:
-    """The config of a base model's denoiser, from the pipeline or the folder."""
+    """The config of a base model's denoiser, from the pipeline, the folder or what its single file says."""
+    if base.denoiser_config is not None:
+        return dict(base.denoiser_config)
     if base.pipeline is not None:
         return dict(getattr(base.pipeline, base.family.denoiser).config)
     path = base.folder / base.family.denoiser / "config.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class BaseModel:
     pipeline: object | None = field(default=None, repr=False)
     spaces: list[BaseModel] = field(default_factory=list, repr=False)  # one view per space of a multi-space family
     edits: list[dict] = field(default_factory=list)  # edit files applied before erasing from it (`--base-edit`)
+    denoiser_config: dict | None = None  # what a single file says of its denoiser (read without a pipeline)
     _fingerprint: str | None = field(default=None, repr=False)
     _gram: torch.Tensor | None = field(default=None, repr=False)
 
@@ -81,9 +83,17 @@ class BaseModel:
         return self._gram
 
 
-def load_model(model, device: str | torch.device = "cpu", config: str | None = None) -> BaseModel:
-    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit` or `tiny`)."""
+def load_model(
+    model, device: str | torch.device = "cpu", config: str | None = None, text_encoders: Sequence[str] = (), text: bool = True
+) -> BaseModel:
+    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit` or
+    `tiny`); `text_encoders`: split text encoder files that go with a single-file checkpoint; `text=False`: a single
+    file's edited weights alone (a LoRA needs no text encoder: `encoder` is then None)."""
     source = resolve_model(model)
+    if text_encoders and source.kind != "single-file":
+        raise ReceError(f"--text-encoder goes with a single-file checkpoint; '{source.name}' brings its own text encoders")
+    if source.kind == "single-file" and source.path.suffix in (".safetensors", ".gguf"):
+        return from_checkpoint(source.path, device, config=config, text_encoders=text_encoders, text=text)
     if source.kind == "pipeline":
         return from_pipeline(model, source=source.name)
     if source.kind == "single-file":
@@ -179,6 +189,35 @@ def from_pipeline(pipe, source: str = "pipeline", sequence_length: int | None = 
         modules = [copy.deepcopy(getattr(getattr(pipe, family.denoiser), m)) for m in family.text_modules]
         projection = torch.nn.Sequential(*modules).float().eval()
     return _assemble(family, tokenizers, encoders, encoders[0].device, projection, kv, source, pipeline=pipe)
+
+
+def from_checkpoint(
+    path: Path, device="cpu", config: str | None = None, text_encoders: Sequence[str] = (), text: bool = True
+) -> BaseModel:
+    """Read a single-file checkpoint without diffusers: the edited layers' and the text encoders' tensors from the file
+    (and the split `text_encoders` files), the tokenizers from `config`'s tokenizer folders or the family's hub
+    repository (`rece.single_file`); `text=False`: the edited layers alone."""
+    from .single_file import checkpoint_family, checkpoint_kv, missing_parts, model_encoders, read_checkpoint_header, text_parts
+
+    header = read_checkpoint_header(path)
+    kv, _ = checkpoint_kv(path, header)
+    family = checkpoint_family(path, header)
+    check_finite(kv, str(path))
+    if not text:
+        settings = family.checkpoint_config(header)
+        return BaseModel(family=family, encoder=None, kv=kv, source=str(path), denoiser_config=settings)
+    found = model_encoders(path, header, text_encoders)
+    tokenizers, encoders = text_parts(family, found, config, str(path), device)
+    try:
+        base = _assemble(family, tokenizers, encoders, device, None, kv, str(path))
+    except ReceError as exc:  # widths that do not add up: an encoder missing, or one of another model
+        absent, first = missing_parts(family, found), str(exc).split(";")[0]
+        if absent:
+            raise ReceError(f"{first}: '{path}' has no {absent} text encoder; pass it with --text-encoder FILE") from None
+        given = ", ".join(e.describe() for e in found)
+        raise ReceError(f"{first}: the text encoders ({given}) are not this model's; pass the ones made for it") from None
+    base.denoiser_config = family.checkpoint_config(header)
+    return base
 
 
 def from_single_file(path: Path, device="cpu", config: str | None = None) -> BaseModel:

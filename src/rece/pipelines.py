@@ -9,7 +9,7 @@ import torch
 
 from .console import quiet_loading
 from .errors import ReceError
-from .families import FAMILIES, family_of_checkpoint, family_of_index, family_of_pipeline
+from .families import FAMILIES, family_of_checkpoint, family_of_index, family_of_pipeline, is_refiner_checkpoint
 from .hub import first_line, snapshot
 from .sources import check_components, model_path_record, read_model_index, resolve_model
 from .weights import kv_fingerprint
@@ -35,6 +35,7 @@ def load_single_file_pipeline(path: Path, config: str | None = None):
     """
     import diffusers
 
+    refuse_refiner(path)
     try:
         family = family_of_checkpoint(path)
         kwargs = {"config": str(config)} if config else {}
@@ -50,6 +51,15 @@ def load_single_file_pipeline(path: Path, config: str | None = None):
             else "offline, pass --config with a local diffusers folder of the same architecture"
         )
         raise ReceError(f"cannot load checkpoint '{path}' ({first_line(exc)}); {hint}") from None
+
+
+def refuse_refiner(path: Path) -> None:
+    """diffusers' StableDiffusionXLPipeline cannot be built from a refiner's single file (it has no CLIP-L)."""
+    if is_refiner_checkpoint(path):
+        raise ReceError(
+            f"'{path}' is an SDXL refiner checkpoint, which rece does not build a pipeline from as one file; pass the "
+            "refiner's diffusers folder (stabilityai/stable-diffusion-xl-refiner-1.0, or a local copy) as MODEL"
+        )
 
 
 def load_pipeline(model, config: str | None = None):

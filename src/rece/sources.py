@@ -13,7 +13,7 @@ from .errors import ReceError
 from .hub import is_hub_id
 from .toy import door
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 NAMED_MODELS = (*door.MODELS, "tiny")
 
 

@@ -81,12 +81,26 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     The casts are exact, so the outputs equal those of the float32 model from_pretrained builds, bit for bit.
     """
     from safetensors import SafetensorError, safe_open
-    from torch.nn.utils import parametrize
 
     files = safetensors_files(folder, "model.fp16" if variant else "model")
     if not files:
         return None
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
+    stored: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                stored.update({key: f.get_tensor(key) for key in f.keys()})
+    except (SafetensorError, OSError) as exc:
+        raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
+    return mapped_model(cls, config, stored)
+
+
+def mapped_model(cls, config, stored: dict[str, torch.Tensor]):
+    """A transformers text encoder of `config` computing in float32 on the `stored` tensors (by checkpoint name) as
+    they are, half-precision Linear weights cast where used; None when they do not fill the model."""
+    from torch.nn.utils import parametrize
+
     with _parameters_on_meta():
         model = cls(config)
         table = model.get_input_embeddings()
@@ -103,16 +117,10 @@ def mapped_text_encoder(folder: Path, cls, variant: str | None):
     kept = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, torch.nn.Linear)}
     kept |= {f"{n}.weight" for n in table_names}
     state: dict[str, torch.Tensor] = {}
-    try:
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    name = _model_key(key, wanted)
-                    if name is not None:
-                        tensor = f.get_tensor(key)
-                        state[name] = tensor if name in kept or not tensor.is_floating_point() else tensor.float()
-    except (SafetensorError, OSError) as exc:
-        raise ReceError(f"cannot read text encoder weights in '{folder}' ({exc}); the file is corrupt or incomplete") from None
+    for key, tensor in stored.items():
+        name = _model_key(key, wanted)
+        if name is not None:
+            state[name] = tensor if name in kept or not tensor.is_floating_point() else tensor.float()
     buffers = {n for n, _ in model.named_buffers()}
     if wanted - buffers - set(state) - _tied_names(model, set(state)):
         return None

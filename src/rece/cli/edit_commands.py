@@ -14,6 +14,15 @@ from ..io import check_not_input, check_output_path, disk_full_reported, read_pr
 from ..options import add_options, finite_float, option_values
 
 MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit' or 'tiny'"
+TEXT_ENCODER_HELP = (
+    "a text encoder file that goes with a single-file MODEL that lacks it (ComfyUI's models/text_encoders: clip_l, "
+    "clip_g, t5xxl; repeatable, recognised by its contents)"
+)
+
+
+def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
+    """--text-encoder FILE, repeatable."""
+    p.add_argument("--text-encoder", action="append", default=[], metavar="FILE", help=TEXT_ENCODER_HELP)
 
 
 def add_erase_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +36,12 @@ def add_erase_arguments(p: argparse.ArgumentParser) -> None:
         help="file of held-out texts (e.g. the concepts' neighbours) whose K/V change is reported in the edit, not preserved",
     )
     p.add_argument("--device", default="cpu", help="torch device for text encoding and the math (cpu, cuda, cuda:1)")
-    p.add_argument("--config", default=None, help="diffusers folder or hub id with the configs of a single-file checkpoint")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="folder or hub id with a single-file checkpoint's tokenizer folders (tokenizer/, tokenizer_2/, ...; default: "
+        "the family's reference hub repository, cached)",
+    )
 
 
 def erase_config(args: argparse.Namespace, recipe: dict | None = None) -> EraseConfig:
@@ -61,12 +75,13 @@ def cmd_erase(args) -> int:
     from ..pipelines import resolve_device
 
     config = erase_config(args)
-    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit]
+    inputs = [args.model, args.concept_prompts, args.preserve_prompts, args.check_prompts, args.config, *args.base_edit,
+              *args.text_encoder]  # fmt: skip
     check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)
     device = resolve_device(args.device)
     imports = waited()  # Python's start and the imports: the process start (or main()'s call) to here
     start = time.perf_counter()
-    base = edited_base(load_model(args.model, device, config=args.config), args.base_edit)
+    base = edited_base(load_model(args.model, device, config=args.config, text_encoders=args.text_encoder), args.base_edit)
     loaded = time.perf_counter()
     edit = erase(base, config=config, progress=False if args.json or args.quiet else None)
     erased = time.perf_counter()
@@ -95,23 +110,43 @@ def cmd_erase(args) -> int:
 
 def cmd_apply(args) -> int:
     from ..apply import write_applied_pipeline
-    from ..checkpoint import write_applied_checkpoint
+    from ..checkpoint import applied_checkpoint, refuse_gguf
     from ..edit import load_edit
     from ..models import load_model
 
     edits = [load_edit(p) for p in args.edit]
     single = args.format == "single-file" or (args.format is None and str(args.output).endswith(".safetensors"))
     check_not_input(Path(args.output), [args.model, *args.edit, args.config])
+    refuse_gguf(args.model)
     if single:
         with disk_full_reported(args.output, lambda: os.path.getsize(args.model)):  # the output is the input's size
-            out = write_applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
+            out, rounding = applied_checkpoint(args.model, edits, args.output, args.allow_other_base, args.overwrite)
         concepts = ", ".join(c for e in edits for c in e.concepts)
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
+        report_float8(rounding, args.model, args.edit)
         return 0
     base = load_model(args.model, "cpu", config=args.config)
-    out = write_applied_pipeline(base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite)
+    out = write_applied_pipeline(
+        base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite, config=args.config
+    )
     print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
     return 0
+
+
+FLOAT8_LIMIT = 0.10  # the share of the edit's change that the float8 cast may add before rece points to a LoRA
+
+
+def report_float8(rounding: dict, model: str, edits: list[str]) -> None:
+    """How much of the edit the float8 cast rounded away (the worst layer), and the LoRA route when it is over 10 %."""
+    if not rounding:
+        return
+    name, (dtype, worst) = max(rounding.items(), key=lambda item: item[1][1])
+    print(f"float8: written back as {dtype}, the cast adds {worst:.1%} of the edit's own change (worst layer: {name})")
+    if worst > FLOAT8_LIMIT:
+        print(
+            f"note: over {FLOAT8_LIMIT:.0%} of the edit is lost to float8 rounding; ComfyUI applies a LoRA in higher "
+            f"precision: rece lora {model} {edits[0]} --format diff -o erased-diff.safetensors"
+        )
 
 
 def cmd_info(args) -> int:
@@ -149,7 +184,7 @@ def cmd_lora(args) -> int:
 
     check_output_path(args.output, overwrite=args.overwrite, inputs=[args.model, args.edit, args.config])
     edit = load_edit(args.edit)
-    base = load_model(args.model, "cpu", config=args.config)
+    base = load_model(args.model, "cpu", config=args.config, text=False)  # a LoRA reads the edited weights alone
     edit.to_lora(
         base,
         args.output,
@@ -188,6 +223,7 @@ def add_parsers(sub) -> None:
     """The parsers of erase, apply, info and lora."""
     p = sub.add_parser("erase", help="erase concepts and write an edit file")
     add_erase_arguments(p)
+    add_text_encoder_argument(p)
     p.add_argument(
         "--base-edit",
         action="append",
@@ -244,5 +280,5 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--allow-other-base", action="store_true", help="export even if the model is not the edit's base")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.add_argument("--config", default=None, help="configs for a .ckpt checkpoint")
     p.set_defaults(func=cmd_lora)

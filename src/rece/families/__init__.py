@@ -23,7 +23,8 @@ VARIANTS: tuple[Family, ...] = (FLUX_SCHNELL,)  # told apart from their pipeline
 SHOWN: tuple[Family, ...] = (SD, SDXL, PIXART_ALPHA, PIXART_SIGMA, SANA, FLUX, SD3)  # the order messages list them in
 
 __all__ = [
-    "FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_pipeline", "titles", "tokenize",
+    "FAMILIES", "Family", "family_named", "family_of_checkpoint", "family_of_index", "family_of_keys", "family_of_pipeline",
+    "titles", "tokenize",
 ]  # fmt: skip
 
 
@@ -72,19 +73,33 @@ def family_of_pipeline(pipe) -> Family:
 
 
 def family_of_checkpoint(path: Path) -> Family:
-    """The family of an original-format single-file checkpoint, by a key part only that family's files have (SD
-    otherwise); the part may follow a prefix (ComfyUI saves FLUX under model.diffusion_model.)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    """The family of an original-format single-file checkpoint (`family_of_keys` of its tensor names)."""
+    if path.suffix != ".safetensors":
+        return SD
+    from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-        for family in FAMILIES:
-            if family.checkpoint_marker and any(family.checkpoint_marker in k for k in keys):
-                return family
-        if any(k.startswith(REFINER_MARKER) for k in keys):
-            raise ReceError(
-                f"'{path}' is an SDXL refiner checkpoint, which rece does not read as one file; pass the refiner's "
-                "diffusers folder (stabilityai/stable-diffusion-xl-refiner-1.0, or a local copy) as MODEL"
-            )
+    with safe_open(path, framework="pt") as f:
+        return family_of_keys(list(f.keys()))
+
+
+def family_of_keys(keys: Iterable[str]) -> Family:
+    """The family of a single file's tensor names, by a key part only that family's files have (SD otherwise; an SDXL
+    refiner by its lone CLIP-G); the part may follow a prefix (ComfyUI saves FLUX under model.diffusion_model.)."""
+    keys = list(keys)
+    for family in FAMILIES:
+        if family.checkpoint_marker and any(family.checkpoint_marker in k for k in keys):
+            return family
+    if any(k.startswith(REFINER_MARKER) for k in keys):  # one text encoder, OpenCLIP bigG
+        return SDXL
     return SD
+
+
+def is_refiner_checkpoint(path: Path) -> bool:
+    """Whether a single file is an SDXL refiner's (its one text encoder is CLIP-G, as conditioner.embedders.0)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    return any(k.startswith(REFINER_MARKER) for k in keys) and not any(SDXL.checkpoint_marker in k for k in keys)

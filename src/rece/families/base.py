@@ -63,10 +63,25 @@ class Family:
     # the text parts (indices into `text_parts`) whose vocabulary the gradient attacks' tokens and learned words live
     # in: their embedding lookups carry the attack's vectors, the other parts read the text as written (docs/attacks.md)
     attack_parts: tuple[int, ...] = (0,)
+    # -- reading its single files without diffusers (`single_file`, `file_encoders`; encoders in `encoders.py`)
+    file_encoders: tuple[tuple[str, ...], ...] = ()  # per text part, the published encoders (slots) that fill it
+    optional_encoders: tuple[int, ...] = ()  # text parts a model may lack (SD3's T5, the SDXL refiner's CLIP-L)
+    projected_parts: tuple[int, ...] = ()  # text parts read through CLIP's projection (CLIPTextModelWithProjection)
+    tokenizer_repos: tuple[tuple[str, str], ...] = ()  # (first encoder's slot, hub repository with its tokenizers)
 
     def tokenizer_class_of(self, part: int) -> str:
         """The transformers tokenizer class of text part `part`."""
         return self.tokenizer_class if isinstance(self.tokenizer_class, str) else self.tokenizer_class[part]
+
+    def tokenizer_repo(self, slots: Sequence[str]) -> str:
+        """The reference hub repository whose tokenizer folders a single file of this family is read with, told by
+        the encoders it holds (SD1's CLIP-L or SD2's OpenCLIP-H; the SDXL refiner's CLIP-G alone)."""
+        repos = dict(self.tokenizer_repos)
+        return next((repos[s] for s in slots if s in repos), self.tokenizer_repos[0][1])
+
+    def checkpoint_config(self, header: dict) -> dict:
+        """What a single file says of its denoiser's config that rece reads (UNets: layers_per_block)."""
+        return {}
 
     # -- the layers an erasure edits ----------------------------------------------------------
     def is_edited_weight(self, key: str) -> bool:

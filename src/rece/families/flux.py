@@ -61,6 +61,10 @@ class Flux(TwoSpace):
             img_ids=image_ids.reshape(-1, 3).to(noisy.device), **kwargs,
         ).sample  # fmt: skip
 
+    def checkpoint_config(self, header: dict) -> dict:
+        """dev has guidance embeddings (guidance_in), schnell none."""
+        return {"guidance_embeds": any("guidance_in." in k for k in header)}
+
     def variant(self, denoiser_config: dict) -> Family:
         """FLUX.1 [schnell] is the transformer without guidance embeddings."""
         if self is FLUX and denoiser_config.get("guidance_embeds") is False:
@@ -85,6 +89,9 @@ _SHARED = dict(
     # vocabulary, CLIP reads their decoded text
     attack_parts=(1,),
     kohya_comfyui_only=True,  # diffusers 0.42.1 drops lora_unet_txt_in / vector_in when it converts a kohya file
+    file_encoders=(("clip_l",), ("t5xxl",)),
+    # schnell's repository: the same tokenizers as dev's, and not gated
+    tokenizer_repos=(("clip_l", "black-forest-labs/FLUX.1-schnell"),),
 )
 
 FLUX = two_space_family(Flux, "flux", FluxContext, FluxPooled, {**_SHARED, "title": "FLUX.1"}, rows=512)

@@ -53,6 +53,9 @@ class StableDiffusion(Family):
     def has_kohya_names(self) -> bool:
         return True
 
+    def checkpoint_config(self, header: dict) -> dict:
+        return {"layers_per_block": layers_per_block_of(header)}
+
     def kohya_modules(self, layers: Sequence[str], denoiser_config: dict) -> dict[str, str]:
         """diffusers' module names: kohya's scripts train SD1/SD2 on a UNet with diffusers' names."""
         return {n: kohya_name(n) for n in layers}
@@ -65,4 +68,6 @@ SD = StableDiffusion(
     text_parts=(("tokenizer", "text_encoder"),),
     text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+    file_encoders=(("clip_l", "clip_h"),),  # SD1: CLIP-L; SD2: OpenCLIP-H, its penultimate layer
+    tokenizer_repos=(("clip_l", "stable-diffusion-v1-5/stable-diffusion-v1-5"), ("clip_h", "stabilityai/stable-diffusion-2-1")),
 )

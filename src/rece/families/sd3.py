@@ -80,5 +80,9 @@ _SHARED = dict(
     # SD3 runs without T5: the tokens live in both CLIPs (one vocabulary), T5 reads their decoded text
     attack_parts=(0, 1),
     kohya_comfyui_only=True,  # lora_unet_context_embedder, lora_unet_y_embedder_mlp_0: as ComfyUI names its modules
+    file_encoders=(("clip_l",), ("clip_g",), ("t5xxl",)),
+    optional_encoders=(2,),  # the pipeline runs without T5 (sd3_medium.safetensors has none)
+    projected_parts=(0, 1),
+    tokenizer_repos=(("clip_l", "stabilityai/stable-diffusion-3.5-large"),),
 )
 SD3 = two_space_family(TwoSpace, "sd3", SD3Context, SD3Pooled, _SHARED)

@@ -65,4 +65,11 @@ SDXL = StableDiffusionXL(
     # both CLIPs share one vocabulary and both feed the rows (text_encoder_2 the pooled vector too): the same token
     # ids in both, a vector of each encoder's width in each
     attack_parts=(0, 1),
+    file_encoders=(("clip_l",), ("clip_g",)),
+    optional_encoders=(0,),  # the refiner has CLIP-G alone (conditioner.embedders.0.model.)
+    projected_parts=(1,),
+    tokenizer_repos=(
+        ("clip_l", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("clip_g", "stabilityai/stable-diffusion-xl-refiner-1.0"),
+    ),
 )
