@@ -16,7 +16,8 @@
 # I2P_LIMIT [all 142 nudity prompts], COCO [1000 captions], PRESERVE [1000 other COCO captions for robust's
 # --preserve-prompts], UD_LIMIT [50 prompts attacked], UD_ARGS [the UnlearnDiff paper's parameters], STEPS [50],
 # SCHEDULER [lms], GEN_ARGS / UD_ARGS / EVAL_ARGS [extra flags for rece generate / attack / evaluate], COCO_IMAGES
-# [unset: FID against the original model's images], ERASE_DEVICE [cuda], PYTHON [python3].
+# [unset: FID against the original model's images], ERASE_DEVICE [cuda], PYTHON [python3], ROBUST_ARGS [robust mode's
+# defaults: --support 0.9999, no adversarial rounds; e.g. "--adversarial-rounds 1 --tradeoff 3"].
 # At the defaults on one H200: erasing takes seconds, generation about 1.5 h, UnlearnDiff most of the rest.
 set -euo pipefail
 
@@ -33,6 +34,7 @@ GEN_ARGS=${GEN_ARGS:-}
 ERASE_DEVICE=${ERASE_DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 EVAL_ARGS=${EVAL_ARGS:-}
+ROBUST_ARGS=${ROBUST_ARGS:-}
 LIMIT=()
 [ -n "${I2P_LIMIT:-}" ] && LIMIT=(--limit "$I2P_LIMIT")
 METHODS=(uce rece robust)
@@ -64,9 +66,12 @@ echo "== 1. erase nudity (the paper's preset) with UCE, RECE and robust"
 : > "$OUT/erase-times.txt"
 rece erase "$MODEL" --preset nudity --method uce --device "$ERASE_DEVICE" --overwrite -o "$OUT/uce.safetensors" | tee -a "$OUT/erase-times.txt"
 rece erase "$MODEL" --preset nudity --method rece --device "$ERASE_DEVICE" --overwrite -o "$OUT/rece.safetensors" | tee -a "$OUT/erase-times.txt"
+# shellcheck disable=SC2086
 rece erase "$MODEL" --preset nudity --method robust --device "$ERASE_DEVICE" \
-    --concept-prompts "$BENCH/nudity.csv" --preserve-prompts "$OUT/coco-preserve.csv" \
+    --concept-prompts "$BENCH/nudity.csv" --preserve-prompts "$OUT/coco-preserve.csv" $ROBUST_ARGS \
     --overwrite -o "$OUT/robust.safetensors" | tee -a "$OUT/erase-times.txt"
+# the trade-off the robust edit made: residual of the best embedding of all, the preserved captions' K/V change
+rece info "$OUT/robust.safetensors" | tee "$OUT/robust-info.txt"
 
 edit_flag() { [ "$1" = sd ] || echo "--edit $OUT/$1.safetensors"; }
 

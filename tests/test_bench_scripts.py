@@ -45,6 +45,7 @@ def test_robust_sd_recipe_runs_end_to_end(sd_path, tiny_clip, tmp_path):
         "EVAL_ARGS": f"--clip-model {tiny_clip} --fid-features clip",
         "ERASE_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1",
+        "ROBUST_ARGS": "--adversarial-rounds 1",
     }
     done = subprocess.run(["bash", str(ROOT / "bench" / "robust_sd.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -53,6 +54,8 @@ def test_robust_sd_recipe_runs_end_to_end(sd_path, tiny_clip, tmp_path):
     robust = load_edit(out / "robust.safetensors")
     assert robust.method == "robust" and robust.concepts[:2] == ["nudity", "a nude woman on a beach"]
     assert robust.metadata["config"]["preserve"] == [f"a photo of a church number {i}" for i in (3, 4, 5)]
+    assert robust.metadata["config"]["adversarial_rounds"] == 1  # ROBUST_ARGS reach the erasure
+    assert "best embedding residual" in (out / "robust-info.txt").read_text()
     for name, runs, metric in (
         ("nudenet.txt", ["sd-i2p", "uce-i2p", "rece-i2p", "robust-i2p"], "nudenet"),
         ("unlearndiff.txt", ["uce-unlearndiff", "rece-unlearndiff", "robust-unlearndiff"], "asr"),

@@ -169,3 +169,25 @@ def test_preservation_measures_say_what_they_count():
     assert shape == {"named": (12.5, 8), "others": (100.0, 24), "colours": (71.875, 32), "erased_colours": (25.0, 8)}
     colour = {r["measure"]: (r["value"], r["images"]) for r in preservation_rows(counts, counts, "red")}
     assert colour == {"named": (12.5, 8), "others": (100.0, 24), "colours": (87.5, 24), "erased_shapes": (75.0, 8)}
+
+
+def test_erase_options_reach_every_edit_and_the_settings(tmp_path):
+    """--erase-option KEY=VALUE: over the recipe for each method's edit, recorded in the settings (only when given, so
+    folders measured before stay comparable); an unknown key or a bad value is one line before anything runs."""
+    from rece.edit import load_edit
+    from rece.models import load_model
+    from rece.robustness import Matrix, check_config
+    from rece.robustness_params import RobustnessConfig, erase_overrides
+
+    assert erase_overrides(["support=1", "adversarial-rounds=2", "map_to_target=false"]) == {
+        "support": 1, "adversarial_rounds": 2, "map_to_target": False}  # fmt: skip
+    config = RobustnessConfig(concepts=["triangle"], methods=["robust"], erase_option=["support=1", "adversarial_rounds=1"])
+    matrix = Matrix("shapes", config, [], {}, tmp_path, base=load_model("shapes"))
+    assert matrix.settings()["erase_options"] == {"support": 1, "adversarial_rounds": 1}
+    assert "erase_options" not in Matrix("shapes", RobustnessConfig(concepts=["triangle"]), [], {}, tmp_path).settings()
+    edit = load_edit(matrix.edit_path("triangle", "robust"))
+    assert edit.metadata["config"]["support"] == 1 and edit.metadata["config"]["adversarial_rounds"] == 1
+    assert edit.metadata["config"]["targets"][4] == "a blue cross"  # the robust recipe's own targets kept
+    for bad, message in ((["suport=1"], "takes KEY=VALUE"), (["concepts=x"], "takes KEY=VALUE"), (["support=2"], "support")):
+        with pytest.raises(ReceError, match=message):
+            check_config("shapes", RobustnessConfig(concepts=["triangle"], erase_option=bad))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .attacks import ATTACKS, attack_module, make_params, run_attack
+from .config import EraseConfig
 from .console import progress_bar
 from .erase import erase
 from .errors import ReceError
@@ -46,6 +47,7 @@ from .robustness_params import (
     attack_names,
     attack_overrides,
     chosen_attacks,
+    erase_overrides,
 )
 from .runs import check_output_folder, load_run, run_folder_lock, write_csv, write_json
 from .sampling import sampling_for
@@ -85,6 +87,8 @@ def check_config(model, config: RobustnessConfig) -> list[str]:
     if config.images is not None and config.images < 1:
         raise ReceError(f"--images must be at least 1 (got {config.images})")
     attacks = chosen_attacks(config.attacks)
+    if config.erase_option:  # the values too: a bad one is one line now, not an error after the baseline's images
+        EraseConfig.create(["x"], **erase_overrides(config.erase_option))
     shapes = door.is_shapes_model(model)
     for concept in config.concepts:
         if shapes and not door.is_world_concept(concept):
@@ -133,10 +137,13 @@ class Matrix:
         with its results (`finished`), so that attacks can be added to a folder."""
         c = self.config
         prompts = file_sha256(resolve_prompt_set(c.prompts)) if c.prompts is not None else None
-        return json.loads(json.dumps({
+        settings = {
             "model": str(self.model), "quick": c.quick, "images_per_prompt": self.images, "steps": c.steps,
             "guidance": c.guidance, "seed": c.seed, "prompts": prompts,
-        }))  # fmt: skip
+        }  # fmt: skip
+        if c.erase_option:  # only when given: folders measured before the option existed stay comparable
+            settings["erase_options"] = erase_overrides(c.erase_option)
+        return json.loads(json.dumps(settings))
 
     def sampling(self) -> dict:
         """The keywords generate_run and run_attack share."""
@@ -169,7 +176,7 @@ class Matrix:
             if self.config.overwrite or not path.is_file():  # a kill before the rename leaves no file: erased again
                 recipe = door.recipe_for(self.model, [concept], method) or {"concepts": [concept]}
                 path.parent.mkdir(parents=True, exist_ok=True)
-                erase(self.base, method=method, **recipe).save(path)
+                erase(self.base, method=method, **{**recipe, **erase_overrides(self.config.erase_option)}).save(path)
             self.edits[concept, method] = path
         return self.edits[concept, method]
 

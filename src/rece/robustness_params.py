@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from .attacks.registry import ATTACKS
 from .errors import ReceError
@@ -56,6 +56,9 @@ class RobustnessConfig:
     attack_param: list[str] = option(
         default_factory=list, help="ATTACK:KEY=VALUE, an attack setting over the matrix's (repeatable)"
     )
+    erase_option: list[str] = option(
+        default_factory=list, help="KEY=VALUE, an erase setting over the recipe's for every method (repeatable), e.g. support=1"
+    )
     steps: int | None = option(None, f"sampling steps (shapes {door.STEPS}, else the family's)")
     guidance: float | None = option(None, f"guidance scale (shapes {door.GUIDANCE:g}, else the family's)")
     seed: int = option(0, "seed of the attacks")
@@ -84,6 +87,23 @@ def attack_overrides(items: list[str]) -> dict[str, dict]:
         if not colon or not equals or not key:
             raise ReceError(f"--attack-param takes ATTACK:KEY=VALUE (got '{item}'), e.g. ring-a-bell:population=20")
         out.setdefault(attack, {})[key.replace("-", "_")] = _number(text)
+    return out
+
+
+def erase_overrides(items: list[str]) -> dict:
+    """--erase-option KEY=VALUE items as {key: value} (numbers and true/false parsed); KEY is an erase parameter."""
+    from .config import EraseConfig  # torch-free, like this module
+
+    known = {f.name for f in fields(EraseConfig)} - {"concepts", "method", "preset"}
+    out: dict = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not equals or key not in known:
+            raise ReceError(
+                f"--erase-option takes KEY=VALUE with KEY an erase parameter (got '{item}'), e.g. support=1 or tradeoff=3"
+            )
+        out[key] = {"true": True, "false": False}.get(text.lower(), _number(text))
     return out
 
 
