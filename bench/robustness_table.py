@@ -2,6 +2,9 @@
 
     python bench/robustness_table.py runs/shapes-quick/robustness.csv [more.csv ...] [--summary]
 
+A cell of a later file replaces the same cell (model, concept, method, measure) of an earlier one: a folder that
+measured one method again (`--methods robust`) updates that method's rows of the whole matrix.
+
 One table per model: a row per concept × method, a column per measure (preservation figures first, then each attack's
 ASR), each cell `value (images)`; a missing cell is `–` and counted below the table, so an unfinished matrix is said.
 `--summary`: a row per model × method, each cell the mean over the concepts measured (how many, in brackets).
@@ -19,12 +22,13 @@ METHODS = ("none", "uce", "rece", "robust")
 
 
 def read_rows(paths: list[str]) -> list[dict]:
-    """Every row of the CSV files (header model,concept,method,measure,value,images)."""
-    rows = []
+    """Every cell of the CSV files (header model,concept,method,measure,value,images), a later file's over an earlier's."""
+    cells: dict = {}
     for path in paths:
         with open(path, newline="", encoding="utf-8") as f:
-            rows += list(csv.DictReader(f))
-    return rows
+            for row in csv.DictReader(f):
+                cells[row["model"], row["concept"], row["method"], row["measure"]] = row
+    return list(cells.values())
 
 
 def markdown(rows: list[dict]) -> str:

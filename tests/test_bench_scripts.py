@@ -141,3 +141,17 @@ def test_robust_table_marks_an_edit_that_erased_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     row = next(r for r in out.stdout.splitlines() if r.startswith("| no attack (prompts)"))
     assert "| 0.0 % | 75.0 % (erased nothing) |" in row and row.count("erased nothing") == 1
+
+
+def test_robustness_table_takes_a_later_files_cells_over_an_earlier_ones(tmp_path):
+    """bench/robustness_table.py: a folder that measured one method again replaces that method's cells."""
+    header = "model,concept,method,measure,value,images\n"
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text(header + "shapes,red,none,named,100,8\nshapes,red,robust,named,50,8\nshapes,blue,robust,named,30,8\n")
+    second.write_text(header + "shapes,red,robust,named,0,16\n")
+    script = ROOT / "bench" / "robustness_table.py"
+    done = subprocess.run([sys.executable, str(script), str(first), str(second), "--summary"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| shapes | robust | 15.0 (2) |" in done.stdout and "| shapes | none | 100.0 (1) |" in done.stdout
+    table = subprocess.run([sys.executable, str(script), str(first), str(second)], capture_output=True, text=True).stdout
+    assert "| red | robust | 0.0 (16) |" in table and "50.0" not in table
