@@ -131,7 +131,7 @@ def test_damaged_edit_files_are_one_line_errors(sd_path, edit_path, tmp_path, ca
         (["--device", "foo"], "is not a torch device"),
         (["--erase-scale", "1e308"], "erase_scale must be at most"),
         (["--tradeoff", "1e308"], "tradeoff must be at most"),
-        (["--target", "cat"], "is also the --target"),
+        (["--target", "cat"], "is also its --target"),
         (["--preserve", "Cat"], "is also preserved"),
     ],
 )
