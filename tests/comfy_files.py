@@ -288,3 +288,41 @@ def flux_gguf(root: Path, qtypes: dict[str, str]) -> Built:
     }
     path = write_gguf(root / "flux1-dev-Q.gguf", flux_transformer(256, 256, seed=40), qtypes)
     return Built(path, root / "tok", [clip_l, t5xxl], split=split, edited=dict(FLUX_EDITED))
+
+
+def bfl_flux_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a FLUX.1 transformer of diffusers `config` under Black Forest Labs' names
+    (flux1-dev.safetensors, as diffusers' `convert_flux_transformer_checkpoint_to_diffusers` reads them)."""
+    hidden = config.num_attention_heads * config.attention_head_dim
+    head, mlp, patch = config.attention_head_dim, 4 * hidden, config.patch_size**2
+    shapes = {
+        "img_in": (hidden, config.in_channels * patch), "txt_in": (hidden, config.joint_attention_dim),
+        "time_in.in_layer": (hidden, 256), "time_in.out_layer": (hidden, hidden),
+        "vector_in.in_layer": (hidden, config.pooled_projection_dim), "vector_in.out_layer": (hidden, hidden),
+        "final_layer.adaLN_modulation.1": (2 * hidden, hidden),
+        "final_layer.linear": ((config.out_channels or config.in_channels) * patch, hidden),
+    }  # fmt: skip
+    if config.guidance_embeds:
+        shapes.update({"guidance_in.in_layer": (hidden, 256), "guidance_in.out_layer": (hidden, hidden)})
+    for i in range(config.num_layers):
+        for side in ("img", "txt"):
+            block = f"double_blocks.{i}.{side}"
+            shapes.update({f"{block}_mod.lin": (6 * hidden, hidden), f"{block}_attn.qkv": (3 * hidden, hidden),
+                           f"{block}_attn.proj": (hidden, hidden), f"{block}_mlp.0": (mlp, hidden),
+                           f"{block}_mlp.2": (hidden, mlp)})  # fmt: skip
+    for i in range(config.num_single_layers):
+        block = f"single_blocks.{i}"
+        shapes.update({f"{block}.linear1": (3 * hidden + mlp, hidden), f"{block}.linear2": (hidden, hidden + mlp),
+                       f"{block}.modulation.lin": (3 * hidden, hidden)})  # fmt: skip
+    out = {f"{name}.weight": shape for name, shape in shapes.items()}
+    out.update({f"{name}.bias": shape[:1] for name, shape in shapes.items()})
+    norms = [f"double_blocks.{i}.{side}_attn.norm" for i in range(config.num_layers) for side in ("img", "txt")]
+    norms += [f"single_blocks.{i}.norm" for i in range(config.num_single_layers)]
+    out.update({f"{norm}.{which}.scale": (head,) for norm in norms for which in ("query_norm", "key_norm")})
+    return out
+
+
+def bfl_flux_transformer(config, seed: int) -> dict[str, torch.Tensor]:
+    """A FLUX.1 transformer's tensors under Black Forest Labs' names, random (RMSNorm scales near 1)."""
+    shapes = sorted(bfl_flux_shapes(config).items())
+    return {k: (1 + weights(s, seed + n) if k.endswith(".scale") else weights(s, seed + n)) for n, (k, s) in enumerate(shapes)}

@@ -19,6 +19,8 @@ TEXT_ENCODER_HELP = (
     "clip_g, t5xxl; repeatable, recognised by its contents)"
 )
 
+VAE_HELP = "the VAE file that goes with a single-file MODEL that lacks one (ComfyUI's models/vae, e.g. FLUX.1's ae.safetensors)"
+
 
 def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
     """--text-encoder FILE, repeatable."""
