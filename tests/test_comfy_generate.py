@@ -175,3 +175,29 @@ def test_text_encoders_go_with_single_files_only(flux, tmp_path):
     folder, files, _ = flux
     with pytest.raises(ReceError, match="--text-encoder goes with a single-file checkpoint"):
         load_pipeline(folder, None, [str(files["clip_l"])])
+
+
+def test_an_edit_erased_from_the_split_files_draws_and_applies_as_from_the_folder(flux, reference, tmp_path, capsys):
+    """The user's whole route: erase from ComfyUI's files, draw with the edit from them, write a folder from them."""
+    from safetensors.torch import load_file
+
+    folder, files, prompts = flux
+    parts = ["--text-encoder", files["clip_l"], "--text-encoder", files["t5xxl"], "--config", folder]
+    edit = tmp_path / "edit.safetensors"
+    assert main(["erase", *map(str, [files["denoiser"], "-c", "a red circle", *parts, "-o", edit])]) == 0
+    drawn = {}
+    for name, model, extra in (("folder", folder, {}), ("split", files["denoiser"], {"config": folder, "vae": files["vae"],
+                               "text_encoders": [files["clip_l"], files["t5xxl"]]})):  # fmt: skip
+        drawn[name] = pixels(gen.generate_run(model, prompts, tmp_path / name, edits=[edit], **FAST, **extra))
+    assert all(np.array_equal(drawn["split"][n], drawn["folder"][n]) for n in reference)
+    assert not np.array_equal(drawn["split"]["0_0.png"], reference["0_0.png"])  # the edit changed the erased prompt
+    outs = {"folder": tmp_path / "from-folder", "split": tmp_path / "from-split"}
+    assert main(["apply", str(folder), str(edit), "-o", str(outs["folder"])]) == 0
+    argv = [files["denoiser"], edit, "-o", outs["split"], *parts, "--vae", files["vae"]]
+    assert main(["apply", *map(str, argv)]) == 0
+    weights = [load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors")) for out in outs.values()]
+    assert sorted(weights[0]) == sorted(weights[1])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(
+        weights[1]["context_embedder.weight"], diffusers_state(state_of(files["denoiser"]))["context_embedder.weight"]
+    )
