@@ -326,3 +326,30 @@ def bfl_flux_transformer(config, seed: int) -> dict[str, torch.Tensor]:
     """A FLUX.1 transformer's tensors under Black Forest Labs' names, random (RMSNorm scales near 1)."""
     shapes = sorted(bfl_flux_shapes(config).items())
     return {k: (1 + weights(s, seed + n) if k.endswith(".scale") else weights(s, seed + n)) for n, (k, s) in enumerate(shapes)}
+
+
+def sd3_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of an SD3 MMDiT of diffusers `config` (no qk norm, no dual attention) under Stability's
+    names (sd3.5_large.safetensors, as diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` reads them)."""
+    hidden = config.num_attention_heads * config.attention_head_dim
+    patch, mlp = config.patch_size, 4 * hidden
+    shapes = {
+        "x_embedder.proj": (hidden, config.in_channels, patch, patch), "t_embedder.mlp.0": (hidden, 256),
+        "t_embedder.mlp.2": (hidden, hidden), "y_embedder.mlp.0": (hidden, config.pooled_projection_dim),
+        "y_embedder.mlp.2": (hidden, hidden), "context_embedder": (config.caption_projection_dim, config.joint_attention_dim),
+        "final_layer.linear": (patch * patch * config.out_channels, hidden),
+        "final_layer.adaLN_modulation.1": (2 * hidden, hidden),
+    }  # fmt: skip
+    for i in range(config.num_layers):
+        last = i == config.num_layers - 1  # the last context block only modulates (pre_only)
+        for side in ("x_block", "context_block"):
+            block = f"joint_blocks.{i}.{side}"
+            shapes[f"{block}.attn.qkv"] = (3 * hidden, hidden)
+            shapes[f"{block}.adaLN_modulation.1"] = (2 * hidden if last and side == "context_block" else 6 * hidden, hidden)
+            if not (last and side == "context_block"):
+                shapes.update({f"{block}.attn.proj": (hidden, hidden), f"{block}.mlp.fc1": (mlp, hidden),
+                               f"{block}.mlp.fc2": (hidden, mlp)})  # fmt: skip
+    out = {f"{name}.weight": shape for name, shape in shapes.items()}
+    out.update({f"{name}.bias": shape[:1] for name, shape in shapes.items()})
+    out["pos_embed"] = (1, config.pos_embed_max_size**2, hidden)
+    return out

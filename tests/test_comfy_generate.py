@@ -14,7 +14,7 @@ from rece.errors import ReceError
 from rece.families.flux_names import diffusers_state
 from rece.tiny_dit import build_tiny_flux
 
-from .comfy_files import UNET, bfl_flux_shapes, bfl_flux_transformer, save, state
+from .comfy_files import UNET, bfl_flux_shapes, bfl_flux_transformer, save, sd3_shapes, state, weights
 from .ldm_checkpoint import vae_to_ldm
 from .runs import pixels, write_csv
 
@@ -201,3 +201,31 @@ def test_an_edit_erased_from_the_split_files_draws_and_applies_as_from_the_folde
     assert not torch.equal(
         weights[1]["context_embedder.weight"], diffusers_state(state_of(files["denoiser"]))["context_embedder.weight"]
     )
+
+
+@pytest.mark.parametrize("t5_inside", [True, False])
+def test_sd35_all_in_one_draws_the_folders_images(t5_inside, tmp_path):
+    """Stability's SD3.5 file (three text encoders, CLIPs projected, the VAE under first_stage_model.), and the same
+    without T5 plus ComfyUI's t5xxl file, draw what the folder draws."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from rece.tiny_dit import build_tiny_sd3
+
+    folder = build_tiny_sd3(tmp_path / "folder")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    shapes = sorted(sd3_shapes(pipe.transformer.config).items())
+    original = {k: weights(s, 60 + n) for n, (k, s) in enumerate(shapes)}
+    transformer = SD3Transformer2DModel.from_single_file(dict(original), config=str(folder), subfolder="transformer")
+    transformer.save_pretrained(folder / "transformer")
+    whole = {UNET + k: v for k, v in original.items()}
+    for slot, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5xxl", pipe.text_encoder_3)):
+        if slot != "t5xxl" or t5_inside:
+            whole.update(state(encoder, f"text_encoders.{slot}.transformer."))
+    vae = vae_to_ldm(state(pipe.vae), len(pipe.vae.config.block_out_channels))
+    whole.update({"first_stage_model." + k: v for k, v in vae.items()})
+    path = save(whole, tmp_path / "sd3.5_large.safetensors")
+    extra = {} if t5_inside else {"text_encoders": [save(state(pipe.text_encoder_3), tmp_path / "t5xxl_fp16.safetensors")]}
+    prompts = write_csv(tmp_path / "set.csv", ["prompt", "evaluation_seed", "case_number"], [["a red circle", 3, 0]])
+    ref = pixels(gen.generate_run(folder, prompts, tmp_path / "ref", **FAST))
+    images = pixels(gen.generate_run(path, prompts, tmp_path / "file", config=folder, **FAST, **extra))
+    assert sorted(images) == sorted(ref) == ["0_0.png"] and np.array_equal(images["0_0.png"], ref["0_0.png"])
