@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rece.tiny import DEFAULT_WORDS, clip_text_config, init_clip_like, save_clip_tokenizer
 from rece.tiny_dit import save_t5_tokenizer
@@ -353,3 +353,26 @@ def sd3_shapes(config) -> dict[str, tuple[int, ...]]:
     out.update({f"{name}.bias": shape[:1] for name, shape in shapes.items()})
     out["pos_embed"] = (1, config.pos_embed_max_size**2, hidden)
     return out
+
+
+def sd35_medium_split(root: Path) -> Built:
+    """SD3.5 Medium as ComfyUI users keep it: the MMDiT-X alone (bare names, its dual attention attn2.* and qk norms
+    ln_q / ln_k) in models/diffusion_models, and ComfyUI's clip_l, clip_g (with their projections) and t5xxl files."""
+    whole = sd35(root, t5_inside=False)
+    tensors = {k.removeprefix(UNET): v for k, v in load_file(whole.path).items() if k.startswith(UNET)}
+    hidden = 128
+    block = "joint_blocks.0.x_block."
+    tensors.update({
+        block + "attn2.qkv.weight": weights((3 * hidden, hidden), 32), block + "attn2.proj.weight": weights((hidden, hidden), 33),
+        block + "attn.ln_q.weight": weights((64,), 34), block + "attn.ln_k.weight": weights((64,), 35),
+        block + "attn2.ln_q.weight": weights((64,), 36), block + "attn2.ln_k.weight": weights((64,), 37),
+    })  # fmt: skip
+    clip_l, clip_g, t5xxl = whole.encoders
+    split = {
+        "clip_l": save(state(clip_l), root / "clip_l.safetensors", torch.float16),
+        "clip_g": save(state(clip_g), root / "clip_g.safetensors", torch.float16),
+        "t5xxl": whole.split["t5xxl"],
+    }
+    edited = {"context_embedder": "context_embedder.weight", "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0.weight"}
+    path = save(tensors, root / "sd3.5_medium.safetensors", torch.float16)
+    return Built(path, whole.tokenizers, whole.encoders, split=split, edited=edited)
