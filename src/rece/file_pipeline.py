@@ -31,6 +31,7 @@ from .single_file import (
     read_checkpoint_header,
     tokenizer_root,
 )
+from .text_encoders import mapped_model, parameters_on_meta
 
 # key prefixes of the parts of an all-in-one file that are not its denoiser
 OTHER_PARTS = ("cond_stage_model.", "conditioner.", "text_encoders.", "first_stage_model.", "vae.", "model_ema.")
@@ -167,9 +168,10 @@ def converted(cls, path: Path, tensors: dict[str, torch.Tensor], root: Path, sub
         own = family.denoiser_state(tensors) if sub == family.denoiser else None
         if own is None:
             model = cls.from_single_file(tensors, config=str(root), subfolder=sub, torch_dtype=torch.float32, **settings)
-        else:
-            model = cls.from_config({**cls.load_config(root, subfolder=sub), **settings})
-            model.load_state_dict(own, strict=True)
+        else:  # built without weights (a FLUX.1 transformer's float32 copy is 48 GB), then given the file's
+            with parameters_on_meta():
+                model = cls.from_config({**cls.load_config(root, subfolder=sub), **settings})
+            model.load_state_dict(own, strict=True, assign=True)
     except Exception as exc:  # shapes of another model, missing tensors
         raise ReceError(
             f"cannot build the {family.title} {sub} from '{path}' ({first_line(exc)}); the file is not the model whose "
@@ -202,8 +204,6 @@ def pipeline_encoder(family: Family, part: int, encoder: FoundEncoder, tokenizer
     """A transformers text encoder in float32 on a file's encoder tensors, its config read from the file's shapes (or
     from `root`'s config.json of that part, when there is one)."""
     import transformers
-
-    from .text_encoders import mapped_model
 
     folder = root / family.text_parts[part][1]
     if encoder.kind == "t5":
