@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rece.tiny import DEFAULT_WORDS, clip_text_config, init_clip_like, save_clip_tokenizer
 from rece.tiny_dit import save_t5_tokenizer
@@ -288,3 +288,91 @@ def flux_gguf(root: Path, qtypes: dict[str, str]) -> Built:
     }
     path = write_gguf(root / "flux1-dev-Q.gguf", flux_transformer(256, 256, seed=40), qtypes)
     return Built(path, root / "tok", [clip_l, t5xxl], split=split, edited=dict(FLUX_EDITED))
+
+
+def bfl_flux_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a FLUX.1 transformer of diffusers `config` under Black Forest Labs' names
+    (flux1-dev.safetensors, as diffusers' `convert_flux_transformer_checkpoint_to_diffusers` reads them)."""
+    hidden = config.num_attention_heads * config.attention_head_dim
+    head, mlp, patch = config.attention_head_dim, 4 * hidden, config.patch_size**2
+    shapes = {
+        "img_in": (hidden, config.in_channels * patch), "txt_in": (hidden, config.joint_attention_dim),
+        "time_in.in_layer": (hidden, 256), "time_in.out_layer": (hidden, hidden),
+        "vector_in.in_layer": (hidden, config.pooled_projection_dim), "vector_in.out_layer": (hidden, hidden),
+        "final_layer.adaLN_modulation.1": (2 * hidden, hidden),
+        "final_layer.linear": ((config.out_channels or config.in_channels) * patch, hidden),
+    }  # fmt: skip
+    if config.guidance_embeds:
+        shapes.update({"guidance_in.in_layer": (hidden, 256), "guidance_in.out_layer": (hidden, hidden)})
+    for i in range(config.num_layers):
+        for side in ("img", "txt"):
+            block = f"double_blocks.{i}.{side}"
+            shapes.update({f"{block}_mod.lin": (6 * hidden, hidden), f"{block}_attn.qkv": (3 * hidden, hidden),
+                           f"{block}_attn.proj": (hidden, hidden), f"{block}_mlp.0": (mlp, hidden),
+                           f"{block}_mlp.2": (hidden, mlp)})  # fmt: skip
+    for i in range(config.num_single_layers):
+        block = f"single_blocks.{i}"
+        shapes.update({f"{block}.linear1": (3 * hidden + mlp, hidden), f"{block}.linear2": (hidden, hidden + mlp),
+                       f"{block}.modulation.lin": (3 * hidden, hidden)})  # fmt: skip
+    out = {f"{name}.weight": shape for name, shape in shapes.items()}
+    out.update({f"{name}.bias": shape[:1] for name, shape in shapes.items()})
+    norms = [f"double_blocks.{i}.{side}_attn.norm" for i in range(config.num_layers) for side in ("img", "txt")]
+    norms += [f"single_blocks.{i}.norm" for i in range(config.num_single_layers)]
+    out.update({f"{norm}.{which}.scale": (head,) for norm in norms for which in ("query_norm", "key_norm")})
+    return out
+
+
+def bfl_flux_transformer(config, seed: int) -> dict[str, torch.Tensor]:
+    """A FLUX.1 transformer's tensors under Black Forest Labs' names, random (RMSNorm scales near 1)."""
+    shapes = sorted(bfl_flux_shapes(config).items())
+    return {k: (1 + weights(s, seed + n) if k.endswith(".scale") else weights(s, seed + n)) for n, (k, s) in enumerate(shapes)}
+
+
+def sd3_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of an SD3 MMDiT of diffusers `config` (no qk norm, no dual attention) under Stability's
+    names (sd3.5_large.safetensors, as diffusers' `convert_sd3_transformer_checkpoint_to_diffusers` reads them)."""
+    hidden = config.num_attention_heads * config.attention_head_dim
+    patch, mlp = config.patch_size, 4 * hidden
+    shapes = {
+        "x_embedder.proj": (hidden, config.in_channels, patch, patch), "t_embedder.mlp.0": (hidden, 256),
+        "t_embedder.mlp.2": (hidden, hidden), "y_embedder.mlp.0": (hidden, config.pooled_projection_dim),
+        "y_embedder.mlp.2": (hidden, hidden), "context_embedder": (config.caption_projection_dim, config.joint_attention_dim),
+        "final_layer.linear": (patch * patch * config.out_channels, hidden),
+        "final_layer.adaLN_modulation.1": (2 * hidden, hidden),
+    }  # fmt: skip
+    for i in range(config.num_layers):
+        last = i == config.num_layers - 1  # the last context block only modulates (pre_only)
+        for side in ("x_block", "context_block"):
+            block = f"joint_blocks.{i}.{side}"
+            shapes[f"{block}.attn.qkv"] = (3 * hidden, hidden)
+            shapes[f"{block}.adaLN_modulation.1"] = (2 * hidden if last and side == "context_block" else 6 * hidden, hidden)
+            if not (last and side == "context_block"):
+                shapes.update({f"{block}.attn.proj": (hidden, hidden), f"{block}.mlp.fc1": (mlp, hidden),
+                               f"{block}.mlp.fc2": (hidden, mlp)})  # fmt: skip
+    out = {f"{name}.weight": shape for name, shape in shapes.items()}
+    out.update({f"{name}.bias": shape[:1] for name, shape in shapes.items()})
+    out["pos_embed"] = (1, config.pos_embed_max_size**2, hidden)
+    return out
+
+
+def sd35_medium_split(root: Path) -> Built:
+    """SD3.5 Medium as ComfyUI users keep it: the MMDiT-X alone (bare names, its dual attention attn2.* and qk norms
+    ln_q / ln_k) in models/diffusion_models, and ComfyUI's clip_l, clip_g (with their projections) and t5xxl files."""
+    whole = sd35(root, t5_inside=False)
+    tensors = {k.removeprefix(UNET): v for k, v in load_file(whole.path).items() if k.startswith(UNET)}
+    hidden = 128
+    block = "joint_blocks.0.x_block."
+    tensors.update({
+        block + "attn2.qkv.weight": weights((3 * hidden, hidden), 32), block + "attn2.proj.weight": weights((hidden, hidden), 33),
+        block + "attn.ln_q.weight": weights((64,), 34), block + "attn.ln_k.weight": weights((64,), 35),
+        block + "attn2.ln_q.weight": weights((64,), 36), block + "attn2.ln_k.weight": weights((64,), 37),
+    })  # fmt: skip
+    clip_l, clip_g, t5xxl = whole.encoders
+    split = {
+        "clip_l": save(state(clip_l), root / "clip_l.safetensors", torch.float16),
+        "clip_g": save(state(clip_g), root / "clip_g.safetensors", torch.float16),
+        "t5xxl": whole.split["t5xxl"],
+    }
+    edited = {"context_embedder": "context_embedder.weight", "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0.weight"}
+    path = save(tensors, root / "sd3.5_medium.safetensors", torch.float16)
+    return Built(path, whole.tokenizers, whole.encoders, split=split, edited=edited)

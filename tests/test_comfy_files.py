@@ -295,3 +295,18 @@ def test_lora_from_an_all_in_one_file_gives_the_exact_edit_by_comfyuis_rule(flux
         name = next(n for n, k in built.edited.items() if k == keys[module])
         want = exact[name].double()
         assert ((original[keys[module]].double() + delta - want).norm() / want.norm()).item() <= 1e-5, module
+
+
+def test_sd35_medium_split_files_read_as_comfyui_keeps_them(tmp_path, capsys):
+    """The MMDiT-X file alone (dual attention, qk norms) with clip_l, clip_g and t5xxl given in any order: the two CLIPs
+    told apart by their contents, and erase / apply from the command line change only the edited tensors."""
+    built = cf.sd35_medium_split(tmp_path)
+    files = [str(built.split[k]) for k in ("t5xxl", "clip_g", "clip_l")]
+    assert_reads(load_model(built.path, config=str(built.tokenizers), text_encoders=files), SD3, built)
+    edit, out = tmp_path / "edit.safetensors", tmp_path / "erased.safetensors"
+    argv = ["erase", str(built.path), "-c", "cat", "--config", str(built.tokenizers), "-o", str(edit)]
+    assert main(argv + [a for f in files for a in ("--text-encoder", f)]) == 0, capsys.readouterr().err
+    assert main(["apply", str(built.path), str(edit), "-o", str(out)]) == 0, capsys.readouterr().err
+    before, after = load_file(built.path), load_file(out)
+    assert list(before) == list(after)
+    assert {k for k in before if not torch.equal(before[k], after[k])} == set(built.edited.values())

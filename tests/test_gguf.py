@@ -96,3 +96,15 @@ def test_gguf_missing_package_and_damaged_files_are_one_line(tmp_path, monkeypat
     with pytest.raises(ReceError) as info:
         load_model(built.path, config=str(built.tokenizers), text_encoders=files)
     assert str(info.value) == f"reading '{built.path}' needs the gguf package; install it: pip install 'rece[gguf]'"
+
+
+def test_generate_from_a_gguf_file_is_one_line_pointing_to_the_lora(tmp_path, capsys):
+    built = cf.flux_gguf(tmp_path, QTYPES["q8_0+f16"])
+    prompts = tmp_path / "set.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number\na cat,1,0\n")
+    argv = [built.path, "--prompts", prompts, "-o", tmp_path / "run", "--config", built.tokenizers]
+    argv += [x for f in built.split.values() for x in ("--text-encoder", f)]
+    assert main(["generate", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert "\n" not in err.strip() and "does not build pipelines from GGUF" in err and "rece lora" in err
+    assert not (tmp_path / "run").exists()

@@ -115,12 +115,15 @@ def write_applied_pipeline(
     allow_other_base: bool = False,
     overwrite: bool = False,
     config: str | None = None,
+    text_encoders: Sequence[str] = (),
+    vae: str | None = None,
 ) -> Path:
-    """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged."""
+    """Write a complete diffusers pipeline folder with the edits applied; every other byte's content unchanged (a
+    single file's pipeline is built with its `text_encoders` and `vae` files, where it lacks them)."""
     base = model if isinstance(model, BaseModel) else load_model(model)
     new = composed_weights(edits, base.kv, allow_other_base, base.source, base.family)
     if base.folder is None:  # a pipeline in memory, or a single-file checkpoint (built through diffusers)
-        pipe = base.pipeline if base.pipeline is not None else load_pipeline(base.source, config)
+        pipe = base.pipeline if base.pipeline is not None else load_pipeline(base.source, config, text_encoders, vae)
         with disk_full_reported(out_dir, lambda: pipeline_bytes(pipe)), atomic_dir(out_dir, overwrite=overwrite) as tmp:
             applied = []
             try:

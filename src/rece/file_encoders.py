@@ -219,12 +219,10 @@ def build_clip(encoder: FoundEncoder, config: SimpleNamespace, projected: bool, 
     return ClipText(config, read_tensors(encoder, wanted), with_projection=projected)
 
 
-def build_t5(encoder: FoundEncoder):
-    """transformers' T5EncoderModel, its configuration read from the file's shapes (heads: the relative attention
-    bias's columns; gated GELU when the feed-forward has wi_0 and wi_1, as T5 v1.1 and T5-XXL have)."""
-    from transformers import T5Config, T5EncoderModel
-
-    from .text_encoders import mapped_model
+def t5_config(encoder: FoundEncoder):
+    """transformers' T5Config of a T5 file, read from its shapes (heads: the relative attention bias's columns; gated
+    GELU when the feed-forward has wi_0 and wi_1, as T5 v1.1 and T5-XXL have)."""
+    from transformers import T5Config
 
     bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     for needed in (bias, "shared.weight"):
@@ -233,12 +231,20 @@ def build_t5(encoder: FoundEncoder):
     buckets, heads = encoder.shape(bias)
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in encoder.names
     ff = encoder.shape(f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")[0]
-    config = T5Config(
+    return T5Config(
         vocab_size=encoder.shape("shared.weight")[0], d_model=encoder.width, num_layers=encoder.layers, num_heads=heads,
         d_kv=encoder.shape("encoder.block.0.layer.0.SelfAttention.q.weight")[0] // heads, d_ff=ff,
         relative_attention_num_buckets=buckets, feed_forward_proj="gated-gelu" if gated else "relu",
     )  # fmt: skip
-    model = mapped_model(T5EncoderModel, config, read_tensors(encoder))
+
+
+def build_t5(encoder: FoundEncoder):
+    """transformers' T5EncoderModel on the file's tensors as stored, its configuration read from the file's shapes."""
+    from transformers import T5EncoderModel
+
+    from .text_encoders import mapped_model
+
+    model = mapped_model(T5EncoderModel, t5_config(encoder), read_tensors(encoder))
     if model is None:
         raise ReceError(f"{encoder.describe()}: its tensors do not fill a T5 encoder; the file is incomplete")
     return model.eval()

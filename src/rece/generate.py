@@ -91,6 +91,8 @@ class RunJob:
     allow_other_base: bool = False
     overwrite: bool = False
     config: str | None = None
+    text_encoders: tuple[str, ...] = ()  # split text encoder files of a single-file model
+    vae: str | None = None  # the VAE file of a single-file model that holds none
     progress: bool = True
     threads: int | None = None
 
@@ -193,10 +195,10 @@ def prepare(job: RunJob, local_rank: int, world: int) -> Prepared:
     edits = [(Path(p), load_edit(p)) for p in job.edits]
     caller_pipe = is_pipeline(job.model)
     device = None if caller_pipe and job.device is None else resolve_device(job.device, local_rank)
-    pipe = load_pipeline(job.model, job.config)
+    pipe = load_pipeline(job.model, job.config, job.text_encoders, job.vae)
     prepared = Prepared(pipe=pipe, rows=rows, job=job, scheduler=pipe.scheduler)
     try:
-        model_info = model_record(job.model, pipe)
+        model_info = model_record(job.model, pipe, job.text_encoders, job.vae)
         for _, edit in edits:
             edit.apply(pipe, allow_other_base=job.allow_other_base)
             prepared.applied.append(edit)
@@ -416,6 +418,8 @@ def generate_run(
     allow_other_base: bool = False,
     overwrite: bool = False,
     config: str | None = None,
+    text_encoders: Sequence[str | os.PathLike] = (),
+    vae: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
     """Generate (or finish) the images of a prompt set into RUN_DIR `output`; return RUN_DIR.
@@ -442,6 +446,8 @@ def generate_run(
         allow_other_base=allow_other_base,
         overwrite=overwrite,
         config=None if config is None else str(config),
+        text_encoders=tuple(str(t) for t in text_encoders),
+        vae=None if vae is None else str(vae),
         progress=progress,
     )
     check_options(job)

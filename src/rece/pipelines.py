@@ -62,14 +62,28 @@ def refuse_refiner(path: Path) -> None:
         )
 
 
-def load_pipeline(model, config: str | None = None):
-    """A full pipeline of a family rece knows (float32, no safety checker) for MODEL; a pipeline object is used as is."""
+def load_pipeline(model, config: str | None = None, text_encoders: Sequence[str] = (), vae: str | None = None):
+    """A full pipeline of a family rece knows (float32, no safety checker) for MODEL; a pipeline object is used as is.
+    A safetensors single file is built with its text encoders (inside it, or `text_encoders` files) and its VAE
+    (inside it, or the `vae` file) by `file_pipeline`."""
     import diffusers
 
     source = resolve_model(model)
+    if (text_encoders or vae) and source.kind != "single-file":
+        flag = "--text-encoder" if text_encoders else "--vae"
+        raise ReceError(f"{flag} goes with a single-file checkpoint; '{source.name}' brings its own parts")
     if source.kind == "pipeline":
         pipe = model
+    elif source.kind == "single-file" and source.path.suffix in (".safetensors", ".gguf"):
+        from .file_pipeline import load_file_pipeline
+        from .single_file import read_checkpoint_header
+
+        read_checkpoint_header(source.path)  # a damaged file: one line before anything reads it
+        refuse_refiner(source.path)
+        pipe = load_file_pipeline(source.path, config, text_encoders, vae)
     elif source.kind == "single-file":
+        if text_encoders or vae:
+            raise ReceError(f"--text-encoder and --vae go with .safetensors checkpoints; '{source.path}' is not one")
         pipe = load_single_file_pipeline(source.path, config)
     else:
         folder = snapshot(source.name) if source.kind == "hub" else source.path
@@ -112,15 +126,21 @@ def pipeline_fingerprint(pipe) -> str:
     return kv_fingerprint({n: m.weight for n, m in family.edited_modules(getattr(pipe, family.denoiser)).items()})
 
 
-def model_record(model, pipe) -> dict:
-    """What a manifest records about the model: where it came from, its pipeline class, its fingerprint (before edits)."""
+def model_record(model, pipe, text_encoders: Sequence[str] = (), vae: str | None = None) -> dict:
+    """What a manifest records about the model: where it came from, its pipeline class, its fingerprint (before edits),
+    and the split files a single-file model was built with."""
     source = resolve_model(model).name
-    return {
+    record = {
         "source": source,
         "path": model_path_record(model),
         "pipeline": type(pipe).__name__,
         "fingerprint": pipeline_fingerprint(pipe),
     }
+    if text_encoders:
+        record["text_encoders"] = [str(Path(t).expanduser().resolve()) for t in text_encoders]
+    if vae:
+        record["vae"] = str(Path(vae).expanduser().resolve())
+    return record
 
 
 def set_scheduler(pipe, name: str | None) -> None:

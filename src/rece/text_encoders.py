@@ -55,7 +55,7 @@ class Float32Embedding(torch.nn.Embedding):
 
 
 @contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device (no memory) and their buffers as usual (rotary
     frequencies, position ids and embedding scales are computed, not stored)."""
     register = torch.nn.Module.register_parameter
@@ -101,7 +101,7 @@ def mapped_model(cls, config, stored: dict[str, torch.Tensor]):
     they are, half-precision Linear weights cast where used; None when they do not fill the model."""
     from torch.nn.utils import parametrize
 
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls(config)
         table = model.get_input_embeddings()
         # the token table may be tied to others (T5: `encoder.embed_tokens` is `shared`): one table at each path

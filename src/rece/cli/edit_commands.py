@@ -19,6 +19,8 @@ TEXT_ENCODER_HELP = (
     "clip_g, t5xxl; repeatable, recognised by its contents)"
 )
 
+VAE_HELP = "the VAE file that goes with a single-file MODEL that lacks one (ComfyUI's models/vae, e.g. FLUX.1's ae.safetensors)"
+
 
 def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
     """--text-encoder FILE, repeatable."""
@@ -125,10 +127,12 @@ def cmd_apply(args) -> int:
         print(f"wrote checkpoint {out} with {len(edits)} edit(s): {concepts} (only the edited tensors differ)")
         report_float8(rounding, args.model, args.edit)
         return 0
-    base = load_model(args.model, "cpu", config=args.config)
+    # a single file's pipeline is built with its parts below: only the edited weights are read here
+    base = load_model(args.model, "cpu", config=args.config, text_encoders=args.text_encoder, text=False)
     out = write_applied_pipeline(
-        base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite, config=args.config
-    )
+        base, edits, args.output, allow_other_base=args.allow_other_base, overwrite=args.overwrite, config=args.config,
+        text_encoders=args.text_encoder, vae=args.vae,
+    )  # fmt: skip
     print(f"wrote pipeline {out} with {len(edits)} edit(s): {', '.join(c for e in edits for c in e.concepts)}")
     return 0
 
@@ -251,7 +255,14 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--allow-other-base", action="store_true", help="apply even if the model is not the edit's base (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--config", default=None, help="configs for a single-file checkpoint")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="diffusers folder or hub id of the same model, for writing a single file's pipeline folder (default: the "
+        "reference hub repository, cached)",
+    )
+    add_text_encoder_argument(p)
+    p.add_argument("--vae", default=None, metavar="FILE", help=VAE_HELP)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("info", help="show what an edit file (or a LoRA written by rece lora) contains")

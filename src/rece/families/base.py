@@ -79,6 +79,11 @@ class Family:
         repos = dict(self.tokenizer_repos)
         return next((repos[s] for s in slots if s in repos), self.tokenizer_repos[0][1])
 
+    def denoiser_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The denoiser's diffusers state dict from its single file's tensors, where rece converts them itself; None:
+        diffusers' single-file converter does."""
+        return None
+
     def checkpoint_config(self, header: dict) -> dict:
         """What a single file says of its denoiser's config that rece reads (UNets: layers_per_block)."""
         return {}

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import Family, tokenize
+from .flux_names import diffusers_state
 from .two_space import TwoSpace, two_space_family
 
 
@@ -60,6 +61,10 @@ class Flux(TwoSpace):
             pooled_projections=rows[1][:, 0].to(transformer.dtype), txt_ids=torch.zeros(rows[0].shape[1], 3, device=noisy.device),
             img_ids=image_ids.reshape(-1, 3).to(noisy.device), **kwargs,
         ).sample  # fmt: skip
+
+    def denoiser_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Black Forest Labs' names at any width (`flux_names`; diffusers' converter assumes 3072)."""
+        return diffusers_state(tensors)
 
     def checkpoint_config(self, header: dict) -> dict:
         """dev has guidance embeddings (guidance_in), schnell none."""
