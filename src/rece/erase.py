@@ -507,6 +507,8 @@ def fresh_derived_residuals(
             derived = cf.derive_embedding(c, gram, cross, r)
             residuals.append(cf.relative_residual(edited, originals, derived, c))
         out[f"r={r:g}"] = round(sum(residuals) / len(residuals), 6)
-    best = [pj.best_residual(transform, gram0, texts.attended(concept)) for concept in concepts]
-    out["best"] = round(sum(best) / len(best), 6)  # the least-squares embedding of all: what no attack can beat
+    # the least-squares embedding of all (what no attack beats), relative to what tells the concept from " "
+    blank = texts.embeddings.get(" ")
+    best = [pj.best_residual(transform, gram0, texts.attended(concept), blank) for concept in concepts]
+    out["best"] = round(sum(best) / len(best), 6)
     return out

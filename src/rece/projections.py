@@ -12,18 +12,21 @@ import torch
 from .closed_form import outer_sum
 
 
-def best_residual(transform: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor) -> float:
-    """min over every embedding x of ‖W⁰·transform·x − W⁰c‖ / ‖W⁰c‖ summed over the layers (gram = Σ W⁰ᵀW⁰), for the
-    concept's rows c: how far the best embedding of all stays from the concept's original keys/values (0: reachable).
+def best_residual(transform: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, blank: torch.Tensor | None = None) -> float:
+    """How much of what tells the concept's rows c from a blank prompt's no embedding at all brings back: min over x
+    of ‖W⁰·transform·x − W⁰(c − blank)‖ / ‖W⁰(c − blank)‖ summed over the layers (gram = Σ W⁰ᵀW⁰; blank None: of c
+    itself). 0: all of it comes back; 1: none of it.
 
-    In K/V coordinates z = Rᵀx (gram = R Rᵀ) it is the part of Rᵀc outside the range of Rᵀ·transform."""
-    dim = gram.shape[0]
+    In K/V coordinates z = Rᵀx (gram = R Rᵀ) the distance is the part of Rᵀ(c − blank) outside the range of
+    Rᵀ·transform. The blank's own rows are what every prompt shares (an MMDiT's T5 padding): left in, a sliver of
+    them outside the range would weigh as much as the concept."""
     chol = gram_factor(gram)
     basis, singular, _ = torch.linalg.svd(chol.T @ transform)
-    kept = basis[:, singular > singular.max() * dim * torch.finfo(singular.dtype).eps]
-    original = rows @ chol  # [n, d]: each row's K/V coordinates
-    outside = original - (original @ kept) @ kept.T
-    return (outside.pow(2).sum() / original.pow(2).sum()).sqrt().item()
+    # removed directions come out of the float64 solves at ~1e-9 of the kept ones, not at machine precision
+    kept = basis[:, singular > 1e-6 * singular.max()]
+    own = (rows if blank is None else rows - blank[: rows.shape[0]]) @ chol  # [n, d] in K/V coordinates
+    outside = own - (own @ kept) @ kept.T
+    return (outside.pow(2).sum() / own.pow(2).sum().clamp(min=1e-300)).sqrt().item()
 
 
 def second_moment(rows: torch.Tensor) -> torch.Tensor:
