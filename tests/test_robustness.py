@@ -155,7 +155,7 @@ def test_csv_grows_while_the_matrix_runs(tmp_path, monkeypatch):
     assert main(argv) != 0  # the CLI says it was interrupted
     header, *rows = read_csv(out / CSV_FILE)
     assert header == list(robustness.HEADER) and rows
-    assert {(r[2], r[3]) for r in rows} == {("none", m) for m in ("named", "others", "colours")}
+    assert {(r[2], r[3]) for r in rows} == {("none", m) for m in ("named", "others", "colours", "erased_shapes")}
 
 
 def test_preservation_measures_say_what_they_count():

@@ -20,11 +20,11 @@ def best_residual(transform: torch.Tensor, gram: torch.Tensor, rows: torch.Tenso
     In K/V coordinates z = Rᵀx (gram = R Rᵀ) the distance is the part of Rᵀ(c − blank) outside the range of
     Rᵀ·transform. The blank's own rows are what every prompt shares (an MMDiT's T5 padding): left in, a sliver of
     them outside the range would weigh as much as the concept."""
-    chol = gram_factor(gram)
-    basis, singular, _ = torch.linalg.svd(chol.T @ transform)
+    factor, _ = range_factor(gram)
+    basis, singular, _ = torch.linalg.svd(factor.T @ transform, full_matrices=False)
     # removed directions come out of the float64 solves at ~1e-9 of the kept ones, not at machine precision
     kept = basis[:, singular > 1e-6 * singular.max()]
-    own = (rows if blank is None else rows - blank[: rows.shape[0]]) @ chol  # [n, d] in K/V coordinates
+    own = (rows if blank is None else rows - blank[: rows.shape[0]]) @ factor  # [n, r] in K/V coordinates
     outside = own - (own @ kept) @ kept.T
     return (outside.pow(2).sum() / own.pow(2).sum().clamp(min=1e-300)).sqrt().item()
 
@@ -126,14 +126,25 @@ def gram_factor(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(gram + 1e-9 * torch.trace(gram) / dim * torch.eye(dim, dtype=gram.dtype, device=gram.device))
 
 
+def range_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, S), both d×r over the range of G (eigenvalues above 1e-12 of the largest): R Rᵀ = G there and Rᵀ S = I, so
+    z = Rᵀx are an embedding's key/value coordinates and x = S z an embedding with those outputs. Directions G sends to
+    zero give no output in any layer: they need no removing, and leaving them out keeps the solves well conditioned."""
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > 1e-12 * values.max()
+    root = values[keep].sqrt()
+    return vectors[:, keep] * root, vectors[:, keep] / root
+
+
 def independent_directions(directions: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """A G-orthonormal basis of the span of `directions` (columns), those adding nothing new in K/V coordinates
-    dropped."""
-    factor = gram_factor(gram)
+    """A G-orthonormal basis of the outputs of `directions` (columns): those adding nothing new to the keys/values
+    (a repeat, or no output at all) dropped."""
+    factor, inverse = range_factor(gram)
     basis, triangle = torch.linalg.qr(factor.T @ directions)
     diagonal = triangle.diagonal().abs()
-    basis = basis[:, diagonal > 1e-9 * diagonal.max()]
-    return torch.linalg.solve_triangular(factor.T, basis, upper=True)
+    if diagonal.numel() == 0 or diagonal.max() == 0:
+        return directions[:, :0]
+    return inverse @ basis[:, diagonal > 1e-9 * diagonal.max()]
 
 
 def unused_directions(preserve_rows: torch.Tensor, gram: torch.Tensor, support: float) -> torch.Tensor:
@@ -145,9 +156,9 @@ def unused_directions(preserve_rows: torch.Tensor, gram: torch.Tensor, support: 
     dim = gram.shape[0]
     if support >= 1:
         return torch.zeros(dim, 0, dtype=torch.float64, device=gram.device)
-    factor = gram_factor(gram)
-    outputs = preserve_rows @ factor  # K/V coordinates: a d×d eigenproblem however many rows
+    factor, inverse = range_factor(gram)
+    outputs = preserve_rows @ factor  # K/V coordinates: an r×r eigenproblem however many rows
     energy, vectors = torch.linalg.eigh(outputs.T @ outputs)
     energy, vectors = energy.flip(0).clamp(min=0), vectors.flip(1)
     kept = int((torch.cumsum(energy, 0) / energy.sum() < support).sum().item()) + 1
-    return torch.linalg.solve_triangular(factor.T, vectors[:, kept:], upper=True)
+    return inverse @ vectors[:, kept:]
