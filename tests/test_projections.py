@@ -52,3 +52,18 @@ def test_best_residual_is_the_least_squares_distance():
     expected = torch.linalg.norm(reached @ solution - wanted) / torch.linalg.norm(wanted)
     assert abs(pj.best_residual(m, gram, rows) - expected.item()) < 1e-6
     assert pj.best_residual(m, gram, u.T) > 0.999  # the removed directions themselves: nothing of them comes back
+
+
+def test_directions_no_layer_reads_are_left_alone():
+    """G of a layer narrower than the embedding has a null space: the projection works in its range only, so the
+    removed directions come out exactly (1e-12, not the 1e-9 a ridge left), and the unused ones exclude the null."""
+    g = torch.Generator().manual_seed(3)
+    d = 16
+    weights = [torch.randn(6, d, generator=g, dtype=torch.float64)]  # rank 6 of 16
+    gram = cf.weight_gram(weights)
+    preserve = torch.randn(40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, d, generator=g, dtype=torch.float64)
+    unused = pj.unused_directions(preserve, gram, 0.9999)
+    assert unused.shape == (d, 4)  # 6 directions reach the outputs, the preserved rows use 2 of them
+    m = pj.key_value_projection(unused, gram)
+    singular = torch.linalg.svdvals(weights[0] @ m)
+    assert (singular > 1e-6).sum() == 2 and singular[2:].max() < 1e-12 * singular.max()
