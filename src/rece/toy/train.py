@@ -243,7 +243,7 @@ def _dit_export(folder: Path, vae, modules, tokenizer) -> None:
 ARCHS = {
     "unet": Arch(_autoencoder, _unet_modules, _unet_loss, _unet_export, ("tokenizer",), steps=3200, lr=1e-3, vae_steps=500),
     "mmdit": Arch(_mmdit_autoencoder, _mmdit_modules, _mmdit_loss, _mmdit_export, ("tokenizer", "tokenizer_2"), 4000, 1e-3, 1500),
-    "dit": Arch(_dit_autoencoder, _dit_modules, _dit_loss, _dit_export, (), 8000, 1e-3, 1500, tokenizer=_dit_tokenizer),
+    "dit": Arch(_dit_autoencoder, _dit_modules, _dit_loss, _dit_export, (), 10000, 1e-3, 1500, tokenizer=_dit_tokenizer),
 }
 
 
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", required=True, help="pipeline folder to write")
     models = "unet: shapes; mmdit: shapes-mmdit; dit: shapes-dit"
     parser.add_argument("--arch", choices=sorted(ARCHS), default="unet", help=models)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (unet 3200, mmdit 4000, dit 8000)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (unet 3200, mmdit 4000, dit 10000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-3)")
