@@ -12,9 +12,9 @@ its `caption_projection` maps each row to the transformer's width, and every blo
 cross-attention (`attn2`), the padding masked by `encoder_attention_mask`. The transformer predicts v (Salimans &
 Ho 2022) on the DDPM forward process with PixArt's linear β schedule and samples with PixArt's own
 DPMSolverMultistepScheduler: v is the DDPM analogue of the velocity shapes-mmdit learns well at this size, and it is
-accurate at the noisiest steps, where an ε-prediction's x0 is not. The autoencoder is shapes-mmdit's, trained by
-the same recipe; PixArt's pipeline divides latents by `scaling_factor` and applies no shift, so the scale alone is
-fitted here.
+accurate at the noisiest steps, where an ε-prediction's x0 is not. The autoencoder is shapes-mmdit's, trained with
+the same objective, its learning rate cooling down; PixArt's pipeline divides latents by `scaling_factor` and
+applies no shift, so the scale alone is fitted here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import torch
 
 from ..tiny_dit import save_t5_tokenizer
+from . import mmdit
 from .mmdit import LATENT
 
 WIDTH = 128  # the T5 encoder's width (the transformer's caption_channels)
@@ -89,6 +90,19 @@ def make_scheduler():
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction"
     )
+
+
+def vae_learning_rate(step: int, steps: int, peak: float = 1e-3, cooldown: float = 0.2) -> float:
+    """The autoencoder's learning rate: `peak`, then linearly down to 0 over the last `cooldown` share of the steps."""
+    start = int(steps * (1 - cooldown))
+    return peak if step < start else peak * (steps - step) / max(1, steps - start)
+
+
+def train_vae(vae, images, steps: int, log) -> None:
+    """shapes-mmdit's autoencoder objective (`mmdit.train_vae`) with the learning rate cooling down to 0 and gradients
+    clipped at norm 1: the last weights are the ones kept, and at a constant 1e-3 an Adam step can wreck them (a
+    run of this recipe ended at a reconstruction error of 0.13 from 0.002 a hundred steps before)."""
+    mmdit.train_vae(vae, images, steps, log, lr=lambda step: vae_learning_rate(step, steps), clip=1.0)
 
 
 @torch.no_grad()

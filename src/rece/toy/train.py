@@ -187,9 +187,9 @@ def _mmdit_modules(tokenizer) -> dict:
     return {"transformer": mmdit.make_transformer(), "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
 
 
-def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log, fit: Callable = mmdit.fit_latent_scale):
+def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log, fit=mmdit.fit_latent_scale, train_vae=mmdit.train_vae):
     """Stage 1 of shapes-mmdit and shapes-dit: the latent autoencoder (kept in WORK/vae.safetensors), on its own
-    random streams, its latent scale fitted by `fit`."""
+    random streams, trained by `train_vae`, its latent scale fitted by `fit`."""
     from safetensors.torch import load_file, save_file
 
     with torch.random.fork_rng():
@@ -199,7 +199,7 @@ def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log, fit: Callable
             vae.load_state_dict(load_file(work / "vae.safetensors"))
         else:
             rng = np.random.default_rng(seed + 1)
-            mmdit.train_vae(vae, lambda n: batch(rng, n, dropout=0.0)[0], vae_steps, log)
+            train_vae(vae, lambda n: batch(rng, n, dropout=0.0)[0], vae_steps, log)
             save_file(vae.state_dict(), work / "vae.safetensors")
     fit(vae, batch(np.random.default_rng(seed + 7), 512, dropout=0.0)[0])
     return vae.requires_grad_(False)
@@ -216,8 +216,9 @@ def _mmdit_export(folder: Path, vae, modules, tokenizer) -> None:
 
 
 def _dit_autoencoder(work: Path, seed: int, vae_steps: int, log):
-    """Stage 1 of shapes-dit: shapes-mmdit's autoencoder, scaled without a shift (the PixArt pipeline applies none)."""
-    return _mmdit_autoencoder(work, seed, vae_steps, log, fit=dit.fit_latent_scale)
+    """Stage 1 of shapes-dit: shapes-mmdit's autoencoder, its learning rate cooling down (`dit.train_vae`), scaled
+    without a shift (the PixArt pipeline applies none)."""
+    return _mmdit_autoencoder(work, seed, vae_steps, log, fit=dit.fit_latent_scale, train_vae=dit.train_vae)
 
 
 def _dit_modules(tokenizer) -> dict:
