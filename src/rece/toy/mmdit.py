@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -57,19 +57,24 @@ def make_vae():
     )
 
 
-def train_vae(vae, images, steps: int, log) -> None:
+def train_vae(vae, images, steps: int, log, lr: Callable[[int], float] | None = None, clip: float | None = None) -> None:
     """A deterministic autoencoder: decode(latent + 0.1 noise) = image, with a small pull of the latents to 0.
 
     `images(n)` draws n training images in [-1, 1]. The noise keeps the decoder smooth around the latents the
-    transformer will produce."""
+    transformer will produce. `lr(step)`: the learning rate (shapes-mmdit's recipe: 1e-3 throughout); `clip`: the
+    gradient norm clipped to, if any."""
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     for step in range(steps):
+        if lr is not None:
+            opt.param_groups[0]["lr"] = lr(step)
         x = images(32)
         mean = vae.encoder(x)[:, :LATENT]
         reconstruction = vae.decoder(mean + 0.1 * torch.randn_like(mean))
         loss = (reconstruction - x).pow(2).mean() + 1e-3 * mean.pow(2).mean()
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), clip)
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step} loss {loss.item():.5f}")

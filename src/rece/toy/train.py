@@ -1,9 +1,10 @@
-"""Train a shapes model from a seed: `python -m rece.toy.train -o DIR [--arch unet|mmdit] [--steps N] [--seed S]`.
+"""Train a shapes model from a seed: `python -m rece.toy.train -o DIR [--arch unet|mmdit|dit] [--steps N] [--seed S]`.
 
-Stage 1 trains the autoencoder (`shapes`: pixel space, to identity; `shapes-mmdit`: to an 8×8×4 latent); stage 2
-trains the denoiser and the CLIP text encoders jointly with 10 % caption dropout (for classifier-free guidance): the
-UNet (`shapes`) with x0 ("sample") prediction, the MMDiT (`shapes-mmdit`) with flow matching. State is saved every
-`--save-every` steps; rerunning the same command resumes where it stopped.
+Stage 1 trains the autoencoder (`shapes`: pixel space, to identity; `shapes-mmdit` and `shapes-dit`: to an 8×8×4
+latent, by the same recipe); stage 2 trains the denoiser and the text encoders jointly with 10 % caption dropout (for
+classifier-free guidance): the UNet (`shapes`) with x0 ("sample") prediction, the MMDiT (`shapes-mmdit`) with flow
+matching, the PixArt DiT (`shapes-dit`) with v prediction. State is saved every `--save-every` steps; rerunning the
+same command resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..io import atomic_dir
 from ..tiny import save_clip_tokenizer
-from . import mmdit
+from . import dit, mmdit
 from .model import make_sample_scheduler, make_text_encoder, make_train_scheduler, make_unet, make_vae
 from .world import WORDS, caption, random_scenes, render, to_tensor_range
 
@@ -71,7 +72,8 @@ def _save_state(path: Path, step: int, modules: dict, opt, rng: np.random.Genera
     tmp = path.with_suffix(".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
-        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+        # copies: safetensors refuses tensors that share memory (T5's tied `shared` / `encoder.embed_tokens`)
+        save_file({k: v.clone().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "rng": rng.bit_generator.state}))
     if path.exists():
@@ -126,6 +128,14 @@ def _update_ema(pairs, step: int) -> None:
                 pe.lerp_(pl, 1 - decay)
 
 
+def _clip_tokenizer(path: Path):
+    return save_clip_tokenizer(path, WORDS)
+
+
+def _dit_tokenizer(path: Path):
+    return dit.make_tokenizer(path, WORDS)
+
+
 @dataclass(frozen=True)
 class Arch:
     """What differs between the shapes models: the trained modules (by state name), the loss, the exported folder."""
@@ -134,10 +144,11 @@ class Arch:
     build: Callable  # tokenizer -> {name: module}, the optimiser's parameter order
     loss: Callable  # (modules, vae, tokenizer, images, texts, generator) -> loss
     export: Callable  # (folder, vae, modules, tokenizer) -> None; writes the pipeline
-    tokenizers: tuple[str, ...]  # the exported folder's tokenizer subfolders
+    tokenizers: tuple[str, ...]  # the exported folder's CLIP tokenizer subfolders (given vocab.json + merges.txt)
     steps: int
     lr: float
     vae_steps: int
+    tokenizer: Callable = _clip_tokenizer  # WORK/tokenizer -> the tokenizer the text encoders read
 
 
 def _unet_modules(tokenizer) -> dict:
@@ -176,8 +187,9 @@ def _mmdit_modules(tokenizer) -> dict:
     return {"transformer": mmdit.make_transformer(), "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
 
 
-def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log):
-    """Stage 1 of shapes-mmdit: the latent autoencoder (kept in WORK/vae.safetensors), on its own random streams."""
+def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log, fit=mmdit.fit_latent_scale, train_vae=mmdit.train_vae):
+    """Stage 1 of shapes-mmdit and shapes-dit: the latent autoencoder (kept in WORK/vae.safetensors), on its own
+    random streams, trained by `train_vae`, its latent scale fitted by `fit`."""
     from safetensors.torch import load_file, save_file
 
     with torch.random.fork_rng():
@@ -187,9 +199,9 @@ def _mmdit_autoencoder(work: Path, seed: int, vae_steps: int, log):
             vae.load_state_dict(load_file(work / "vae.safetensors"))
         else:
             rng = np.random.default_rng(seed + 1)
-            mmdit.train_vae(vae, lambda n: batch(rng, n, dropout=0.0)[0], vae_steps, log)
+            train_vae(vae, lambda n: batch(rng, n, dropout=0.0)[0], vae_steps, log)
             save_file(vae.state_dict(), work / "vae.safetensors")
-    mmdit.fit_latent_scale(vae, batch(np.random.default_rng(seed + 7), 512, dropout=0.0)[0])
+    fit(vae, batch(np.random.default_rng(seed + 7), 512, dropout=0.0)[0])
     return vae.requires_grad_(False)
 
 
@@ -203,9 +215,36 @@ def _mmdit_export(folder: Path, vae, modules, tokenizer) -> None:
     mmdit.export_pipeline(folder, vae, encoders, tokenizer, modules["transformer"])
 
 
+def _dit_autoencoder(work: Path, seed: int, vae_steps: int, log):
+    """Stage 1 of shapes-dit: shapes-mmdit's autoencoder, its learning rate cooling down (`dit.train_vae`), scaled
+    without a shift (the PixArt pipeline applies none)."""
+    return _mmdit_autoencoder(work, seed, vae_steps, log, fit=dit.fit_latent_scale, train_vae=dit.train_vae)
+
+
+def _dit_modules(tokenizer) -> dict:
+    encoder = dit.make_text_encoder(tokenizer)  # built first, as the other recipes build their encoders
+    return {"transformer": dit.make_transformer(), "text_encoder": encoder}
+
+
+@functools.cache
+def _dit_scheduler():
+    """shapes-dit's scheduler (its ᾱ_t for training), built once."""
+    return dit.make_scheduler()
+
+
+def _dit_loss(modules, vae, tokenizer, x0, texts, gen):
+    encoder = modules["text_encoder"]
+    return dit.v_prediction_loss(modules["transformer"], vae, tokenizer, encoder, x0, texts, gen, _dit_scheduler())
+
+
+def _dit_export(folder: Path, vae, modules, tokenizer) -> None:
+    dit.export_pipeline(folder, vae, modules["text_encoder"], tokenizer, modules["transformer"])
+
+
 ARCHS = {
     "unet": Arch(_autoencoder, _unet_modules, _unet_loss, _unet_export, ("tokenizer",), steps=3200, lr=1e-3, vae_steps=500),
     "mmdit": Arch(_mmdit_autoencoder, _mmdit_modules, _mmdit_loss, _mmdit_export, ("tokenizer", "tokenizer_2"), 4000, 1e-3, 1500),
+    "dit": Arch(_dit_autoencoder, _dit_modules, _dit_loss, _dit_export, (), 10000, 1e-3, 1500, tokenizer=_dit_tokenizer),
 }
 
 
@@ -235,7 +274,7 @@ def train(
     output = Path(output)
     work = Path(work) if work else output.with_name(output.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = save_clip_tokenizer(work / "tokenizer", WORDS)
+    tokenizer = spec.tokenizer(work / "tokenizer")
     vae = spec.autoencoder(work, seed, vae_steps, log)
     live = spec.build(tokenizer)
     ema = {name: copy.deepcopy(module) for name, module in live.items()}
@@ -301,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m rece.toy.train`: train the shapes model into -o DIR (resuming from DIR.work)."""
     parser = argparse.ArgumentParser(prog="python -m rece.toy.train", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="pipeline folder to write")
-    parser.add_argument("--arch", choices=sorted(ARCHS), default="unet", help="unet: shapes; mmdit: shapes-mmdit")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (unet 3200, mmdit 4000)")
+    models = "unet: shapes; mmdit: shapes-mmdit; dit: shapes-dit"
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="unet", help=models)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (unet 3200, mmdit 4000, dit 10000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (1e-3)")
-    parser.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (unet 500, mmdit 1500)")
+    parser.add_argument("--vae-steps", type=int, default=None, help="autoencoder steps (unet 500, mmdit and dit 1500)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size on 2 cores)")
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA pipeline every N steps")
