@@ -3,7 +3,7 @@ preserved text's keys and values exactly (a null-space-constrained edit) could r
 
     python bench/robust_span.py [--models shapes shapes-mmdit] [--supports 0.9999 0.999999 1]
 
-For each concept, with the robust recipe's texts: the best embedding's residual (`rece.projections.best_residual`,
+For each concept, with the robust recipe's texts: the best embedding's residual (`rece.projections.best_residuals`,
 of what tells the concept's prompts from " ") against the projection onto the K/V directions holding `support` of
 the preserved texts' energy (the first space an MMDiT reads: its token rows).
 """
@@ -40,7 +40,8 @@ def main() -> None:
             cells = []
             for support in args.supports:
                 keep = pj.key_value_projection(pj.unused_directions(preserve, gram, support), gram)
-                res = [pj.best_residual(keep, gram, texts.attended(c), texts.embeddings[" "]) for c in recipe["concepts"]]
+                rows = [texts.attended(c) for c in recipe["concepts"]]
+                res = pj.best_residuals(keep, gram, rows, texts.embeddings[" "])
                 cells.append(f"{sum(res) / len(res):.3f}")
             print(f"| {model} | {concept} | " + " | ".join(cells) + " |", flush=True)
 

@@ -42,7 +42,7 @@ def test_best_residual_is_the_least_squares_distance():
     weights, gram, _, g = _problem(2)
     rows = torch.randn(5, 12, generator=g, dtype=torch.float64)
     eye = torch.eye(12, dtype=torch.float64)
-    assert pj.best_residual(eye, gram, rows) < 1e-9  # nothing removed: every concept reachable
+    assert pj.best_residuals(eye, gram, [rows])[0] < 1e-9  # nothing removed: every concept reachable
     u = torch.randn(12, 3, generator=g, dtype=torch.float64)
     m = pj.key_value_projection(u, gram)
     stacked = torch.cat(weights)
@@ -50,8 +50,9 @@ def test_best_residual_is_the_least_squares_distance():
     reached = stacked @ m
     solution = torch.linalg.lstsq(reached, wanted).solution
     expected = torch.linalg.norm(reached @ solution - wanted) / torch.linalg.norm(wanted)
-    assert abs(pj.best_residual(m, gram, rows) - expected.item()) < 1e-6
-    assert pj.best_residual(m, gram, u.T) > 0.999  # the removed directions themselves: nothing of them comes back
+    residual, removed = pj.best_residuals(m, gram, [rows, u.T])  # one range for every concept
+    assert abs(residual - expected.item()) < 1e-6
+    assert removed > 0.999  # the removed directions themselves: nothing of them comes back
 
 
 def test_directions_no_layer_reads_are_left_alone():

@@ -454,31 +454,36 @@ def _key_value_robust(config: EraseConfig, texts: _Texts, concept_rows, contrast
     c′) and the directions no preserved text uses, all removed from the keys/values."""
     contrast_mean = contrast_rows.mean(dim=0, keepdim=True)
     dim = gram0.shape[0]
-    differences = (concept_rows - contrast_mean).reshape(-1, dim)
-    unused = pj.unused_directions(preserve_rows, gram0, config.support)
-    removed, ranks, transform = [], [], gram0
-    for round_ in range(config.adversarial_rounds + 1):
-        if round_:  # the rows a fresh c′ against this edit reaches join what the concept looks like
-            found = aligned_token_rows(derived_texts(texts, config, transform, gram0), config.concepts)
-            differences = torch.cat([differences, (found[:, : concept_rows.shape[1]] - contrast_mean).reshape(-1, dim)])
+    factors = pj.range_factor(gram0)  # one eigendecomposition of G for every projection below
+    unused = pj.unused_directions(preserve_rows, gram0, config.support, factors)
+
+    def concept_directions(differences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         directions, values = pj.key_value_concept_directions(differences, preserve_rows, gram0, config.tradeoff)
         rank = config.rank if config.rank is not None else pj.rank_for_energy(values, config.energy)
-        rank = min(rank, values.shape[0] - 1)
-        removed.append(directions[:, :rank])
-        ranks.append(rank)
-        transform = pj.key_value_projection(torch.cat([*removed, unused], dim=1), gram0)
-    report = {"rank": ranks[0], "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
+        return directions[:, : min(rank, values.shape[0] - 1)], values
+
+    differences = (concept_rows - contrast_mean).reshape(-1, dim)
+    first, values = concept_directions(differences)
+    removed = [first]
+    transform = pj.key_value_projection(torch.cat([first, unused], dim=1), gram0, factors)
+    for _ in range(config.adversarial_rounds):  # the rows a fresh c′ against this edit reaches join the concept's
+        found = aligned_token_rows(derived_texts(texts, config, transform, gram0), config.concepts)
+        differences = torch.cat([differences, (found[:, : concept_rows.shape[1]] - contrast_mean).reshape(-1, dim)])
+        directions, values = concept_directions(differences)
+        removed.append(directions)
+        transform = pj.key_value_projection(torch.cat([*removed, unused], dim=1), gram0, factors)
+    shown = max(removed[-1].shape[1] + 4, 8)  # the last estimate's leading eigenvalues
+    report = {"rank": first.shape[1], "eigenvalues": [round(v, 6) for v in values[:shown].tolist()]}
     report["unused_removed"] = unused.shape[1]
     if config.adversarial_rounds:
-        report["adversarial_ranks"] = ranks[1:]
+        report["adversarial_ranks"] = [d.shape[1] for d in removed[1:]]
     return transform, report
 
 
 def derived_texts(texts: _Texts, config: EraseConfig, transform: torch.Tensor, gram0: torch.Tensor) -> _Texts:
     """`texts` with each concept's attended rows replaced by transform·c′, c′ the closed-form embedding that brings
     the concept's original keys/values back best through the edit W⁰·transform (r = --regularization)."""
-    cross = transform.T @ gram0
-    gram = cross @ transform
+    gram, cross = edited_grams(transform, gram0)
     embeddings = dict(texts.embeddings)
     for concept in config.concepts:
         rows = texts.attended(concept)
@@ -489,6 +494,12 @@ def derived_texts(texts: _Texts, config: EraseConfig, transform: torch.Tensor, g
     return replace(texts, embeddings=embeddings)
 
 
+def edited_grams(transform: torch.Tensor, gram0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ W′ᵀW′, Σ W′ᵀW⁰) of the edit W′ = W⁰·transform, from G₀ = Σ W⁰ᵀW⁰: what a fresh c′ is derived with."""
+    cross = transform.T @ gram0
+    return cross @ transform, cross
+
+
 def fresh_derived_residuals(
     base: BaseModel, transform: torch.Tensor, gram0: torch.Tensor, texts: _Texts, concepts: list[str]
 ) -> dict:
@@ -496,8 +507,7 @@ def fresh_derived_residuals(
     paper's two regularisations, averaged over the concepts: near 0 means the concept can be brought back."""
     device = transform.device
     originals = [w.to(device, torch.float64) for w in base.kv.values()]
-    cross = transform.T @ gram0
-    gram = cross @ transform
+    gram, cross = edited_grams(transform, gram0)
     edited = [w @ transform for w in originals]
     out = {}
     for r in (0.1, 1e-3):
@@ -509,6 +519,6 @@ def fresh_derived_residuals(
         out[f"r={r:g}"] = round(sum(residuals) / len(residuals), 6)
     # the least-squares embedding of all (what no attack beats), relative to what tells the concept from " "
     blank = texts.embeddings.get(" ")
-    best = [pj.best_residual(transform, gram0, texts.attended(concept), blank) for concept in concepts]
+    best = pj.best_residuals(transform, gram0, [texts.attended(concept) for concept in concepts], blank)
     out["best"] = round(sum(best) / len(best), 6)
     return out

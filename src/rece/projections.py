@@ -12,21 +12,26 @@ import torch
 from .closed_form import outer_sum
 
 
-def best_residual(transform: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, blank: torch.Tensor | None = None) -> float:
-    """How much of what tells the concept's rows c from a blank prompt's no embedding at all brings back: min over x
-    of ‖W⁰·transform·x − W⁰(c − blank)‖ / ‖W⁰(c − blank)‖ summed over the layers (gram = Σ W⁰ᵀW⁰; blank None: of c
-    itself). 0: all of it comes back; 1: none of it.
+def best_residuals(
+    transform: torch.Tensor, gram: torch.Tensor, concepts: list[torch.Tensor], blank: torch.Tensor | None = None
+) -> list[float]:
+    """For each concept's rows c: how much of what tells them from a blank prompt's no embedding at all brings back,
+    min over x of ‖W⁰·transform·x − W⁰(c − blank)‖ / ‖W⁰(c − blank)‖ summed over the layers (gram = Σ W⁰ᵀW⁰; blank
+    None: of c itself). 0: all of it comes back; 1: none of it.
 
     In K/V coordinates z = Rᵀx (gram = R Rᵀ) the distance is the part of Rᵀ(c − blank) outside the range of
-    Rᵀ·transform. The blank's own rows are what every prompt shares (an MMDiT's T5 padding): left in, a sliver of
-    them outside the range would weigh as much as the concept."""
+    Rᵀ·transform, found once for every concept. The blank's own rows are what every prompt shares (an MMDiT's T5
+    padding): left in, a sliver of them outside the range would weigh as much as the concept."""
     factor, _ = range_factor(gram)
     basis, singular, _ = torch.linalg.svd(factor.T @ transform, full_matrices=False)
     # removed directions come out of the float64 solves at ~1e-9 of the kept ones, not at machine precision
     kept = basis[:, singular > 1e-6 * singular.max()]
-    own = (rows if blank is None else rows - blank[: rows.shape[0]]) @ factor  # [n, r] in K/V coordinates
-    outside = own - (own @ kept) @ kept.T
-    return (outside.pow(2).sum() / own.pow(2).sum().clamp(min=1e-300)).sqrt().item()
+    out = []
+    for rows in concepts:
+        own = (rows if blank is None else rows - blank[: rows.shape[0]]) @ factor  # [n, r] in K/V coordinates
+        outside = own - (own @ kept) @ kept.T
+        out.append((outside.pow(2).sum() / own.pow(2).sum().clamp(min=1e-300)).sqrt().item())
+    return out
 
 
 def second_moment(rows: torch.Tensor) -> torch.Tensor:
@@ -107,15 +112,16 @@ def key_value_concept_directions(
     return torch.linalg.solve_triangular(chol.T, vectors.flip(1), upper=True), values.flip(0)
 
 
-def key_value_projection(directions: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def key_value_projection(directions: torch.Tensor, gram: torch.Tensor, factors=None) -> torch.Tensor:
     """M = I − U (Uᵀ G U)⁻¹ Uᵀ G with G = Σ W⁰ᵀW⁰: every key/value output W⁰M x is orthogonal to W⁰U, so no
     embedding at all can produce the concept's outputs along those directions. Directions that repeat others (in
-    their key/value outputs) are dropped first, so U may hold overlapping sets."""
+    their key/value outputs) are dropped first, so U may hold overlapping sets. `factors`: `range_factor(gram)`,
+    when the caller has it."""
     dim = gram.shape[0]
     eye = torch.eye(dim, dtype=torch.float64, device=gram.device)
     if directions.shape[1] == 0:
         return eye
-    directions = independent_directions(directions, gram)
+    directions = independent_directions(directions, gram, factors)
     return eye - directions @ torch.linalg.solve(directions.T @ gram @ directions, directions.T @ gram)
 
 
@@ -136,10 +142,10 @@ def range_factor(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return vectors[:, keep] * root, vectors[:, keep] / root
 
 
-def independent_directions(directions: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def independent_directions(directions: torch.Tensor, gram: torch.Tensor, factors=None) -> torch.Tensor:
     """A G-orthonormal basis of the outputs of `directions` (columns): those adding nothing new to the keys/values
-    (a repeat, or no output at all) dropped."""
-    factor, inverse = range_factor(gram)
+    (a repeat, or no output at all) dropped. `factors`: `range_factor(gram)`, when the caller has it."""
+    factor, inverse = factors if factors is not None else range_factor(gram)
     basis, triangle = torch.linalg.qr(factor.T @ directions)
     diagonal = triangle.diagonal().abs()
     if diagonal.numel() == 0 or diagonal.max() == 0:
@@ -147,16 +153,17 @@ def independent_directions(directions: torch.Tensor, gram: torch.Tensor) -> torc
     return inverse @ basis[:, diagonal > 1e-9 * diagonal.max()]
 
 
-def unused_directions(preserve_rows: torch.Tensor, gram: torch.Tensor, support: float) -> torch.Tensor:
+def unused_directions(preserve_rows: torch.Tensor, gram: torch.Tensor, support: float, factors=None) -> torch.Tensor:
     """Embedding directions (columns) whose key/value outputs the preserved texts barely use: the complement of the
     fewest K/V directions that hold `support` of the preserved rows' K/V energy (none when support is 1).
 
     Removing them too leaves the edited model only the outputs the preserved texts need; an attack that optimises
-    the embedding can no longer use outputs no text ever produced."""
+    the embedding can no longer use outputs no text ever produced. `factors`: `range_factor(gram)`, when the caller
+    has it."""
     dim = gram.shape[0]
     if support >= 1:
         return torch.zeros(dim, 0, dtype=torch.float64, device=gram.device)
-    factor, inverse = range_factor(gram)
+    factor, inverse = factors if factors is not None else range_factor(gram)
     outputs = preserve_rows @ factor  # K/V coordinates: an r×r eigenproblem however many rows
     energy, vectors = torch.linalg.eigh(outputs.T @ outputs)
     energy, vectors = energy.flip(0).clamp(min=0), vectors.flip(1)
