@@ -21,7 +21,7 @@ from .errors import ReceError
 from .families import Family
 from .families.encoders import spec_named
 from .file_encoders import FoundEncoder, check_unscaled, clip_config, read_tensors, t5_config
-from .hub import first_line, hub_offline, is_hub_id, snapshot
+from .hub import fetch_for, first_line, is_hub_id
 from .safetensors_header import DTYPES, read_header
 from .single_file import (
     assign_encoders,
@@ -99,14 +99,10 @@ def config_root(path: Path, header: dict, family: Family, config: str | None) ->
         root, repo = Path(config).expanduser(), None
     else:
         repo = str(config) if config is not None and is_hub_id(str(config)) else reference_repo(path, header)
-        try:
-            root = snapshot(repo, ["model_index.json", *wanted])
-        except ReceError as exc:  # offline, gated (SD3.5, FLUX.1 [dev]), no connection
-            state = "the hub is offline (HF_HUB_OFFLINE)" if hub_offline() else f"fetching failed: {str(exc).split(';')[0]}"
-            raise ReceError(
-                f"'{path}' needs the {family.title} configs ({', '.join(wanted)} of {repo}), which are not cached and "
-                f"{state}; pass a diffusers folder of the same model with --config DIR"
-            ) from None
+        needs = f"the {family.title} configs ({', '.join(wanted)} of {repo})"
+        root = fetch_for(
+            path, repo, ["model_index.json", *wanted], needs, "pass a diffusers folder of the same model with --config DIR"
+        )
     absent = [w for w in wanted if not (root / w).is_file()]
     if absent:
         where = f"{repo}'s snapshot" if repo else f"'{root}'"

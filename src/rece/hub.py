@@ -45,3 +45,13 @@ def snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
             f"cannot fetch '{repo_id}' from the hub ({first_line(exc)}); check the id and your connection, "
             "or download it once and pass the local folder"
         ) from None
+
+
+def fetch_for(source, repo_id: str, allow_patterns: list[str], needs: str, fix: str) -> Path:
+    """`snapshot`, or one line: `source` needs `needs` (what, from `repo_id`), which are not cached, offline or why
+    fetching failed, and `fix` (the option that takes a local copy)."""
+    try:
+        return snapshot(repo_id, allow_patterns)
+    except ReceError as exc:  # offline, gated (SD3.5, FLUX.1 [dev] need the licence accepted), no connection
+        state = "the hub is offline (HF_HUB_OFFLINE)" if hub_offline() else f"fetching failed: {str(exc).split(';')[0]}"
+        raise ReceError(f"'{source}' needs {needs}, which are not cached and {state}; {fix}") from None

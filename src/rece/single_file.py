@@ -28,7 +28,7 @@ from .file_encoders import (
     encoders_in_checkpoint,
 )
 from .gguf_file import gguf_tensors, gguf_weights
-from .hub import hub_offline, is_hub_id, snapshot
+from .hub import fetch_for, is_hub_id, snapshot
 from .safetensors_header import DTYPES, read_header
 from .tokenizer_cache import load_tokenizer
 
@@ -152,14 +152,8 @@ def tokenizer_root(family: Family, slots: Sequence[str], parts: Sequence[int], c
         root = snapshot(str(config), [f"{s}/*" for s in subs])
     else:
         repo = family.tokenizer_repo(slots)
-        try:
-            root = snapshot(repo, [f"{s}/*" for s in subs])
-        except ReceError as exc:  # offline, gated (SD3.5, FLUX.1 [dev] need the licence accepted), no connection
-            state = "the hub is offline (HF_HUB_OFFLINE)" if hub_offline() else f"fetching failed: {str(exc).split(';')[0]}"
-            raise ReceError(
-                f"'{source}' needs the {family.title} tokenizers ({', '.join(s + '/' for s in subs)} of {repo}), which are "
-                f"not cached and {state}; pass a folder holding them with --config DIR"
-            ) from None
+        needs = f"the {family.title} tokenizers ({', '.join(s + '/' for s in subs)} of {repo})"
+        root = fetch_for(source, repo, [f"{s}/*" for s in subs], needs, "pass a folder holding them with --config DIR")
     absent = [s for s in subs if not (root / s).is_dir()]
     if absent:
         raise ReceError(
