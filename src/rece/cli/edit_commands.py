@@ -27,6 +27,14 @@ def add_text_encoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", action="append", default=[], metavar="FILE", help=TEXT_ENCODER_HELP)
 
 
+def add_pipeline_file_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """What builds a whole pipeline from a single file: --config (its configs, `config_help`), --text-encoder FILE
+    (repeatable) and --vae FILE."""
+    p.add_argument("--config", default=None, help=config_help)
+    add_text_encoder_argument(p)
+    p.add_argument("--vae", default=None, metavar="FILE", help=VAE_HELP)
+
+
 def add_erase_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, every EraseConfig field as a flag (from the config's own defaults and help), and the prompt files."""
     p.add_argument("model", help=MODEL_HELP)
@@ -255,14 +263,11 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--allow-other-base", action="store_true", help="apply even if the model is not the edit's base (fine-tunes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="diffusers folder or hub id of the same model, for writing a single file's pipeline folder (default: the "
+    add_pipeline_file_arguments(
+        p,
+        "diffusers folder or hub id of the same model, for writing a single file's pipeline folder (default: the "
         "reference hub repository, cached)",
     )
-    add_text_encoder_argument(p)
-    p.add_argument("--vae", default=None, metavar="FILE", help=VAE_HELP)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("info", help="show what an edit file (or a LoRA written by rece lora) contains")

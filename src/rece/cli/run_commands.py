@@ -12,7 +12,7 @@ from ..errors import ReceError
 from ..metrics.params import ClipScoreParams, NudenetParams
 from ..options import add_option, add_option_groups, add_options, field_of, finite_float, help_of, option_values
 from ..toy import door
-from .edit_commands import MODEL_HELP, VAE_HELP, add_erase_arguments, add_text_encoder_argument, erase_config
+from .edit_commands import MODEL_HELP, add_erase_arguments, add_pipeline_file_arguments, erase_config
 
 
 def cmd_demo(args) -> int:
@@ -237,14 +237,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-processes", type=int, default=1, help="local processes, one device each (rows split i %% N)")
     p.add_argument("--allow-other-base", action="store_true", help="apply edits even if the model is not their base")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
-    p.add_argument(
-        "--config",
-        default=None,
-        help="diffusers folder or hub id of the same model, for a single-file checkpoint's configs and tokenizers "
+    add_pipeline_file_arguments(
+        p,
+        "diffusers folder or hub id of the same model, for a single-file checkpoint's configs and tokenizers "
         "(default: the reference hub repository, cached)",
     )
-    add_text_encoder_argument(p)
-    p.add_argument("--vae", default=None, metavar="FILE", help=VAE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
