@@ -138,3 +138,22 @@ def test_the_recipe_is_reproducible_from_its_seed_and_resumes_from_the_saved_ste
     train(again, steps=3, vae_steps=2, batch_size=2, arch="dit", log=lines.append)
     assert "resuming at step 1" in lines and not any(line.startswith("vae step") for line in lines)  # stage 1 read back
     assert json.loads((again / "training.json").read_text())["steps"] == 3
+
+
+def test_a_second_run_on_a_folder_another_live_run_holds_is_refused_in_one_line(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".busy.work.rece-lock").write_text(str(holder.pid))
+        assert main(["-o", str(tmp_path / "busy"), *TRAIN]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"pid {holder.pid}" in err and "busy.work" in err
+        assert not (tmp_path / "busy.work").exists()  # nothing of the refused run written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["-o", str(tmp_path / "busy"), *TRAIN]) == 0  # a lock whose process is gone is taken over
+    assert not (tmp_path / ".busy.work.rece-lock").exists() and os.path.isdir(tmp_path / "busy")

@@ -13,6 +13,7 @@ import argparse
 import copy
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ReceError
 from ..io import atomic_dir
+from ..runs import run_folder_lock
 from ..tiny import save_clip_tokenizer
 from . import dit, mmdit
 from .model import make_sample_scheduler, make_text_encoder, make_train_scheduler, make_unet, make_vae
@@ -353,8 +356,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cooldown", type=float, default=0.2, help="share of the steps over which the lr decays to 0")
     parser.add_argument("--ship", choices=["ema", "live"], default="ema", help="which weights the output pipeline gets")
     args = parser.parse_args(argv)
-    train(
-        Path(args.output),
+    output = Path(args.output)
+    try:
+        # two runs resuming from one state would overwrite each other's saves: the second is refused
+        with run_folder_lock(output.with_name(output.name + ".work")):
+            _train_from(args, output)
+    except ReceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train_from(args: argparse.Namespace, output: Path) -> Path:
+    """`train` with the command line's settings."""
+    return train(
+        output,
         args.steps,
         args.seed,
         args.batch_size,
@@ -368,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         arch=args.arch,
         log=lambda m: print(m, flush=True),
     )
-    return 0
 
 
 if __name__ == "__main__":
