@@ -11,8 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import closed_form as cf
-from . import pairing
-from . import preservation
+from . import pairing, preservation
 from . import projections as pj
 from .budget import check_memory
 from .config import ROBUST_TEMPLATES, EraseConfig
@@ -333,9 +332,7 @@ def rece_pairer(base: BaseModel, config: EraseConfig, texts: _Texts, target_rows
         return lambda derived: [pairing.position_pair(c, t) for c, t in zip(derived, target_rows)]
     if config.pairing == "attended":
         counts = [texts.counts[t] for t in config.concept_targets]
-        return lambda derived: [
-            pairing.attended_pair(c, t, n, texts.end_rows) for c, t, n in zip(derived, target_rows, counts)
-        ]
+        return lambda derived: [pairing.attended_pair(c, t, n, texts.end_rows) for c, t, n in zip(derived, target_rows, counts)]
     preserved = {token for ids in base.encoder.attended_ids([" ", *config.preserve]) for token in ids}
     keep = [pairing.unshared_rows(ids, preserved) for ids in base.encoder.attended_ids(config.concepts)]
     return lambda derived: [pairing.unshared_pair(c, t, k) for c, t, k in zip(derived, target_rows, keep)]
