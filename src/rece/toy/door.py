@@ -16,7 +16,9 @@ from .world import COLORS, FULL_TEMPLATES, SHAPES, concept_prompts, other_concep
 
 NAME = "shapes"
 MMDIT = "shapes-mmdit"
-MODELS = (NAME, MMDIT)  # the shapes models shipped inside the package: the UNet one and the MMDiT one
+DIT = "shapes-dit"
+MODELS = (NAME, MMDIT, DIT)  # the shapes models shipped inside the package: UNet, MMDiT and cross-attention DiT
+ARCHS = {NAME: "unet", MMDIT: "mmdit", DIT: "dit"}  # python -m rece.toy.train --arch of each
 STEPS = 25
 GUIDANCE = 4.0
 SHAPE_PROMPT_COLOR = "red"  # what shapes-mmdit draws for "a shape": the colour target cannot erase it
@@ -24,10 +26,10 @@ EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
 
 
 def shapes_model_path(name: str = NAME) -> Path:
-    """The folder of a shapes model shipped inside the package (`shapes`, or `shapes-mmdit`)."""
+    """The folder of a shapes model shipped inside the package (`shapes`, `shapes-mmdit` or `shapes-dit`)."""
     path = Path(__file__).parent / name
     if name not in MODELS or not (path / "model_index.json").is_file():
-        train = "python -m rece.toy.train" + (" --arch mmdit" if name == MMDIT else "")
+        train = f"python -m rece.toy.train --arch {ARCHS.get(name, 'unet')}"
         raise ReceError(f"the {name} model is missing from '{path}'; reinstall rece or train it with {train}")
     return path
 
@@ -84,7 +86,7 @@ def sampling_defaults(model) -> tuple[int, float] | None:
 
 
 def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> dict:
-    """How to erase a shape or a colour from a shapes model (`shapes` or `shapes-mmdit`) with `rece.erase`.
+    """How to erase a shape or a colour from a shapes model (`shapes`, `shapes-mmdit`, `shapes-dit`) with `rece.erase`.
 
     The concept's short prompt family is erased and the other shapes' (colours') families are preserved
     (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
