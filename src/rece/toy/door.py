@@ -92,7 +92,8 @@ def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> 
     (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
     draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
     styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
-    shapes-mmdit changes two settings (`mmdit_recipe`). Robust mode maps each prompt to the same prompt with the
+    shapes-mmdit changes two settings (`mmdit_recipe`); shapes-dit maps a shape to another shape, as shapes-mmdit does
+    (`other_shape_target`). Robust mode maps each prompt to the same prompt with the
     next concept of its kind (`kept_attribute_targets`): its map to the target comes before a projection that no
     embedding undoes, so a prompt mapped to " " would lose its colour for good ("a blue triangle" drawn red).
     """
@@ -105,6 +106,8 @@ def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> 
     }
     if model == MMDIT:
         settings.update(mmdit_recipe(concept))
+    if model == DIT and concept in SHAPES:
+        settings["target"] = other_shape_target(concept)
     if method == "robust":
         settings["targets"] = kept_attribute_targets(concept)
     return settings
@@ -122,10 +125,16 @@ def mmdit_recipe(concept: str) -> dict:
     """
     settings: dict = {"uce_preserve_scale": 1.0}
     if concept in SHAPES:
-        settings["target"] = "a square" if concept == "circle" else "a circle"
+        settings["target"] = other_shape_target(concept)
     if concept == SHAPE_PROMPT_COLOR:
         settings["target"] = "a blue shape"
     return settings
+
+
+def other_shape_target(concept: str) -> str:
+    """A shape's target on the transformer models, whose " " draws shapes of its own (shapes-mmdit triangles 25 %,
+    shapes-dit triangles 42 % and circles 38 %): another shape, "a circle" ("a square" for circle)."""
+    return "a square" if concept == "circle" else "a circle"
 
 
 def next_concept(concept: str) -> str:
