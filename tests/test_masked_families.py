@@ -67,11 +67,12 @@ def test_rows_are_what_the_pipeline_feeds_to_cross_attention(case, model):
 
 
 def test_rece_equals_the_reference_on_attended_rows(model):
-    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)
+    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)  # the default pairing: unshared
     encoder = model.encoder
     expected = reference_erase(
         model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], ["nudity"],
-        preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows,
+        preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows, pairing="unshared",
+        ids=lambda t: encoder.attended_ids([t])[0],
     )  # fmt: skip
     ours = edit.edited_kv(model.kv)
     for name, w in expected.items():

@@ -87,9 +87,10 @@ class EraseConfig:
     uce_preserve_scale: float | None = option(None, "s_p of the UCE stage (default max(0.1, 1/#preserved))")
     technique: str = option("replace", "replace or tensor")
     pairing: str = option(
-        "position",
-        "RECE on a model that masks padding (PixArt, Sana): which target row each c′ row maps to: position, attended "
-        "(from the last word, the target's attended rows only) or unshared (only tokens no preserved text has)",
+        "unshared",
+        "RECE on a model that masks padding (PixArt, Sana): which c′ rows are erased and to which target rows: "
+        "unshared (row i to row i, only tokens no preserved text has), position (every row i to row i) or attended "
+        "(from the last word, as many rows as the target attends); docs/method.md",
     )
     derived: bool = option(True, "do not keep RECE's c′ in the edit (a small file when erasing many concepts)")
     layers: list[str] | None = option(None, "edit only the layers matching this regex (repeatable)")
