@@ -71,7 +71,7 @@ def recipe_of(concept: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="shapes", help="shapes (the UNet model) or shapes-mmdit")
+    parser.add_argument("--model", default="shapes", help="shapes (the UNet model), shapes-mmdit or shapes-dit")
     parser.add_argument("--per-combo", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)

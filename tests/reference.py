@@ -51,12 +51,17 @@ def reference_erase(
     masked=False,
     end_rows=1,
     whole=False,
+    pairing="position",
+    ids=None,
 ):
     """Return the final weights {name: W} following the issue's procedure literally.
 
     `masked`: the model masks padding rows (PixArt): a text is its first counts(text) rows, UCE's slice runs from the
     concept's last word to its last attended row (`end_rows` rows follow the last word: EOS), and the target supplies
-    the rows at the same offsets. `whole`: a pooled space, whose one row is paired as it is."""
+    the rows at the same offsets. `whole`: a pooled space, whose one row is paired as it is. `pairing` (masked only):
+    RECE's c′ row i to the target's row i ("position"), from the last words on over the target's attended rows
+    ("attended"), or row i to row i for the tokens (`ids(text)`: attended token ids) no preserved text has
+    ("unshared")."""
     rows = (lambda t: encode(t)[: counts(t)]) if masked else encode
     W0 = {n: w.to(torch.float64) for n, w in kv.items()}
     W = dict(W0)
@@ -83,6 +88,19 @@ def reference_erase(
     if method != "rece":
         return W
     rece_preserve = torch.cat([rows(" ") for _ in concepts] + [rows(p) for p in preserve])
+
+    def reference_pair(cp, x):
+        Ey = encode(target)
+        if masked and pairing == "attended":
+            ix, iy = max(counts(x) - 1 - end_rows, 0), max(counts(target) - 1 - end_rows, 0)
+            n = min(counts(x) - ix, counts(target) - iy)
+            return cp[ix : ix + n], Ey[iy : iy + n]
+        if masked and pairing == "unshared":
+            shared = set(ids(" ")).union(*(ids(p) for p in preserve))
+            keep = [i for i, token in enumerate(ids(x)) if token not in shared]
+            return cp[keep], Ey[keep]
+        return cp, Ey[: cp.shape[0]]
+
     for _ in range(epochs):
         d = next(iter(W.values())).shape[1]
         A = r * torch.eye(d, dtype=torch.float64)
@@ -97,7 +115,7 @@ def reference_erase(
                 derived.append(c @ torch.linalg.solve(A, B).T)
             else:
                 derived.append(torch.linalg.solve(A, r * encode(standard_text).T + B @ c.T).T)
-        rpairs = [(cp, encode(target)[: cp.shape[0]]) for cp in derived]
+        rpairs = [reference_pair(cp, x) for cp, x in zip(derived, concepts)]
         for n in edited:
             W[n] = uce_layer(W[n], rpairs, rece_preserve, lamb, s_e, s_p, technique)
     return W

@@ -155,3 +155,23 @@ def test_robustness_table_takes_a_later_files_cells_over_an_earlier_ones(tmp_pat
     assert "| shapes | robust | 15.0 (2) |" in done.stdout and "| shapes | none | 100.0 (1) |" in done.stdout
     table = subprocess.run([sys.executable, str(script), str(first), str(second)], capture_output=True, text=True).stdout
     assert "| red | robust | 0.0 (16) |" in table and "50.0" not in table
+
+
+def test_pairing_table_labels_rece_by_each_runs_pairing_and_takes_uce_from_the_first(tmp_path):
+    """bench/pairing_table.py: one robustness folder per --erase-option pairing=, RECE's rows labelled, UCE's once."""
+    header = "model,concept,method,measure,value,images\n"
+    for pairing, rece_named, uce_named in (("position", 20, 60), ("unshared", 10, 99)):
+        folder = tmp_path / pairing
+        folder.mkdir()
+        (folder / "robustness.json").write_text(json.dumps({"settings": {"erase_options": {"pairing": pairing}}}))
+        (folder / "robustness.csv").write_text(
+            header + f"d,red,none,named,100,8\nd,red,uce,named,{uce_named},8\nd,red,rece,named,{rece_named},8\n"
+            "d,red,rece,erased_shapes,75,8\nd,red,rece,attack:derived,50,8\n"
+        )
+    script = ROOT / "bench" / "pairing_table.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "position"), str(tmp_path / "unshared")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| red | uce | 60 |" in done.stdout and "99" not in done.stdout
+    assert "| red | rece (position) | 20 | – | – | 75 | 50 | – |" in done.stdout
+    assert "| rece (unshared) | 10 |" in done.stdout

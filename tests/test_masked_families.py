@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import rece
 from rece import closed_form as cf
+from rece.config import PAIRINGS
 from rece.families.pixart import PIXART_SIGMA
 from rece.families.sana import INSTRUCTION, SANA
 from rece.models import load_model
@@ -66,11 +67,12 @@ def test_rows_are_what_the_pipeline_feeds_to_cross_attention(case, model):
 
 
 def test_rece_equals_the_reference_on_attended_rows(model):
-    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)
+    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)  # the default pairing: unshared
     encoder = model.encoder
     expected = reference_erase(
         model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], ["nudity"],
-        preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows,
+        preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows, pairing="unshared",
+        ids=lambda t: encoder.attended_ids([t])[0],
     )  # fmt: skip
     ours = edit.edited_kv(model.kv)
     for name, w in expected.items():
@@ -78,6 +80,40 @@ def test_rece_equals_the_reference_on_attended_rows(model):
     attended = encoder.token_counts(["nudity"])[0]
     assert edit.derived[0].shape == (1, 300, model.dim) and edit.derived[0][0, :attended].abs().sum() > 0
     assert not edit.derived[0][0, attended:].any()  # c′ has the concept's attended rows only
+
+
+@pytest.mark.parametrize("pairing", ["position", "attended", "unshared"])
+def test_each_pairing_of_rece_equals_the_reference(model, pairing):
+    encoder = model.encoder
+    concepts, preserve = ["nudity", "a red dog"], ["a red cat"]
+    edit = rece.erase(model, concepts, preserve=preserve, epochs=2, pairing=pairing)
+    expected = reference_erase(
+        model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], concepts, preserve=preserve,
+        epochs=2, masked=True, end_rows=model.family.end_rows, pairing=pairing, ids=lambda t: encoder.attended_ids([t])[0],
+    )  # fmt: skip
+    ours = edit.edited_kv(model.kv)
+    for name, w in expected.items():
+        assert (ours[name].double() - w).norm() / w.norm() < 1e-5, name
+    assert edit.metadata["config"]["pairing"] == pairing
+
+
+def test_the_pairings_differ_and_a_fully_shared_concept_gets_no_rece_update(model):
+    name = next(iter(model.kv))
+    kv = {p: rece.erase(model, ["a red dog"], preserve=["a red cat"], pairing=p).edited_kv(model.kv)[name] for p in PAIRINGS}
+    assert not torch.allclose(kv["position"], kv["attended"]) and not torch.allclose(kv["position"], kv["unshared"])
+    # every token of "a red" is in "a red cat": unshared pairing leaves RECE nothing to erase, the edit is UCE's
+    uce = rece.erase(model, ["a red"], preserve=["a red cat"], method="uce").edited_kv(model.kv)[name]
+    assert torch.allclose(rece.erase(model, ["a red"], preserve=["a red cat"], pairing="unshared").edited_kv(model.kv)[name], uce)
+
+
+def test_attended_ids_are_the_tokens_of_the_attended_rows(case, model):
+    c, path = case
+    texts = ["A red cat", " ", "nudity"]
+    ids = model.encoder.attended_ids(texts)
+    assert [len(i) for i in ids] == model.encoder.token_counts(texts)
+    tokenizer = model.encoder.tokenizers[0]
+    for text, got in zip(texts, ids):
+        assert tokenizer.decode(got, skip_special_tokens=True).strip() == text.lower().strip()
 
 
 def test_uce_maps_the_concept_and_rece_undoes_the_derived_embedding(model):
@@ -139,3 +175,11 @@ def test_robust_mode_leaves_no_embedding_that_brings_the_concept_back(model):
         rows = enc.encode(["nudity"])[0][: enc.token_counts(["nudity"])[0] if view.family.masks_padding else None]
         assert best_reachable_residual(uce, model, names, rows) < 1e-6, view.family.name
         assert best_reachable_residual(robust, model, names, rows) > 0.02, view.family.name
+
+
+def test_pairing_leaves_a_model_that_does_not_mask_padding_as_the_paper_does(base):
+    name = next(iter(base.kv))
+    edits = [rece.erase(base, ["nudity"], preserve=["a red cat"], pairing=p).edited_kv(base.kv)[name] for p in PAIRINGS]
+    assert all(torch.equal(edits[0], e) for e in edits[1:])
+    with pytest.raises(rece.ReceError, match="unknown pairing 'rows'; choose one of: position, attended, unshared"):
+        rece.erase(base, ["nudity"], pairing="rows")

@@ -35,6 +35,7 @@ ROBUST_TEMPLATES = (
     "a close-up of {}",
 )
 TECHNIQUES = ("replace", "tensor")
+PAIRINGS = ("position", "attended", "unshared")  # rece.pairing: RECE's c′ rows to target rows, padding masked
 REGULARIZATION_TYPES = ("regzero", "standard")
 
 
@@ -85,6 +86,12 @@ class EraseConfig:
     uce_erase_scale: float = option(1.0, "s_e of the UCE stage")
     uce_preserve_scale: float | None = option(None, "s_p of the UCE stage (default max(0.1, 1/#preserved))")
     technique: str = option("replace", "replace or tensor")
+    pairing: str = option(
+        "unshared",
+        "RECE on a model that masks padding (PixArt, Sana): which c′ rows are erased and to which target rows: "
+        "unshared (row i to row i, only tokens no preserved text has), position (every row i to row i) or attended "
+        "(from the last word, as many rows as the target attends); docs/method.md",
+    )
     derived: bool = option(True, "do not keep RECE's c′ in the edit (a small file when erasing many concepts)")
     layers: list[str] | None = option(None, "edit only the layers matching this regex (repeatable)")
     rank: int | None = option(None, "robust: concept directions removed (default: by --energy)")
@@ -135,6 +142,8 @@ class EraseConfig:
         self.concepts = unique_concepts(self.concepts)  # a repeat would weigh a concept more, not erase it more
         if self.method not in METHODS:
             raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.pairing not in PAIRINGS:
+            raise ReceError(f"unknown pairing '{self.pairing}'; choose one of: {', '.join(PAIRINGS)}")
         if self.technique not in TECHNIQUES:
             raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
         if self.regularization_type not in REGULARIZATION_TYPES:

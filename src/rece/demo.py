@@ -29,7 +29,7 @@ METRIC_KEYS = ("erased_rate", "other_shape_accuracy", "color_accuracy", "erased_
 
 
 def _load_pipeline(model: str):
-    """The demo's pipeline: `shapes` (default), `shapes-mmdit` or a folder of a shapes-world model."""
+    """The demo's pipeline: `shapes` (default), `shapes-mmdit`, `shapes-dit` or a folder of a shapes-world model."""
     return load_pipeline(model)
 
 
@@ -45,8 +45,10 @@ def _check_options(concept: str, per_combo: int, steps: int, guidance: float | N
 
 
 def recipe_model(pipe) -> str:
-    """Which shapes model's recipe erases from `pipe`: shapes-mmdit's for an MMDiT (two spaces; a retrained one too)."""
-    return door.MMDIT if family_of_pipeline(pipe).spaces else door.NAME
+    """Which shapes model's recipe erases from `pipe`: shapes-mmdit's for an MMDiT (two spaces), shapes-dit's for a
+    model whose encoder masks padding, shapes' otherwise (a retrained one too)."""
+    family = family_of_pipeline(pipe)
+    return door.MMDIT if family.spaces else door.DIT if family.masks_padding else door.NAME
 
 
 def measure_demo(

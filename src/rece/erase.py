@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import closed_form as cf
-from . import preservation
+from . import pairing, preservation
 from . import projections as pj
 from .budget import check_memory
 from .config import ROBUST_TEMPLATES, EraseConfig
@@ -315,13 +315,27 @@ def _uce_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Ten
     return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
 
 
-def _rece_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
+def _rece_stage_args(base: BaseModel, config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
     if preserve_rows is None:
         preserve_rows = texts.weighted_rows([" "] * len(config.concepts) + list(config.preserve))
     target_rows = [texts.embeddings[t] for t in config.concept_targets]  # each concept's c′ maps to its target
     anchor = texts.embeddings[config.regularization_text] if config.regularization_type == "standard" else None
     concept_rows = [texts.attended(c) for c in config.concepts]
-    return concept_rows, target_rows, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
+    pair = rece_pairer(base, config, texts, target_rows)
+    return concept_rows, pair, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
+
+
+def rece_pairer(base: BaseModel, config: EraseConfig, texts: _Texts, target_rows: list[torch.Tensor]):
+    """c′ of each concept → its (c′ rows, target rows) pairs, by `config.pairing` (rece.pairing) where the model masks
+    padding; by position otherwise (the paper's procedure)."""
+    if not texts.masked or config.pairing == "position":
+        return lambda derived: [pairing.position_pair(c, t) for c, t in zip(derived, target_rows)]
+    if config.pairing == "attended":
+        counts = [texts.counts[t] for t in config.concept_targets]
+        return lambda derived: [pairing.attended_pair(c, t, n, texts.end_rows) for c, t, n in zip(derived, target_rows, counts)]
+    preserved = {token for ids in base.encoder.attended_ids([" ", *config.preserve]) for token in ids}
+    keep = [pairing.unshared_rows(ids, preserved) for ids in base.encoder.attended_ids(config.concepts)]
+    return lambda derived: [pairing.unshared_pair(c, t, k) for c, t, k in zip(derived, target_rows, keep)]
 
 
 def _run_shared(
@@ -336,16 +350,16 @@ def _run_shared(
     left, right = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, targets, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
+        concept_rows, pair, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(base, config, texts, rece_rows)
         # the edited gram PᵀG₀P and PᵀG₀ on the concept rows are kept current update by update, each update a
         # low-rank term (or a dense one), so the composed P is never multiplied out against G₀
         grams = cf.EditedGrams(base.original_gram(), concept_rows, left, right)
+        full = texts.embeddings[config.concept_targets[0]].shape  # every text's rows, padding included
         for epoch in progress_bar(range(config.epochs), "RECE epochs", "epoch", progress):
-            stack = targets[0].new_zeros(len(concept_rows), *targets[0].shape)  # the edit keeps it; c′ are its views
+            stack = concept_rows[0].new_zeros(len(concept_rows), *full)  # the edit keeps it; c′ are its views
             derived_rows = grams.derive(config.regularization, anchor, into=stack)
             derived.append(stack)
-            pairs = [(c, t[: c.shape[0]]) for c, t in zip(derived_rows, targets)]
-            step = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--lamb")
+            step = shared_step(pair(derived_rows), preserve_rows, lamb, s_e, s_p, "--lamb")
             left, right = cf.compose_low_rank(left, right, *step)
             if epoch + 1 < config.epochs:
                 grams.update(*step)
@@ -367,15 +381,16 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
         weights[name] = cf.edit_layer(weights[name], pairs, preserve_rows, lamb, s_e, s_p, config.technique, denominator)
     derived = []
     if config.method == "rece" and config.epochs > 0:
-        concept_rows, targets, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(config, texts, rece_rows)
+        concept_rows, pair, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(base, config, texts, rece_rows)
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
             products = cross @ torch.cat(concept_rows).T
             derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
-            derived.append(padded_stack(derived_rows, targets[0].shape[0]))
-            rece_pairs = [(c, t[: c.shape[0]]) for c, t in zip(derived_rows, targets)]
-            denominator = cf.edit_denominator(torch.cat(derived_rows), preserve_rows, lamb, s_e, s_p, targets[0].shape[1])
+            derived.append(padded_stack(derived_rows, texts.embeddings[config.concept_targets[0]].shape[0]))
+            rece_pairs = pair(derived_rows)
+            erased = torch.cat([c for c, _ in rece_pairs])
+            denominator = cf.edit_denominator(erased, preserve_rows, lamb, s_e, s_p, erased.shape[1])
             cf.check_conditioning(denominator, "--lamb", shift=lamb)
             for name in edited:
                 weights[name] = cf.edit_layer(

@@ -424,7 +424,7 @@ def generate_run(
 ) -> Path:
     """Generate (or finish) the images of a prompt set into RUN_DIR `output`; return RUN_DIR.
 
-    `model` is a diffusers folder, hub id, single-file checkpoint, `shapes`/`shapes-mmdit`/`tiny`, or a pipeline object
+    `model` is a diffusers folder, hub id, single-file checkpoint, a shapes model or `tiny`, or a pipeline object
     (used as is, edits reverted afterwards). `steps` and `guidance` None are the model's defaults (`sampling.sampling_for`:
     the shapes models' 25, 4.0, else the family's, SD and SDXL 50, 7.5); FLUX and SD3 draw at the sequence length the
     edits were erased at. `device` None picks cuda when available, else cpu.

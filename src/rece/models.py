@@ -86,9 +86,9 @@ class BaseModel:
 def load_model(
     model, device: str | torch.device = "cpu", config: str | None = None, text_encoders: Sequence[str] = (), text: bool = True
 ) -> BaseModel:
-    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit` or
-    `tiny`); `text_encoders`: split text encoder files that go with a single-file checkpoint; `text=False`: a single
-    file's edited weights alone (a LoRA needs no text encoder: `encoder` is then None)."""
+    """Resolve MODEL (pipeline object, diffusers folder, hub id, single-file checkpoint, `shapes`, `shapes-mmdit`,
+    `shapes-dit` or `tiny`); `text_encoders`: split text encoder files that go with a single-file checkpoint;
+    `text=False`: a single file's edited weights alone (a LoRA needs no text encoder: `encoder` is then None)."""
     source = resolve_model(model)
     if text_encoders and source.kind != "single-file":
         raise ReceError(f"--text-encoder goes with a single-file checkpoint; '{source.name}' brings its own text encoders")

@@ -33,7 +33,7 @@ def is_pipeline(model) -> bool:
 
 
 def named_model_path(name: str) -> Path:
-    """Folder of a model rece knows by name: `shapes` / `shapes-mmdit` (trained, shipped in the package) or `tiny`
+    """Folder of a model rece knows by name: `shapes` / `shapes-mmdit` / `shapes-dit` (trained, shipped in the package) or `tiny`
     (built locally)."""
     if name == "tiny":
         from .tiny import tiny_model_path

@@ -56,6 +56,10 @@ class PromptEncoder:
         """Number of attention-mask ones (BOS + tokens + EOS) of each text, after truncation."""
         return self.family.attention_counts(self.tokenizers, [self.family.preprocess(t) for t in texts])
 
+    def attended_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of the rows each text attends, in row order (a family that masks padding)."""
+        return self.family.attended_ids(self.tokenizers, [self.family.preprocess(t) for t in texts])
+
     def warn_if_truncated(self, texts: Sequence[str]) -> None:
         """Warn (once per text) when a text is longer than the tokenizer's context."""
         tokenizer = self.tokenizers[0]

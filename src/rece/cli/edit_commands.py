@@ -13,7 +13,7 @@ from ..elapsed import waited
 from ..io import check_not_input, check_output_path, disk_full_reported, read_prompt_file
 from ..options import add_options, finite_float, option_values
 
-MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit' or 'tiny'"
+MODEL_HELP = "diffusers folder, hub id, single-file .safetensors checkpoint, 'shapes', 'shapes-mmdit', 'shapes-dit' or 'tiny'"
 TEXT_ENCODER_HELP = (
     "a text encoder file that goes with a single-file MODEL that lacks it (ComfyUI's models/text_encoders: clip_l, "
     "clip_g, t5xxl; repeatable, recognised by its contents)"

@@ -204,7 +204,9 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--method", default="rece", help="rece (default), uce, or robust (see docs/robust.md)")
     p.add_argument(
-        "--model", default="shapes", help="shapes (default: the UNet model), shapes-mmdit (the MMDiT) or a shapes-world folder"
+        "--model",
+        default="shapes",
+        help="shapes (default: the UNet model), shapes-mmdit (the MMDiT), shapes-dit (the PixArt DiT) or a shapes folder",
     )
     p.add_argument("--per-combo", type=int, default=2, help="images per shape × colour prompt")
     p.add_argument("--steps", type=int, default=door.STEPS, help=f"sampling steps ({door.STEPS})")

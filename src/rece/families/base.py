@@ -186,6 +186,11 @@ class Family:
         """Rows each text attends among its encoded rows (for masked families; all rows' mask ones otherwise)."""
         return tokenize(tokenizers[0], texts, self.max_length).attention_mask.sum(dim=1).tolist()
 
+    def attended_ids(self, tokenizers: Sequence, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of the rows each text attends, in row order (its first tokenizer's; masked families)."""
+        inputs = tokenize(tokenizers[0], texts, self.max_length)
+        return [ids[mask.bool()].tolist() for ids, mask in zip(inputs.input_ids, inputs.attention_mask)]
+
     def text_projection(self, denoiser_config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module | None:
         """The `text_modules` as one float32 module, from the denoiser's config and those modules' tensors."""
         return None

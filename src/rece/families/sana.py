@@ -57,6 +57,10 @@ class Sana(PixArt):
     def attention_counts(self, tokenizers, texts: Sequence[str]) -> list[int]:
         return self._inputs(tokenizers[0], texts).attention_mask[:, self._selected()].sum(dim=1).tolist()
 
+    def attended_ids(self, tokenizers, texts: Sequence[str]) -> list[list[int]]:
+        inputs, rows = self._inputs(tokenizers[0], texts), self._selected()
+        return [ids[mask.bool()].tolist() for ids, mask in zip(inputs.input_ids[:, rows], inputs.attention_mask[:, rows])]
+
     def denoiser_options(self, pipe, noisy: torch.Tensor) -> dict:
         """Sana's transformer takes no micro-conditions."""
         return {}

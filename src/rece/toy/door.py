@@ -16,7 +16,9 @@ from .world import COLORS, FULL_TEMPLATES, SHAPES, concept_prompts, other_concep
 
 NAME = "shapes"
 MMDIT = "shapes-mmdit"
-MODELS = (NAME, MMDIT)  # the shapes models shipped inside the package: the UNet one and the MMDiT one
+DIT = "shapes-dit"
+MODELS = (NAME, MMDIT, DIT)  # the shapes models shipped inside the package: UNet, MMDiT and cross-attention DiT
+ARCHS = {NAME: "unet", MMDIT: "mmdit", DIT: "dit"}  # python -m rece.toy.train --arch of each
 STEPS = 25
 GUIDANCE = 4.0
 SHAPE_PROMPT_COLOR = "red"  # what shapes-mmdit draws for "a shape": the colour target cannot erase it
@@ -24,10 +26,10 @@ EVALUATION_TEMPLATES = ("a {color} {shape}", "a photo of a {color} {shape}")
 
 
 def shapes_model_path(name: str = NAME) -> Path:
-    """The folder of a shapes model shipped inside the package (`shapes`, or `shapes-mmdit`)."""
+    """The folder of a shapes model shipped inside the package (`shapes`, `shapes-mmdit` or `shapes-dit`)."""
     path = Path(__file__).parent / name
     if name not in MODELS or not (path / "model_index.json").is_file():
-        train = "python -m rece.toy.train" + (" --arch mmdit" if name == MMDIT else "")
+        train = f"python -m rece.toy.train --arch {ARCHS.get(name, 'unet')}"
         raise ReceError(f"the {name} model is missing from '{path}'; reinstall rece or train it with {train}")
     return path
 
@@ -84,13 +86,14 @@ def sampling_defaults(model) -> tuple[int, float] | None:
 
 
 def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> dict:
-    """How to erase a shape or a colour from a shapes model (`shapes` or `shapes-mmdit`) with `rece.erase`.
+    """How to erase a shape or a colour from a shapes model (`shapes`, `shapes-mmdit`, `shapes-dit`) with `rece.erase`.
 
     The concept's short prompt family is erased and the other shapes' (colours') families are preserved
     (see `world.concept_prompts` for why the word alone is not enough here). Colours map to "a shape": the model
     draws a random colour for " ", the erased one included. r = 1e-3, the paper's setting for hard objects and
     styles: at r = 0.1 the RECE step undid the UCE erasure of "cross" and "red" here (docs/shapes.md).
-    shapes-mmdit changes two settings (`mmdit_recipe`). Robust mode maps each prompt to the same prompt with the
+    shapes-mmdit changes two settings (`mmdit_recipe`); shapes-dit maps a shape to another shape, as shapes-mmdit does
+    (`other_shape_target`). Robust mode maps each prompt to the same prompt with the
     next concept of its kind (`kept_attribute_targets`): its map to the target comes before a projection that no
     embedding undoes, so a prompt mapped to " " would lose its colour for good ("a blue triangle" drawn red).
     """
@@ -103,6 +106,8 @@ def erasure_arguments(concept: str, model: str = NAME, method: str = "rece") -> 
     }
     if model == MMDIT:
         settings.update(mmdit_recipe(concept))
+    if model == DIT and concept in SHAPES:
+        settings["target"] = other_shape_target(concept)
     if method == "robust":
         settings["targets"] = kept_attribute_targets(concept)
     return settings
@@ -120,10 +125,16 @@ def mmdit_recipe(concept: str) -> dict:
     """
     settings: dict = {"uce_preserve_scale": 1.0}
     if concept in SHAPES:
-        settings["target"] = "a square" if concept == "circle" else "a circle"
+        settings["target"] = other_shape_target(concept)
     if concept == SHAPE_PROMPT_COLOR:
         settings["target"] = "a blue shape"
     return settings
+
+
+def other_shape_target(concept: str) -> str:
+    """A shape's target on the transformer models, whose " " draws shapes of its own (shapes-mmdit triangles 25 %,
+    shapes-dit triangles 42 % and circles 38 %): another shape, "a circle" ("a square" for circle)."""
+    return "a square" if concept == "circle" else "a circle"
 
 
 def next_concept(concept: str) -> str:

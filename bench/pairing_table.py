@@ -1,0 +1,75 @@
+"""RECE's pairing on a masked encoder, compared (docs/method.md): one `rece robustness` run per `--pairing`, as a table.
+
+    for p in position attended unshared; do
+      rece robustness shapes-dit --concept circle ... --concept yellow --methods uce rece \\
+          --attacks derived derived-from-uce --quick --erase-option pairing=$p -o runs/pair-$p
+    done
+    python bench/pairing_table.py runs/pair-position runs/pair-attended runs/pair-unshared
+
+A row per concept × method (UCE from the first run: the pairing changes RECE's step only), then the means over the
+concepts. `erased prompts keep`: their colour when a shape is erased, their shape when a colour is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+MEASURES = ("named", "others", "colours", "kept", "attack:derived", "attack:derived-from-uce")
+HEADER = ("named", "others", "colours", "erased prompts keep", "fresh c′", "c′ from UCE")
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def run_cells(folder: Path, first: bool) -> tuple[str, dict]:
+    """(the run's pairing, {(concept, method, measure): value}); UCE's rows from the first run only."""
+    settings = json.loads((folder / "robustness.json").read_text())["settings"]
+    pairing = (settings.get("erase_options") or {}).get("pairing", "default")
+    cells = {}
+    with open(folder / "robustness.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            method, measure = row["method"], row["measure"]
+            if method == "none" or (method == "uce" and not first):
+                continue
+            if measure in ("erased_colours", "erased_shapes"):
+                measure = "kept"
+            cells[row["concept"], method if method == "uce" else f"{method} ({pairing})", measure] = float(row["value"])
+    return pairing, cells
+
+
+def table(cells: dict, methods: list[str], concepts: list[str]) -> list[str]:
+    lines = ["| concept | method | " + " | ".join(HEADER) + " |", "|---|---|" + "---|" * len(HEADER)]
+    means = defaultdict(list)
+    for concept in concepts:
+        for method in methods:
+            values = [cells.get((concept, method, m)) for m in MEASURES]
+            for m, v in zip(MEASURES, values):
+                if v is not None:
+                    means[method, m].append(v)
+            text = ["–" if v is None else f"{v:.0f}" for v in values]
+            lines.append(f"| {concept} | {method} | " + " | ".join(text) + " |")
+    lines += ["", "| method | " + " | ".join(HEADER) + " |", "|---|" + "---|" * len(HEADER)]
+    for method in methods:
+        text = [f"{sum(v) / len(v):.0f}" if (v := means.get((method, m))) else "–" for m in MEASURES]
+        lines.append(f"| {method} | " + " | ".join(text) + " |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="rece robustness folders, one per --erase-option pairing=")
+    args = parser.parse_args()
+    cells, methods = {}, ["uce"]
+    for i, folder in enumerate(args.runs):
+        pairing, found = run_cells(folder, i == 0)
+        cells.update(found)
+        methods += sorted({k[1] for k in found} - set(methods))
+    concepts = list(dict.fromkeys(k[0] for k in cells))
+    print("\n".join(table(cells, methods, concepts)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
