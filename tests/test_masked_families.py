@@ -94,7 +94,8 @@ def test_each_pairing_of_rece_equals_the_reference(model, pairing):
     ours = edit.edited_kv(model.kv)
     for name, w in expected.items():
         assert (ours[name].double() - w).norm() / w.norm() < 1e-5, name
-    assert edit.metadata["config"]["pairing"] == pairing
+    assert edit.metadata["config"]["pairing"] == edit.metadata["pairing"] == pairing
+    assert f"λ2 0.1, pairing {pairing}" in edit.summary()  # rece info says it
 
 
 def test_the_pairings_differ_and_a_fully_shared_concept_gets_no_rece_update(model):
@@ -181,5 +182,6 @@ def test_pairing_leaves_a_model_that_does_not_mask_padding_as_the_paper_does(bas
     name = next(iter(base.kv))
     edits = [rece.erase(base, ["nudity"], preserve=["a red cat"], pairing=p).edited_kv(base.kv)[name] for p in PAIRINGS]
     assert all(torch.equal(edits[0], e) for e in edits[1:])
+    assert "pairing" not in rece.erase(base, ["nudity"]).metadata  # SD's pairing: nothing to say
     with pytest.raises(rece.ReceError, match="unknown pairing 'rows'; choose one of: position, attended, unshared"):
         rece.erase(base, ["nudity"], pairing="rows")

@@ -28,7 +28,7 @@ def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> st
     if m["method"] == "rece":
         lines.append(
             f"rece          epochs {c['epochs']}, r {c['regularization']:g} ({c['regularization_type']}), "
-            f"λ1 {c['lamb']:g}, λ2 {c['preserve_scale']:g}"
+            f"λ1 {c['lamb']:g}, λ2 {c['preserve_scale']:g}" + (f", pairing {m['pairing']}" if m.get("pairing") else "")
         )
     if m["method"] == "robust" and "robust" in m:
         lines.extend(robust_lines(m["robust"], c, m.get("preservation") or {}))

@@ -190,6 +190,8 @@ def erase(
     else:
         transform = cf.identity_plus(*first.transform) if isinstance(first.transform, tuple) else first.transform
         edit = Edit.from_transform(transform, base, config, kept, seconds(), robust=first.report)
+    if config.method == "rece" and base.family.masks_padding:  # the only models whose RECE step the pairing changes
+        edit.metadata["pairing"] = config.pairing
     if lengths:  # what `rece generate` and the attacks draw this edit with: the first
         edit.metadata["sequence_lengths"] = list(lengths)
     edit.metadata["preservation"] = {
