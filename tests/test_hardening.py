@@ -324,7 +324,7 @@ def test_image_sizes_are_checked_before_the_run_folder(tmp_path, capsys):
 
 
 def test_a_full_disk_leaves_no_lock_and_copy_errors_are_one_line(sd_path, edit_path, tmp_path, capsys, monkeypatch):
-    from rece.runs import run_folder_lock
+    from rece.io import run_folder_lock
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -31,7 +31,7 @@ from .budget import require_memory
 from .edit import load_edit
 from .errors import ReceError
 from .families import family_of_pipeline
-from .io import atomic_file
+from .io import atomic_file, run_folder_lock
 from .launch import all_ranks_ok, init_distributed, launcher_shard, local_processes, spawn
 from .pipelines import SCHEDULERS, denoiser, image_size, load_pipeline, model_record, resolve_device, seeded_images, set_scheduler
 from .prompt_sets import PromptRow, load_prompt_set, resolve_prompt_set
@@ -52,7 +52,6 @@ from .runs import (
     image_name,
     open_run_folder,
     remove_stale_temps,
-    run_folder_lock,
     write_csv,
     write_json,
 )

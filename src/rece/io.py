@@ -206,3 +206,50 @@ def read_prompt_file(path: str | os.PathLike, option: str = "--concept-prompts")
     if not prompts:
         raise ReceError(f"{option} '{path}' holds no prompt; put one prompt per line")
     return prompts
+
+
+LOCK_ENV = "RECE_RUN_LOCK"  # the run folder whose lock this process (or its launcher) holds
+
+
+@contextlib.contextmanager
+def run_folder_lock(output: Path) -> Iterator[None]:
+    """Hold RUN_DIR for this process: a second rece process on it is refused, naming the pid that holds it.
+
+    The lock is a file beside the folder, `.NAME.rece-lock`, holding the pid; one left by a killed process (its pid no
+    longer runs) is taken over. Processes this one starts (--num-processes) inherit it through $RECE_RUN_LOCK.
+    """
+    output = Path(output)
+    if os.environ.get(LOCK_ENV) == str(output.resolve()):
+        yield
+        return
+    lock = make_parent(output) / f".{output.name}.rece-lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if holder.isdigit() and process_running(int(holder)):
+                raise ReceError(
+                    f"'{output}' is in use by another rece process (pid {holder}); wait for it or choose another -o"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a killed process
+    else:
+        raise ReceError(f"cannot lock '{output}' ({lock} keeps reappearing); another process is starting on it")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:  # a full disk: no empty lock left behind
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    previous = os.environ.get(LOCK_ENV)
+    os.environ[LOCK_ENV] = str(output.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LOCK_ENV, None)
+        else:
+            os.environ[LOCK_ENV] = previous
+        lock.unlink(missing_ok=True)

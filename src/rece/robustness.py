@@ -25,7 +25,7 @@ from .console import progress_bar
 from .erase import erase
 from .errors import ReceError
 from .generate import generate_run
-from .io import atomic_file
+from .io import atomic_file, run_folder_lock
 from .metrics import evaluate
 from .metrics.shapes import shapes_detections
 from .models import BaseModel, load_model
@@ -49,7 +49,7 @@ from .robustness_params import (
     chosen_attacks,
     erase_overrides,
 )
-from .runs import check_output_folder, load_run, run_folder_lock, write_csv, write_json
+from .runs import check_output_folder, load_run, write_csv, write_json
 from .sampling import sampling_for
 from .sweep import write_prompt_rows
 from .toy import door

@@ -8,7 +8,6 @@ RUN_DIR/metrics.json, metrics_<m>.csv   what `rece evaluate` measured
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -16,12 +15,12 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReceError
-from .io import atomic_file, check_folder_parent, make_parent, process_running, stale_temporary
+from .io import atomic_file, check_folder_parent, stale_temporary
 from .provenance import file_sha256
 
 IMAGES = "images"
@@ -273,53 +272,6 @@ def check_overwrite_keeps(output: Path, inputs: Sequence[str | os.PathLike | Non
         removed = relative.parts[0] == IMAGES or any(relative.match(n) for n in (MANIFEST, PROMPTS, *outputs))
         if removed:
             raise ReceError(f"--overwrite would delete the input {given} inside '{output}'; move it out of the run folder first")
-
-
-LOCK_ENV = "RECE_RUN_LOCK"  # the run folder whose lock this process (or its launcher) holds
-
-
-@contextlib.contextmanager
-def run_folder_lock(output: Path) -> Iterator[None]:
-    """Hold RUN_DIR for this process: a second rece process on it is refused, naming the pid that holds it.
-
-    The lock is a file beside the folder, `.NAME.rece-lock`, holding the pid; one left by a killed process (its pid no
-    longer runs) is taken over. Processes this one starts (--num-processes) inherit it through $RECE_RUN_LOCK.
-    """
-    output = Path(output)
-    if os.environ.get(LOCK_ENV) == str(output.resolve()):
-        yield
-        return
-    lock = make_parent(output) / f".{output.name}.rece-lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder = lock.read_text().strip() if lock.is_file() else ""
-            if holder.isdigit() and process_running(int(holder)):
-                raise ReceError(
-                    f"'{output}' is in use by another rece process (pid {holder}); wait for it or choose another -o"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a killed process
-    else:
-        raise ReceError(f"cannot lock '{output}' ({lock} keeps reappearing); another process is starting on it")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-    except OSError:  # a full disk: no empty lock left behind
-        os.close(fd)
-        lock.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    previous = os.environ.get(LOCK_ENV)
-    os.environ[LOCK_ENV] = str(output.resolve())
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(LOCK_ENV, None)
-        else:
-            os.environ[LOCK_ENV] = previous
-        lock.unlink(missing_ok=True)
 
 
 def open_run_folder(output: Path, settings: dict, fmt: str, overwrite: bool = False, outputs: Sequence[str] = ()) -> dict:

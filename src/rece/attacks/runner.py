@@ -17,6 +17,7 @@ from ..detectors import DETECTORS, detector_for
 from ..edit import load_edit
 from ..errors import ReceError
 from ..families import family_of_pipeline
+from ..io import run_folder_lock
 from ..models import from_pipeline
 from ..pipelines import image_size, load_pipeline, model_record, resolve_device
 from ..prompt_sets import load_prompt_set, resolve_prompt_set
@@ -30,7 +31,6 @@ from ..runs import (
     edit_record,
     open_run_folder,
     read_manifest,
-    run_folder_lock,
     write_csv,
     write_json,
 )

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import ReceError
+from ..io import run_folder_lock
 from ..provenance import utc_now
 from ..runs import (
     ATTACK_FORMAT,
@@ -22,7 +23,6 @@ from ..runs import (
     image_set_digest,
     load_run,
     read_manifest,
-    run_folder_lock,
     write_csv,
     write_json,
 )

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ReceError
-from ..io import atomic_dir
-from ..runs import run_folder_lock
+from ..io import atomic_dir, run_folder_lock
 from ..tiny import save_clip_tokenizer
 from . import dit, mmdit
 from .model import make_sample_scheduler, make_text_encoder, make_train_scheduler, make_unet, make_vae
