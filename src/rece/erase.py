@@ -384,12 +384,13 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
     derived = []
     if config.method == "rece" and config.epochs > 0:
         concept_rows, pair, preserve_rows, anchor, (lamb, s_e, s_p) = _rece_stage_args(base, config, texts, rece_rows)
+        length = texts.embeddings[config.concept_targets[0]].shape[0]  # every text's rows, padding included
         for _ in range(config.epochs):
             gram = cf.weight_gram(weights.values())
             cross = cf.cross_gram(weights.values(), originals.values())
             products = cross @ torch.cat(concept_rows).T
             derived_rows = derive_all(concept_rows, products, gram, config.regularization, anchor)
-            derived.append(padded_stack(derived_rows, texts.embeddings[config.concept_targets[0]].shape[0]))
+            derived.append(padded_stack(derived_rows, length))
             rece_pairs = pair(derived_rows)
             erased = torch.cat([c for c, _ in rece_pairs])
             denominator = cf.edit_denominator(erased, preserve_rows, lamb, s_e, s_p, erased.shape[1])

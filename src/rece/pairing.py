@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .closed_form import attended_token_rows
+
 
 def position_pair(derived: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row i of c′ to row i of the target (Gong et al. 2024, Alg. 1)."""
@@ -27,9 +29,7 @@ def attended_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """c′ from the concept's last word token to the target's rows from its own, as many as the target attends
     (`derived` holds the concept's attended rows; `end_rows`: rows after the last word token, 1 for T5's EOS)."""
-    i_x, i_y = max(derived.shape[0] - 1 - end_rows, 0), max(target_count - 1 - end_rows, 0)
-    length = min(derived.shape[0] - i_x, target_count - i_y)
-    return derived[i_x : i_x + length], target[i_y : i_y + length]
+    return attended_token_rows(derived, derived.shape[0], target[:target_count], target_count, end_rows)
 
 
 def unshared_rows(concept_ids: list[int], preserved_ids: set[int]) -> list[int]:

@@ -266,7 +266,8 @@ def train(
     arch: str = "unet",
     log=print,
 ) -> Path:
-    """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work)."""
+    """Train and write the pipeline folder to `output`; resumable through `work` (default OUTPUT.work), which one
+    live run holds at a time."""
     spec = ARCHS[arch]
     steps = spec.steps if steps is None else steps
     lr = spec.lr if lr is None else lr
@@ -275,55 +276,57 @@ def train(
     torch.manual_seed(seed)
     output = Path(output)
     work = Path(work) if work else output.with_name(output.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    tokenizer = spec.tokenizer(work / "tokenizer")
-    vae = spec.autoencoder(work, seed, vae_steps, log)
-    live = spec.build(tokenizer)
-    ema = {name: copy.deepcopy(module) for name, module in live.items()}
-    params = [p for module in live.values() for p in module.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    modules = {**live, **{f"ema_{name}": module for name, module in ema.items()}}
-    start = _load_state(work / "state", modules, opt, rng) if (work / "state").exists() else 0
-    if start:
-        log(f"resuming at step {start}")
-    gen = torch.Generator().manual_seed(seed + start)
-    t0, losses = time.time(), []
-    for step in range(start, steps):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, steps, lr, cooldown)
-        x0, texts = batch(rng, batch_size)
-        loss = spec.loss(live, vae, tokenizer, x0, texts, gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _update_ema([(ema[name], live[name]) for name in live], step)
-        losses.append(loss.item())
-        done = step + 1
-        if done % 50 == 0 or done == steps:
-            rate = (done - start) / (time.time() - t0)
-            log(
-                f"step {done}/{steps} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{rate:.2f} it/s eta {(steps - done) / rate / 60:.1f} min"
-            )
-        if done % save_every == 0 and done < steps:
-            _save_state(work / "state", done, modules, opt, rng)
-        if snapshot_every and done % snapshot_every == 0 and done < steps:
-            _export(work / "snapshots" / f"step-{done}", spec, vae, ema, tokenizer, work, {"seed": seed, "steps": done})
-    meta = {
-        "arch": arch,
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "vae_steps": vae_steps,
-        "threads": threads,
-        "cooldown": cooldown,
-        "ship": ship,
-        "final_loss": float(np.mean(losses[-200:])) if losses else None,
-    }
-    return _export(output, spec, vae, ema if ship == "ema" else live, tokenizer, work, meta)
+    # two runs resuming from one state would overwrite each other's saves: the second is refused
+    with run_folder_lock(work):
+        work.mkdir(parents=True, exist_ok=True)
+        tokenizer = spec.tokenizer(work / "tokenizer")
+        vae = spec.autoencoder(work, seed, vae_steps, log)
+        live = spec.build(tokenizer)
+        ema = {name: copy.deepcopy(module) for name, module in live.items()}
+        params = [p for module in live.values() for p in module.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        rng = np.random.default_rng(seed)
+        modules = {**live, **{f"ema_{name}": module for name, module in ema.items()}}
+        start = _load_state(work / "state", modules, opt, rng) if (work / "state").exists() else 0
+        if start:
+            log(f"resuming at step {start}")
+        gen = torch.Generator().manual_seed(seed + start)
+        t0, losses = time.time(), []
+        for step in range(start, steps):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, steps, lr, cooldown)
+            x0, texts = batch(rng, batch_size)
+            loss = spec.loss(live, vae, tokenizer, x0, texts, gen)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            _update_ema([(ema[name], live[name]) for name in live], step)
+            losses.append(loss.item())
+            done = step + 1
+            if done % 50 == 0 or done == steps:
+                rate = (done - start) / (time.time() - t0)
+                log(
+                    f"step {done}/{steps} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                    f"{rate:.2f} it/s eta {(steps - done) / rate / 60:.1f} min"
+                )
+            if done % save_every == 0 and done < steps:
+                _save_state(work / "state", done, modules, opt, rng)
+            if snapshot_every and done % snapshot_every == 0 and done < steps:
+                _export(work / "snapshots" / f"step-{done}", spec, vae, ema, tokenizer, work, {"seed": seed, "steps": done})
+        meta = {
+            "arch": arch,
+            "seed": seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "vae_steps": vae_steps,
+            "threads": threads,
+            "cooldown": cooldown,
+            "ship": ship,
+            "final_loss": float(np.mean(losses[-200:])) if losses else None,
+        }
+        return _export(output, spec, vae, ema if ship == "ema" else live, tokenizer, work, meta)
 
 
 def _export(output: Path, spec: Arch, vae, modules: dict, tokenizer, work: Path, meta: dict) -> Path:
@@ -355,21 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cooldown", type=float, default=0.2, help="share of the steps over which the lr decays to 0")
     parser.add_argument("--ship", choices=["ema", "live"], default="ema", help="which weights the output pipeline gets")
     args = parser.parse_args(argv)
-    output = Path(args.output)
     try:
-        # two runs resuming from one state would overwrite each other's saves: the second is refused
-        with run_folder_lock(output.with_name(output.name + ".work")):
-            _train_from(args, output)
-    except ReceError as error:
+        _train_from(args)
+    except ReceError as error:  # the -o folder's state held by another live run
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-def _train_from(args: argparse.Namespace, output: Path) -> Path:
+def _train_from(args: argparse.Namespace) -> Path:
     """`train` with the command line's settings."""
     return train(
-        output,
+        Path(args.output),
         args.steps,
         args.seed,
         args.batch_size,
