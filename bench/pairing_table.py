@@ -7,7 +7,8 @@
     python bench/pairing_table.py runs/pair-position runs/pair-attended runs/pair-unshared
 
 A row per concept × method (UCE from the first run: the pairing changes RECE's step only), then the means over the
-concepts. `erased prompts keep`: their colour when a shape is erased, their shape when a colour is.
+concepts. A run made with `--erase-option uce_rows=…` changes UCE's stage too: its UCE rows are shown, labelled.
+`erased prompts keep`: their colour when a shape is erased, their shape when a colour is.
 """
 
 from __future__ import annotations
@@ -23,20 +24,28 @@ HEADER = ("named", "others", "colours", "erased prompts keep", "fresh c′", "c�
 COLOURS = ("red", "green", "blue", "yellow")
 
 
+def run_label(options: dict) -> str:
+    """What a run changed, for its rows' labels: its pairing, and its UCE rows when set ("unshared, UCE rows last")."""
+    rows = [f"UCE rows {options['uce_rows']}"] if "uce_rows" in options else []
+    return ", ".join([options.get("pairing", "default"), *rows])
+
+
 def run_cells(folder: Path, first: bool) -> tuple[str, dict]:
-    """(the run's pairing, {(concept, method, measure): value}); UCE's rows from the first run only."""
-    settings = json.loads((folder / "robustness.json").read_text())["settings"]
-    pairing = (settings.get("erase_options") or {}).get("pairing", "default")
+    """(the run's label, {(concept, method, measure): value}); UCE's rows from the first run and the runs that set
+    `uce_rows` only."""
+    options = json.loads((folder / "robustness.json").read_text())["settings"].get("erase_options") or {}
+    label, own_uce = run_label(options), "uce_rows" in options
     cells = {}
     with open(folder / "robustness.csv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             method, measure = row["method"], row["measure"]
-            if method == "none" or (method == "uce" and not first):
+            if method == "none" or (method == "uce" and not (first or own_uce)):
                 continue
             if measure in ("erased_colours", "erased_shapes"):
                 measure = "kept"
-            cells[row["concept"], method if method == "uce" else f"{method} ({pairing})", measure] = float(row["value"])
-    return pairing, cells
+            name = f"uce (UCE rows {options['uce_rows']})" if method == "uce" and own_uce else method
+            cells[row["concept"], name if method == "uce" else f"{method} ({label})", measure] = float(row["value"])
+    return label, cells
 
 
 def table(cells: dict, methods: list[str], concepts: list[str]) -> list[str]:
@@ -59,13 +68,13 @@ def table(cells: dict, methods: list[str], concepts: list[str]) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="rece robustness folders, one per --erase-option pairing=")
+    parser.add_argument("runs", nargs="+", type=Path, help="rece robustness folders, one per --erase-option")
     args = parser.parse_args()
     cells, methods = {}, ["uce"]
     for i, folder in enumerate(args.runs):
-        pairing, found = run_cells(folder, i == 0)
+        _, found = run_cells(folder, i == 0)
         cells.update(found)
-        methods += sorted({k[1] for k in found} - set(methods))
+        methods += sorted({k[1] for k in found} - set(methods), key=lambda m: (not m.startswith("uce"), m))
     concepts = list(dict.fromkeys(k[0] for k in cells))
     print("\n".join(table(cells, methods, concepts)))
     return 0

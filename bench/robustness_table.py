@@ -1,6 +1,6 @@
 """The robustness matrix as Markdown, from the CSV `rece robustness` writes (the tables in docs/attacks.md).
 
-    python bench/robustness_table.py runs/shapes-quick/robustness.csv [more.csv ...] [--summary]
+    python bench/robustness_table.py runs/shapes-quick [runs/more/robustness.csv ...] [--summary]
 
 A cell of a later file replaces the same cell (model, concept, method, measure) of an earlier one: a folder that
 measured one method again (`--methods robust`) updates that method's rows of the whole matrix.
@@ -15,16 +15,25 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import defaultdict
+from pathlib import Path
 
 PRESERVATION = ("named", "others", "colours", "erased_colours", "erased_shapes")
 ATTACKS = ("derived", "derived-from-uce", "ring-a-bell", "unlearndiff", "textual-inversion", "mma", "inversion")
 METHODS = ("none", "uce", "rece", "robust")
 
 
+def csv_path(path: str) -> Path:
+    """A robustness.csv, given itself or the `rece robustness -o` folder holding it."""
+    found = Path(path) / "robustness.csv" if Path(path).is_dir() else Path(path)
+    if not found.is_file():
+        raise SystemExit(f"error: no robustness.csv at {path}; pass the folder `rece robustness -o` wrote, or its CSV")
+    return found
+
+
 def read_rows(paths: list[str]) -> list[dict]:
     """Every cell of the CSV files (header model,concept,method,measure,value,images), a later file's over an earlier's."""
     cells: dict = {}
-    for path in paths:
+    for path in map(csv_path, paths):
         with open(path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 cells[row["model"], row["concept"], row["method"], row["measure"]] = row
@@ -81,7 +90,7 @@ def summary(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", nargs="+", help="robustness.csv files")
+    parser.add_argument("csv", nargs="+", help="robustness.csv files or the folders holding them")
     parser.add_argument("--summary", action="store_true", help="means over the concepts, a row per model × method")
     args = parser.parse_args()
     rows = read_rows(args.csv)

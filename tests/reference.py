@@ -53,6 +53,7 @@ def reference_erase(
     whole=False,
     pairing="position",
     ids=None,
+    uce_rows="last",
 ):
     """Return the final weights {name: W} following the issue's procedure literally.
 
@@ -61,7 +62,8 @@ def reference_erase(
     the rows at the same offsets. `whole`: a pooled space, whose one row is paired as it is. `pairing` (masked only):
     RECE's c′ row i to the target's row i ("position"), from the last words on over the target's attended rows
     ("attended"), or row i to row i for the tokens (`ids(text)`: attended token ids) no preserved text has
-    ("unshared")."""
+    ("unshared"). `uce_rows="unshared"` (masked only): UCE also maps the concept's rows of those tokens before its
+    slice, each to the target's row at the same position (its last word row where the target is shorter)."""
     rows = (lambda t: encode(t)[: counts(t)]) if masked else encode
     W0 = {n: w.to(torch.float64) for n, w in kv.items()}
     W = dict(W0)
@@ -77,7 +79,14 @@ def reference_erase(
         elif masked:
             ix, iy = max(counts(x) - 1 - end_rows, 0), max(counts(target) - 1 - end_rows, 0)
             n = counts(x) - ix
-            pairs.append((Ex[ix : ix + n], Ey[iy : iy + n]))
+            before = []
+            if uce_rows == "unshared":
+                shared = set(ids(" ")).union(*(ids(p) for p in preserve))
+                before = [i for i, token in enumerate(ids(x)) if token not in shared and i < ix]
+            pairs.append((
+                torch.cat([Ex[before], Ex[ix : ix + n]]),
+                torch.cat([Ey[[min(i, iy) for i in before]], Ey[iy : iy + n]]),
+            ))  # fmt: skip
         else:
             ix, iy = max(counts(x) - 2, 0), max(counts(target) - 2, 0)
             far, length = max(ix, iy), Ex.shape[0]

@@ -155,6 +155,14 @@ def test_robustness_table_takes_a_later_files_cells_over_an_earlier_ones(tmp_pat
     assert "| shapes | robust | 15.0 (2) |" in done.stdout and "| shapes | none | 100.0 (1) |" in done.stdout
     table = subprocess.run([sys.executable, str(script), str(first), str(second)], capture_output=True, text=True).stdout
     assert "| red | robust | 0.0 (16) |" in table and "50.0" not in table
+    # a run folder stands for its robustness.csv; a path with none is one line
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "robustness.csv").write_text(second.read_text())
+    folder = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True)
+    assert folder.returncode == 0 and "| red | robust | 0.0 (16) |" in folder.stdout
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no robustness.csv" in missing.stderr
 
 
 def test_pairing_table_labels_rece_by_each_runs_pairing_and_takes_uce_from_the_first(tmp_path):
@@ -175,3 +183,11 @@ def test_pairing_table_labels_rece_by_each_runs_pairing_and_takes_uce_from_the_f
     assert "| red | uce | 60 |" in done.stdout and "99" not in done.stdout
     assert "| red | rece (position) | 20 | – | – | 75 | 50 | – |" in done.stdout
     assert "| rece (unshared) | 10 |" in done.stdout
+    # a run that changed UCE's rows shows its own UCE rows, labelled
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "robustness.json").write_text(json.dumps({"settings": {"erase_options": {"uce_rows": "unshared"}}}))
+    (rows / "robustness.csv").write_text(header + "d,red,uce,named,30,8\nd,red,rece,named,5,8\n")
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "position"), str(rows)], capture_output=True, text=True)
+    assert "| red | uce | 60 |" in done.stdout and "| red | uce (UCE rows unshared) | 30 |" in done.stdout
+    assert "| red | rece (default, UCE rows unshared) | 5 |" in done.stdout

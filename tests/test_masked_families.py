@@ -67,12 +67,12 @@ def test_rows_are_what_the_pipeline_feeds_to_cross_attention(case, model):
 
 
 def test_rece_equals_the_reference_on_attended_rows(model):
-    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)  # the default pairing: unshared
+    edit = rece.erase(model, ["nudity"], preserve=["a red cat"], epochs=2)  # the defaults: unshared pairing, UCE rows
     encoder = model.encoder
     expected = reference_erase(
         model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], ["nudity"],
         preserve=["a red cat"], epochs=2, masked=True, end_rows=model.family.end_rows, pairing="unshared",
-        ids=lambda t: encoder.attended_ids([t])[0],
+        ids=lambda t: encoder.attended_ids([t])[0], uce_rows="unshared",
     )  # fmt: skip
     ours = edit.edited_kv(model.kv)
     for name, w in expected.items():
@@ -90,6 +90,7 @@ def test_each_pairing_of_rece_equals_the_reference(model, pairing):
     expected = reference_erase(
         model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], concepts, preserve=preserve,
         epochs=2, masked=True, end_rows=model.family.end_rows, pairing=pairing, ids=lambda t: encoder.attended_ids([t])[0],
+        uce_rows="unshared",
     )  # fmt: skip
     ours = edit.edited_kv(model.kv)
     for name, w in expected.items():
@@ -105,6 +106,32 @@ def test_the_pairings_differ_and_a_fully_shared_concept_gets_no_rece_update(mode
     # every token of "a red" is in "a red cat": unshared pairing leaves RECE nothing to erase, the edit is UCE's
     uce = rece.erase(model, ["a red"], preserve=["a red cat"], method="uce").edited_kv(model.kv)[name]
     assert torch.allclose(rece.erase(model, ["a red"], preserve=["a red cat"], pairing="unshared").edited_kv(model.kv)[name], uce)
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_uce_rows_unshared_equals_the_reference_and_adds_only_the_words_before_the_slice(model, method):
+    encoder = model.encoder
+    concepts, preserve = ["a blue dog", "a red dog"], ["a red cat"]
+    edit = rece.erase(model, concepts, preserve=preserve, epochs=2, method=method)  # the default: unshared
+    expected = reference_erase(
+        model.kv, lambda t: encoder.encode([t])[0], lambda t: encoder.token_counts([t])[0], concepts, preserve=preserve,
+        epochs=2, masked=True, end_rows=model.family.end_rows, pairing="unshared", method=method,
+        ids=lambda t: encoder.attended_ids([t])[0], uce_rows="unshared",
+    )  # fmt: skip
+    ours = edit.edited_kv(model.kv)
+    for name, w in expected.items():
+        assert (ours[name].double() - w).norm() / w.norm() < 1e-5, name
+    assert edit.metadata["uce_rows"] == "unshared" and "technique replace, rows unshared" in edit.summary()
+    # "blue" precedes UCE's slice (from "dog") and no preserved text has it: the edit changes
+    name = next(iter(model.kv))
+    last = rece.erase(model, concepts, preserve=preserve, epochs=2, method=method, uce_rows="last").edited_kv(model.kv)[name]
+    assert not torch.allclose(ours[name], last)
+    # every word of "a red dog" before "dog" is in "a red cat": nothing to add, the edit is UCE's slice alone
+    same = [rece.erase(model, ["a red dog"], preserve=preserve, method=method, uce_rows=r).edited_kv(model.kv)[name]
+            for r in ("last", "unshared")]  # fmt: skip
+    assert torch.equal(same[0], same[1])
+    with pytest.raises(rece.ReceError, match="unknown UCE rows 'all'; choose one of: last, unshared"):
+        rece.erase(model, ["a red dog"], uce_rows="all")
 
 
 def test_attended_ids_are_the_tokens_of_the_attended_rows(case, model):
@@ -183,5 +210,8 @@ def test_pairing_leaves_a_model_that_does_not_mask_padding_as_the_paper_does(bas
     edits = [rece.erase(base, ["nudity"], preserve=["a red cat"], pairing=p).edited_kv(base.kv)[name] for p in PAIRINGS]
     assert all(torch.equal(edits[0], e) for e in edits[1:])
     assert "pairing" not in rece.erase(base, ["nudity"]).metadata  # SD's pairing: nothing to say
+    uce_rows = [rece.erase(base, ["a blue dog"], preserve=["a red cat"], uce_rows=r).edited_kv(base.kv)[name]
+                for r in ("last", "unshared")]  # fmt: skip
+    assert torch.equal(uce_rows[0], uce_rows[1])  # UCE's slice as the paper's code takes it
     with pytest.raises(rece.ReceError, match="unknown pairing 'rows'; choose one of: position, attended, unshared"):
         rece.erase(base, ["nudity"], pairing="rows")

@@ -62,3 +62,30 @@ def test_demo_on_shapes_dit(tmp_path):
     edit = rece.load_edit(out / "edit.safetensors")
     assert edit.concepts == concept_prompts("triangle") and set(edit.layers) == set(load_model(NAME).kv)
     assert not torch.equal(edit.edited_kv(load_model(NAME).kv)[edit.layers[0]], load_model(NAME).kv[edit.layers[0]])
+
+
+def test_robustness_matrix_runs_on_shapes_dit(tmp_path):
+    """`rece robustness` takes shapes-dit by name and runs the closed-form attacks on it (the gradient attacks run on
+    PixArt-Σ in their own tests); the edit erases what the unedited model draws."""
+    from rece.cli import main
+
+    out = tmp_path / "matrix"
+    argv = ["robustness", NAME, "--concept", "triangle", "--methods", "rece", "--attacks", "derived", "derived-from-uce"]
+    assert main([*argv, "--images", "1", "--steps", "8", "-o", str(out)]) == 0
+    rows = [line.split(",") for line in (out / "robustness.csv").read_text().splitlines()[1:]]
+    cells = {(r[2], r[3]): (float(r[4]), int(r[5])) for r in rows}
+    assert {r[0] for r in rows} == {NAME}
+    assert {("rece", "attack:derived"), ("rece", "attack:derived-from-uce"), ("none", "named")} <= set(cells)
+    assert cells["none", "named"][0] >= 75 and cells["rece", "named"][0] <= 25  # drawn before, erased after
+    assert all(0 <= value <= 100 and images > 0 for (_, measure), (value, images) in cells.items() if "attack" in measure)
+
+
+def test_uce_rows_add_a_colours_own_word_and_leave_a_shapes_edit_as_it_was():
+    """--uce-rows unshared adds the rows before UCE's slice that no preserved prompt shares: "red" in "a red circle"
+    (its preserved prompts are the other colours'), nothing for a shape (its colour words are preserved prompts' too)."""
+    base = load_model(NAME)
+    name = next(iter(base.kv))
+    for concept, changes in (("triangle", False), ("red", True)):
+        recipe = door.erasure_arguments(concept, NAME)
+        kv = [rece.erase(base, **recipe, uce_rows=rows, method="uce").edited_kv(base.kv)[name] for rows in ("last", "unshared")]
+        assert torch.equal(kv[0], kv[1]) is not changes, concept

@@ -36,6 +36,7 @@ ROBUST_TEMPLATES = (
 )
 TECHNIQUES = ("replace", "tensor")
 PAIRINGS = ("position", "attended", "unshared")  # rece.pairing: RECE's c′ rows to target rows, padding masked
+UCE_ROWS = ("last", "unshared")  # rece.pairing: UCE's concept rows, padding masked
 REGULARIZATION_TYPES = ("regzero", "standard")
 
 
@@ -92,6 +93,12 @@ class EraseConfig:
         "unshared (row i to row i, only tokens no preserved text has), position (every row i to row i) or attended "
         "(from the last word, as many rows as the target attends); docs/method.md",
     )
+    uce_rows: str = option(
+        "unshared",
+        "UCE on a model that masks padding (PixArt, Sana): unshared (UCE's slice, from the concept's last word, and the "
+        "rows before it of its words no preserved text has, each to the target's row at its position) or last (the "
+        "slice alone); docs/method.md",
+    )
     derived: bool = option(True, "do not keep RECE's c′ in the edit (a small file when erasing many concepts)")
     layers: list[str] | None = option(None, "edit only the layers matching this regex (repeatable)")
     rank: int | None = option(None, "robust: concept directions removed (default: by --energy)")
@@ -144,6 +151,8 @@ class EraseConfig:
             raise ReceError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if self.pairing not in PAIRINGS:
             raise ReceError(f"unknown pairing '{self.pairing}'; choose one of: {', '.join(PAIRINGS)}")
+        if self.uce_rows not in UCE_ROWS:
+            raise ReceError(f"unknown UCE rows '{self.uce_rows}'; choose one of: {', '.join(UCE_ROWS)}")
         if self.technique not in TECHNIQUES:
             raise ReceError(f"unknown technique '{self.technique}'; choose one of: {', '.join(TECHNIQUES)}")
         if self.regularization_type not in REGULARIZATION_TYPES:

@@ -32,7 +32,10 @@ def summarize(metadata: dict, transform: torch.Tensor | np.ndarray | None) -> st
         )
     if m["method"] == "robust" and "robust" in m:
         lines.extend(robust_lines(m["robust"], c, m.get("preservation") or {}))
-    lines.append(f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}")
+    lines.append(
+        f"uce           λ {c['uce_lamb']:g}, erase scale {c['uce_erase_scale']:g}, technique {c['technique']}"
+        + (f", rows {m['uce_rows']}" if m.get("uce_rows") else "")
+    )
     if m["kind"] == "transform":
         kind = f"one {m['base']['dim']}×{m['base']['dim']} transform"
         if transform is not None:  # None: described from metadata alone (a LoRA's record of its edit)

@@ -192,6 +192,8 @@ def erase(
         edit = Edit.from_transform(transform, base, config, kept, seconds(), robust=first.report)
     if config.method == "rece" and base.family.masks_padding:  # the only models whose RECE step the pairing changes
         edit.metadata["pairing"] = config.pairing
+    if base.family.masks_padding:  # UCE's concept rows: a choice only where padding is masked
+        edit.metadata["uce_rows"] = config.uce_rows
     if lengths:  # what `rece generate` and the attacks draw this edit with: the first
         edit.metadata["sequence_lengths"] = list(lengths)
     edit.metadata["preservation"] = {
@@ -310,8 +312,10 @@ def transform_deltas(kv: dict[str, torch.Tensor], transform) -> dict[str, torch.
     return {n: w.to(transform.device, torch.float64) @ (transform - eye) for n, w in kv.items()}
 
 
-def _uce_stage_args(config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
+def _uce_stage_args(base: BaseModel, config: EraseConfig, texts: _Texts, preserve_rows: torch.Tensor | None = None):
     pairs = uce_pairs(texts, config.concepts, config.concept_targets)
+    if texts.masked and config.uce_rows == "unshared" and len(texts.segments) < 2:
+        pairs = with_unshared_rows(base, config, texts, pairs)
     if preserve_rows is None:
         preserve_rows = texts.weighted_rows(config.uce_preserve_texts)
     return pairs, preserve_rows, (config.uce_lamb, config.uce_erase_scale, config.resolved_uce_preserve_scale)
@@ -327,6 +331,24 @@ def _rece_stage_args(base: BaseModel, config: EraseConfig, texts: _Texts, preser
     return concept_rows, pair, preserve_rows, anchor, (config.lamb, config.erase_scale, config.preserve_scale)
 
 
+def with_unshared_rows(base: BaseModel, config: EraseConfig, texts: _Texts, pairs: list) -> list:
+    """UCE's pairs and, before each, the concept's own-word rows its slice leaves out (`--uce-rows unshared`)."""
+    keep = unshared_keep(base, config)
+    out = []
+    for (c, t), concept, target, k in zip(pairs, config.concepts, config.concept_targets, keep):
+        tail = max(texts.counts[concept] - 1 - texts.end_rows, 0)
+        last = max(texts.counts[target] - 1 - texts.end_rows, 0)
+        extra_c, extra_t = pairing.uce_unshared_rows(texts.embeddings[concept], texts.embeddings[target], k, tail, last)
+        out.append((torch.cat([extra_c, c]), torch.cat([extra_t, t])))
+    return out
+
+
+def unshared_keep(base: BaseModel, config: EraseConfig) -> list[list[int]]:
+    """Each concept's token positions that neither " " nor a preserved text holds (rece.pairing.unshared_rows)."""
+    preserved = {token for ids in base.encoder.attended_ids([" ", *config.preserve]) for token in ids}
+    return [pairing.unshared_rows(ids, preserved) for ids in base.encoder.attended_ids(config.concepts)]
+
+
 def rece_pairer(base: BaseModel, config: EraseConfig, texts: _Texts, target_rows: list[torch.Tensor]):
     """c′ of each concept → its (c′ rows, target rows) pairs, by `config.pairing` (rece.pairing) where the model masks
     padding; by position otherwise (the paper's procedure)."""
@@ -335,8 +357,7 @@ def rece_pairer(base: BaseModel, config: EraseConfig, texts: _Texts, target_rows
     if config.pairing == "attended":
         counts = [texts.counts[t] for t in config.concept_targets]
         return lambda derived: [pairing.attended_pair(c, t, n, texts.end_rows) for c, t, n in zip(derived, target_rows, counts)]
-    preserved = {token for ids in base.encoder.attended_ids([" ", *config.preserve]) for token in ids}
-    keep = [pairing.unshared_rows(ids, preserved) for ids in base.encoder.attended_ids(config.concepts)]
+    keep = unshared_keep(base, config)
     return lambda derived: [pairing.unshared_pair(c, t, k) for c, t, k in zip(derived, target_rows, keep)]
 
 
@@ -347,7 +368,7 @@ def _run_shared(
     product P = Π M = I + L Rᵀ, and the c′ of each epoch. `preserved`: each stage's preserved rows (`preserve_rows`),
     else they are read from `texts`."""
     uce_rows, rece_rows = preserved or (None, None)
-    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts, uce_rows)
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(base, config, texts, uce_rows)
     # P stays low-rank while few rows are erased: each update adds as many columns as it erases rows
     left, right = shared_step(pairs, preserve_rows, lamb, s_e, s_p, "--uce-lamb")
     derived = []
@@ -375,7 +396,7 @@ def _run_per_layer(base: BaseModel, config: EraseConfig, texts: _Texts, edited: 
     originals = {n: w.to(device, torch.float64) for n, w in base.kv.items()}
     weights = dict(originals)
     uce_rows, rece_rows = preserved or (None, None)
-    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(config, texts, uce_rows)
+    pairs, preserve_rows, (lamb, s_e, s_p) = _uce_stage_args(base, config, texts, uce_rows)
     erase_rows = torch.cat([c for c, _ in pairs])
     denominator = cf.edit_denominator(erase_rows, preserve_rows, lamb, s_e, s_p, erase_rows.shape[1])
     cf.check_conditioning(denominator, "--uce-lamb", shift=lamb)
@@ -459,7 +480,7 @@ def _run_robust(base: BaseModel, config: EraseConfig, texts: _Texts) -> tuple[to
         report = {"rank": rank, "eigenvalues": [round(v, 6) for v in values[: max(rank + 4, 8)].tolist()]}
     if config.map_to_target:
         # UCE first, the projection last: every output stays in the projection's range, so the guarantee holds
-        pairs, uce_preserve, (lamb, s_e, s_p) = _uce_stage_args(config, texts)
+        pairs, uce_preserve, (lamb, s_e, s_p) = _uce_stage_args(base, config, texts)
         erase_rows, target_rows = torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
         step = cf.shared_edit_transform(erase_rows, target_rows, uce_preserve, lamb, s_e, s_p, "--uce-lamb")
         transform = transform @ step

@@ -10,6 +10,9 @@ words its preserved texts share ("a" in "a triangle" and "a circle"). The choice
 - `unshared`: row i to row i, only the rows whose token no preserved text has (the concept's own words).
 
 A model that does not mask padding always pairs by position: the paper's procedure, unchanged.
+
+UCE's own slice (`--uce-rows`) starts at the concept's last word. With a bidirectional encoder the rows before it
+carry the concept too ("red" in "a red circle"); `unshared` adds those of the concept's own words to UCE's pairs.
 """
 
 from __future__ import annotations
@@ -41,3 +44,13 @@ def unshared_pair(derived: torch.Tensor, target: torch.Tensor, keep: list[int]) 
     """Row i of c′ to row i of the target, for the positions in `keep` only."""
     index = torch.tensor(keep, dtype=torch.long, device=derived.device)
     return derived[index], target[index]
+
+
+def uce_unshared_rows(
+    concept: torch.Tensor, target: torch.Tensor, keep: list[int], tail_start: int, target_last: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concept's own-word rows before UCE's slice (`keep` below `tail_start`), each to the target's row at the same
+    position, or to its last word row (`target_last`) where the target is shorter."""
+    rows = [i for i in keep if i < tail_start]
+    index = torch.tensor(rows, dtype=torch.long, device=concept.device)
+    return concept[index], target[index.clamp(max=target_last)]
