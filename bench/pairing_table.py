@@ -21,7 +21,6 @@ from pathlib import Path
 
 MEASURES = ("named", "others", "colours", "kept", "attack:derived", "attack:derived-from-uce")
 HEADER = ("named", "others", "colours", "erased prompts keep", "fresh c′", "c′ from UCE")
-COLOURS = ("red", "green", "blue", "yellow")
 
 
 def run_label(options: dict) -> str:
@@ -30,8 +29,8 @@ def run_label(options: dict) -> str:
     return ", ".join([options.get("pairing", "default"), *rows])
 
 
-def run_cells(folder: Path, first: bool) -> tuple[str, dict]:
-    """(the run's label, {(concept, method, measure): value}); UCE's rows from the first run and the runs that set
+def run_cells(folder: Path, first: bool) -> dict:
+    """{(concept, labelled method, measure): value} of a run; UCE's rows from the first run and the runs that set
     `uce_rows` only."""
     options = json.loads((folder / "robustness.json").read_text())["settings"].get("erase_options") or {}
     label, own_uce = run_label(options), "uce_rows" in options
@@ -45,7 +44,7 @@ def run_cells(folder: Path, first: bool) -> tuple[str, dict]:
                 measure = "kept"
             name = f"uce (UCE rows {options['uce_rows']})" if method == "uce" and own_uce else method
             cells[row["concept"], name if method == "uce" else f"{method} ({label})", measure] = float(row["value"])
-    return label, cells
+    return cells
 
 
 def table(cells: dict, methods: list[str], concepts: list[str]) -> list[str]:
@@ -72,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
     cells, methods = {}, ["uce"]
     for i, folder in enumerate(args.runs):
-        _, found = run_cells(folder, i == 0)
+        found = run_cells(folder, i == 0)
         cells.update(found)
         methods += sorted({k[1] for k in found} - set(methods), key=lambda m: (not m.startswith("uce"), m))
     concepts = list(dict.fromkeys(k[0] for k in cells))

@@ -412,6 +412,11 @@ def uce_token_rows(concept_emb: torch.Tensor, concept_count: int, target_emb: to
     return concept_emb[i_x : length - (far - i_x)], target_emb[i_y : length - (far - i_y)]
 
 
+def last_word_row(count: int, end_rows: int = 1) -> int:
+    """Row of a masked text's last word token: its attended rows less `end_rows` (EOS) less one, or 0 for an empty one."""
+    return max(count - 1 - end_rows, 0)
+
+
 def attended_token_rows(
     concept_emb: torch.Tensor, concept_count: int, target_emb: torch.Tensor, target_count: int, end_rows: int = 1
 ):
@@ -421,7 +426,7 @@ def attended_token_rows(
     `*_emb` are the padded [L, d] rows, `*_count` the attended rows, `end_rows` the attended rows after the last word
     token (1 for T5's and CLIP's EOS, 0 for Gemma, which has none).
     """
-    i_x, i_y = max(concept_count - 1 - end_rows, 0), max(target_count - 1 - end_rows, 0)
+    i_x, i_y = last_word_row(concept_count, end_rows), last_word_row(target_count, end_rows)
     length = min(concept_count - i_x, target_emb.shape[0] - i_y)
     return concept_emb[i_x : i_x + length], target_emb[i_y : i_y + length]
 

@@ -336,8 +336,7 @@ def with_unshared_rows(base: BaseModel, config: EraseConfig, texts: _Texts, pair
     keep = unshared_keep(base, config)
     out = []
     for (c, t), concept, target, k in zip(pairs, config.concepts, config.concept_targets, keep):
-        tail = max(texts.counts[concept] - 1 - texts.end_rows, 0)
-        last = max(texts.counts[target] - 1 - texts.end_rows, 0)
+        tail, last = (cf.last_word_row(texts.counts[t], texts.end_rows) for t in (concept, target))
         extra_c, extra_t = pairing.uce_unshared_rows(texts.embeddings[concept], texts.embeddings[target], k, tail, last)
         out.append((torch.cat([extra_c, c]), torch.cat([extra_t, t])))
     return out
